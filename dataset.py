@@ -1,0 +1,369 @@
+"""Interaction logs -> compact arrays -> leave-one-out split -> vectorised batches.
+
+Everything is kept as two flat arrays: `items` (all interactions, grouped by user,
+chronological) and `offsets` (user u owns items[offsets[u]:offsets[u+1]]). Item
+indices run 1..N with 0 reserved for padding.
+"""
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+FORMATS = ("lines", "pairs", "delimited")
+CACHE_VERSION = 1
+USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
+ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
+TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "event_time", "unix_time")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) and what was expected."""
+
+
+@dataclass
+class Interactions:
+    offsets: np.ndarray  # (U+1,) int64
+    items: np.ndarray    # (I,) int32 item indices in 1..N
+    user_ids: np.ndarray  # (U,) raw user ids as strings
+    item_ids: np.ndarray  # (N,) raw item ids as strings; item_ids[i - 1] is item i
+
+    @property
+    def num_users(self):
+        return len(self.offsets) - 1
+
+    @property
+    def num_items(self):
+        return len(self.item_ids)
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def _index(raw):
+    """Map raw ids (strings) to dense codes 0..K-1: numeric order if all ids are integers, else sorted strings."""
+    raw = pd.Series(raw, dtype=str)
+    numeric = pd.to_numeric(raw, errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        uniques, codes = np.unique(numeric.to_numpy(np.int64), return_inverse=True)
+        return codes, uniques.astype(str)
+    uniques, codes = np.unique(raw.to_numpy(str), return_inverse=True)
+    return codes, uniques.astype(str)
+
+
+def _group(user_raw, item_raw, order_key=None):
+    """Group interactions by user (stable, so file order or `order_key` is chronology)."""
+    user_codes, user_ids = _index(user_raw)
+    item_codes, item_ids = _index(item_raw)
+    if order_key is None:
+        order = np.argsort(user_codes, kind="stable")
+    else:
+        order = np.lexsort((order_key, user_codes))  # by user, then time; stable for equal times
+    counts = np.bincount(user_codes, minlength=len(user_ids))
+    offsets = np.zeros(len(user_ids) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    items = (item_codes[order] + 1).astype(np.int32)
+    return Interactions(offsets, items, user_ids, item_ids)
+
+
+def read_lines(path):
+    """S3-Rec style: one user per line, `user item1 item2 ...`, chronological."""
+    users, items = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise DataError(f"{path}:{lineno}: expected 'user item1 item2 ...', got {line.strip()!r}")
+            users.extend([parts[0]] * (len(parts) - 1))
+            items.extend(parts[1:])
+    if not users:
+        raise DataError(f"{path}: file has no interactions")
+    return _group(users, items)
+
+
+def read_pairs(path):
+    """SASRec style: one interaction per line, `user item`, chronological within each user."""
+    frame = _read_csv(path, sep=r"\s+", header=None, names=["user", "item"])
+    _check_complete(frame, path, "'user item' on every line", header_lines=0)
+    return _group(frame["user"].to_numpy(), frame["item"].to_numpy())
+
+
+def read_delimited(path, user_col=None, item_col=None, time_col=None):
+    """CSV / TSV / RecBole .inter with a header naming user, item and optional timestamp columns."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline()
+    sep = "\t" if "\t" in header else ("," if "," in header else (";" if ";" in header else r"\s+"))
+    frame = _read_csv(path, sep=sep, header=0)
+    names = {_column_key(c): c for c in frame.columns}
+    user = _pick_column(names, user_col, USER_COLUMNS, "user", path)
+    item = _pick_column(names, item_col, ITEM_COLUMNS, "item", path)
+    time = _pick_column(names, time_col, TIME_COLUMNS, "timestamp", path, required=False)
+    frame = frame[[c for c in (user, item, time) if c is not None]]
+    _check_complete(frame, path, f"values in columns {list(frame.columns)}", header_lines=1)
+    order_key = None
+    if time is not None:
+        order_key = pd.to_numeric(frame[time], errors="coerce")
+        if order_key.isna().any():
+            order_key = pd.to_datetime(frame[time], errors="coerce").astype("int64")
+            bad = np.flatnonzero(frame[time].notna() & (order_key == np.iinfo(np.int64).min))
+            if len(bad):
+                raise DataError(f"{path}:{bad[0] + 2}: column '{time}' expected a number or date, "
+                                f"got {frame[time].iloc[bad[0]]!r}")
+        order_key = order_key.to_numpy()
+    return _group(frame[user].to_numpy(), frame[item].to_numpy(), order_key)
+
+
+def _read_csv(path, **kwargs):
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **kwargs)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: could not parse ({e})") from None
+
+
+def _check_complete(frame, path, expected, header_lines):
+    if len(frame) == 0:
+        raise DataError(f"{path}: file has no interactions")
+    missing = frame.isna().any(axis=1).to_numpy()
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DataError(f"{path}: data row {row + 1} (line {row + 1 + header_lines} if no blank lines): "
+                        f"missing field, expected {expected}")
+
+
+def _column_key(name):
+    return str(name).split(":")[0].strip().lower()  # RecBole headers look like 'user_id:token'
+
+
+def _pick_column(names, wanted, candidates, role, path, required=True):
+    if wanted is not None:
+        key = _column_key(wanted)
+        if key not in names:
+            raise DataError(f"{path}: no column named {wanted!r} for the {role}; header has {list(names.values())}")
+        return names[key]
+    for key in candidates:
+        if key in names:
+            return names[key]
+    if required:
+        raise DataError(f"{path}: header has no {role} column (looked for {', '.join(candidates)}; "
+                        f"found {list(names.values())}); name it with --{role if role != 'timestamp' else 'time'}_col")
+    return None
+
+
+def detect_format(path):
+    """Guess 'delimited' (header row), 'lines' (a line with 3+ fields) or 'pairs' (always 2 fields)."""
+    with open(path, encoding="utf-8") as f:
+        head = [line for _, line in zip(range(2000), f) if line.strip()]
+    if not head:
+        raise DataError(f"{path}: file is empty")
+    first = re.split(r"[\t,;\s]+", head[0].strip())
+    if any(_column_key(tok) in USER_COLUMNS + ITEM_COLUMNS for tok in first):
+        return "delimited"
+    if any(len(line.split()) > 2 for line in head):
+        return "lines"
+    return "pairs"
+
+
+# ----------------------------------------------------------------------------- loading + cache
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_interactions(path, data_format=None, cache_dir=None, user_col=None, item_col=None, time_col=None,
+                      synthetic_seed=0):
+    """Read a log (or make the synthetic one), using a cache keyed by the file's content hash."""
+    if path == "synthetic":
+        return make_synthetic(seed=synthetic_seed)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such data file")
+    data_format = data_format or detect_format(path)
+    if data_format not in FORMATS:
+        raise DataError(f"--data_format must be one of {FORMATS}, got {data_format!r}")
+    cache_file = None
+    if cache_dir:
+        key = json.dumps([CACHE_VERSION, file_digest(path), data_format, user_col, item_col, time_col])
+        stem = os.path.splitext(os.path.basename(path))[0]
+        cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+        if os.path.exists(cache_file):
+            with np.load(cache_file, allow_pickle=False) as z:
+                return Interactions(z["offsets"], z["items"], z["user_ids"], z["item_ids"])
+    if data_format == "lines":
+        data = read_lines(path)
+    elif data_format == "pairs":
+        data = read_pairs(path)
+    else:
+        data = read_delimited(path, user_col, item_col, time_col)
+    if cache_file:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache_file}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, offsets=data.offsets, items=data.items, user_ids=data.user_ids, item_ids=data.item_ids)
+        os.replace(tmp, cache_file)
+    return data
+
+
+def make_synthetic(num_users=4000, num_items=3000, num_topics=40, seed=0):
+    """A deterministic log with real sequential structure.
+
+    Items belong to topics and each topic orders its items in a chain. A user mostly
+    follows the chain (item -> its successor), sometimes jumps to a popular item of the
+    same topic, and sometimes moves to one of the topic's few favourite next topics.
+    Popularity is Zipf-skewed, so the popularity baseline is fair but beatable.
+    """
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(num_topics, size=num_items)
+    popularity = 1.0 / np.arange(1, num_items + 1) ** 0.9
+    popularity = popularity[rng.permutation(num_items)]
+    members = [np.flatnonzero(topic == t) for t in range(num_topics)]
+    successor = np.empty(num_items, np.int64)
+    for m in members:
+        chain = rng.permutation(m)
+        successor[chain] = np.roll(chain, -1)
+    topic_probs = [popularity[m] / popularity[m].sum() for m in members]
+    next_topics = rng.integers(num_topics, size=(num_topics, 3))
+    lengths = np.clip(rng.geometric(1 / 12, size=num_users) + 3, 4, 80)
+    items = np.empty(lengths.sum(), np.int32)
+    pos = 0
+    for n in lengths:
+        t = rng.integers(num_topics)
+        cur = rng.choice(members[t], p=topic_probs[t])
+        for _ in range(n):
+            items[pos] = cur + 1
+            pos += 1
+            r = rng.random()
+            if r < 0.6:
+                cur = successor[cur]
+            else:
+                if r > 0.85:
+                    t = next_topics[topic[cur], rng.integers(3)]
+                else:
+                    t = topic[cur]
+                cur = rng.choice(members[t], p=topic_probs[t])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return Interactions(offsets, items, np.arange(1, num_users + 1).astype(str),
+                        np.arange(1, num_items + 1).astype(str))
+
+
+# ----------------------------------------------------------------------------- split
+
+def ragged_positions(starts, lengths):
+    """(rows, flat_index) for the concatenated ranges [starts[r], starts[r] + lengths[r])."""
+    lengths = np.asarray(lengths, np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    first = np.cumsum(lengths) - lengths
+    return rows, np.repeat(np.asarray(starts, np.int64) - first, lengths) + np.arange(lengths.sum())
+
+
+def left_padded(items, ends, lengths, width):
+    """(B, width) int64 matrix: row b is items[ends[b] - lengths[b]:ends[b]] right-aligned, 0 before it."""
+    cols = np.arange(width)
+    idx = ends[:, None] - width + cols[None, :]
+    valid = cols[None, :] >= width - lengths[:, None]
+    return np.where(valid, items[np.where(valid, idx, 0)], 0).astype(np.int64)
+
+
+class LeaveOneOut:
+    """Last item = test target, second-last = validation target, the rest trains.
+
+    Users with fewer than 3 items train on everything and are not evaluated.
+    """
+
+    def __init__(self, data: Interactions):
+        self.data = data
+        lengths = data.lengths
+        self.starts = data.offsets[:-1]
+        self.eval_users = np.flatnonzero(lengths >= 3)
+        self.num_short_users = int((lengths < 3).sum())
+        self.train_lengths = np.where(lengths >= 3, lengths - 2, lengths)
+        rows, idx = ragged_positions(self.starts, self.train_lengths)
+        # Sorted (user, item) keys of training history: a vectorised membership test for negatives.
+        self.history_keys = np.unique(rows * (data.num_items + 1) + data.items[idx])
+
+    def eval_arrays(self, split):
+        """For `split` in {'valid', 'test'}: users, history end (exclusive), history length, target item."""
+        users = self.eval_users
+        hist_len = self.train_lengths[users] + (1 if split == "test" else 0)
+        ends = self.starts[users] + hist_len
+        return users, ends, hist_len, self.data.items[ends].astype(np.int64)
+
+    def item_counts(self, split):
+        """Interactions per item that precede `split`'s targets (training part, plus validation items for test)."""
+        rows, idx = ragged_positions(self.starts, self.train_lengths)
+        counts = np.bincount(self.data.items[idx], minlength=self.data.num_items + 1)
+        if split == "test":
+            _, _, _, valid_targets = self.eval_arrays("valid")
+            counts += np.bincount(valid_targets, minlength=self.data.num_items + 1)
+        counts[0] = 0
+        return counts
+
+    def in_history(self, users, items):
+        """Boolean mask: items[b, j] is in the training history of users[b]."""
+        keys = users[:, None] * (self.data.num_items + 1) + items
+        pos = np.minimum(np.searchsorted(self.history_keys, keys), len(self.history_keys) - 1)
+        return self.history_keys[pos] == keys
+
+
+# ----------------------------------------------------------------------------- training batches
+
+class TrainBatches:
+    """Vectorised training batches: left-padded inputs, next-item positives, sampled negatives.
+
+    Each batch is trimmed to its longest real sequence, and users are bucketed by length
+    (sorted within windows of `bucket_batches` batches, then batch order shuffled), so the
+    compute follows the number of real interactions, not users x maxlen.
+    """
+
+    def __init__(self, split: LeaveOneOut, maxlen, batch_size, bucket_batches=32):
+        self.split, self.maxlen, self.batch_size, self.bucket_batches = split, maxlen, batch_size, bucket_batches
+        self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
+        self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
+
+    def __len__(self):
+        return -(-len(self.users) // self.batch_size)
+
+    def epoch(self, rng):
+        users = rng.permutation(self.users)
+        if self.bucket_batches > 1:
+            window = self.batch_size * self.bucket_batches
+            for s in range(0, len(users), window):
+                chunk = users[s:s + window]
+                users[s:s + window] = chunk[np.argsort(-self.seq_lengths[chunk], kind="stable")]
+        batches = [users[s:s + self.batch_size] for s in range(0, len(users), self.batch_size)]
+        for b in rng.permutation(len(batches)):
+            yield self.make_batch(batches[b], rng)
+
+    def make_batch(self, users, rng):
+        split = self.split
+        lengths = self.seq_lengths[users]
+        width = int(lengths.max())
+        ends = split.starts[users] + split.train_lengths[users]
+        items = split.data.items
+        seq = left_padded(items, ends - 1, lengths, width)
+        pos = left_padded(items, ends, lengths, width)
+        neg = self.sample_negatives(users, pos != 0, rng)
+        return {"users": users, "seq": seq, "pos": pos, "neg": neg}
+
+    def sample_negatives(self, users, real, rng, max_rounds=50):
+        """One uniform negative per real position, never padding and never in the user's history."""
+        n = self.split.data.num_items
+        neg = rng.integers(1, n + 1, size=real.shape)
+        for _ in range(max_rounds):
+            clash = self.split.in_history(users, neg) & real
+            if not clash.any():
+                break
+            neg[clash] = rng.integers(1, n + 1, size=int(clash.sum()))
+        return np.where(real, neg, 0)

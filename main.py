@@ -1,0 +1,364 @@
+"""Train and evaluate SASRec: `python main.py --config configs/beauty.toml [--flag value ...]`.
+
+Configuration flows one way: config file -> argparse defaults -> command-line flags.
+The resolved config is written beside every checkpoint, so evaluation and inference
+never need the training flags again.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from dataset import FORMATS, DataError, LeaveOneOut, TrainBatches, load_interactions
+from eval.metrics import evaluate, model_scorer, popularity_scorer
+from losses import training_loss
+from model import SASRec
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
+STRUCTURE_KEYS = ("num_items", "maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train / evaluate a SASRec sequential recommender.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file whose keys are these flags' names; command-line flags override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", help="interaction log path, or 'synthetic' for the embedded default")
+    g.add_argument("--data_format", choices=FORMATS, help="lines: 'user i1 i2 ...'; pairs: 'user item' per line; "
+                   "delimited: CSV/TSV/RecBole .inter with a header (default: detect)")
+    g.add_argument("--user_col", help="delimited format: user column name (default: detect)")
+    g.add_argument("--item_col", help="delimited format: item column name (default: detect)")
+    g.add_argument("--time_col", help="delimited format: timestamp column name (default: detect, optional)")
+    g.add_argument("--cache_dir", default=os.environ.get("SASREC_CACHE_DIR", os.path.join(ROOT, ".cache")),
+                   help="parsed logs are cached here, keyed by the file's content hash ('' disables)")
+    g = p.add_argument_group("model")
+    g.add_argument("--maxlen", type=int, default=50, help="longest input sequence (most recent items kept)")
+    g.add_argument("--hidden_units", type=int, default=50)
+    g.add_argument("--num_blocks", type=int, default=2)
+    g.add_argument("--num_heads", type=int, default=1)
+    g.add_argument("--dropout_rate", type=float, default=0.2)
+    g.add_argument("--norm_first", action=argparse.BooleanOptionalAction, default=True,
+                   help="pre-norm blocks (--no-norm_first: post-norm)")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=0.001)
+    g.add_argument("--num_epochs", type=int, default=200)
+    g.add_argument("--l2_emb", type=float, default=0.0, help="weight of the item-embedding norm penalty")
+    g.add_argument("--use_infonce", action=argparse.BooleanOptionalAction, default=False,
+                   help="masked in-batch InfoNCE on cosine logits instead of BCE")
+    g.add_argument("--infonce_temperature", type=float, default=0.1)
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs")
+    g.add_argument("--patience", type=int, default=5, help="stop after N validations without a better NDCG@10")
+    g.add_argument("--state_dict_path", help="checkpoint (.pt, or a checkpoint dir) to resume from or evaluate")
+    g.add_argument("--inference_only", action="store_true", help="evaluate --state_dict_path and exit")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--keep_history", action="store_true", help="let already-seen items compete in the ranking")
+    g.add_argument("--sampled_metrics", action=argparse.BooleanOptionalAction, default=False,
+                   help="also report metrics against 100 random negatives (SASRec paper protocol)")
+    g = p.add_argument_group("output (defaults: env TRAIN_LOG_PATH / TRAIN_TF_EVENTS_PATH / TRAIN_CKPT_PATH, "
+                             "else folders of --run_dir)")
+    g.add_argument("--run_dir", help="default: runs/<data>_<loss>_<time>")
+    g.add_argument("--log_dir", default=os.environ.get("TRAIN_LOG_PATH"))
+    g.add_argument("--tb_dir", default=os.environ.get("TRAIN_TF_EVENTS_PATH"))
+    g.add_argument("--ckpt_dir", default=os.environ.get("TRAIN_CKPT_PATH"))
+    g.add_argument("--hist_every", type=int, default=200, help="log logit histograms every N steps (0: never)")
+    return p
+
+
+def load_config(path, parser):
+    """Read a TOML config into parser defaults, checking every key is a known flag of the right type."""
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read ({e.strerror})")
+    except tomllib.TOMLDecodeError as e:
+        parser.error(f"--config {path}: not valid TOML ({e})")
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in config.items():
+        action = actions.get(key)
+        if action is None or key == "config":
+            parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size')")
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                parser.error(f"--config {path}: key {key!r} expects {action.type.__name__}, got {value!r}")
+        defaults[key] = value
+    if isinstance(defaults.get("data"), str):
+        defaults["data"] = resolve_data_path(defaults["data"])
+    return defaults
+
+
+def resolve_data_path(path):
+    """Relative data paths in configs are tried from the working directory, then from the repository root."""
+    if path == "synthetic" or os.path.isabs(path) or os.path.exists(path):
+        return path
+    from_root = os.path.join(ROOT, path)
+    return from_root if os.path.exists(from_root) else path
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    args = parser.parse_args(argv)
+    for flag in ("maxlen", "hidden_units", "num_blocks", "num_heads", "batch_size", "num_epochs", "eval_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.hidden_units % args.num_heads:
+        parser.error(f"--hidden_units ({args.hidden_units}) must be divisible by --num_heads ({args.num_heads})")
+    if not args.infonce_temperature > 0:
+        parser.error(f"--infonce_temperature must be > 0, got {args.infonce_temperature}")
+    if not 0 <= args.dropout_rate < 1:
+        parser.error(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
+    if args.inference_only and not args.state_dict_path:
+        parser.error("--inference_only needs --state_dict_path")
+    return args
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write):
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def save_checkpoint(path, model, optimizer, state):
+    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                               **state}, tmp))
+
+
+def load_checkpoint(path):
+    """weights_only=True: a checkpoint is data, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: --state_dict_path {path}: no such checkpoint")
+    except Exception as e:  # truncated, not a checkpoint, or unsafe content
+        raise SystemExit(f"error: --state_dict_path {path}: not a readable checkpoint ({type(e).__name__}: {e})")
+
+
+def checkpoint_file(path, inference_only):
+    if os.path.isdir(path):
+        return os.path.join(path, "best.pt" if inference_only else "last.pt")
+    return path
+
+
+def output_dirs(args):
+    ckpt_parent = os.path.dirname(os.path.abspath(checkpoint_file(args.state_dict_path, True))) if args.state_dict_path else ""
+    if not args.run_dir and os.path.basename(ckpt_parent) == "ckpt":
+        args.run_dir = os.path.dirname(ckpt_parent)  # resuming / evaluating a run keeps writing into it
+    if not args.run_dir:
+        name = "synthetic" if args.data == "synthetic" else os.path.splitext(os.path.basename(args.data))[0]
+        loss = "infonce" if args.use_infonce else "bce"
+        args.run_dir = os.path.join("runs", f"{name}_{loss}_{time.strftime('%Y%m%d-%H%M%S')}")
+    args.log_dir = args.log_dir or os.path.join(args.run_dir, "logs")
+    args.tb_dir = args.tb_dir or os.path.join(args.run_dir, "tb")
+    args.ckpt_dir = args.ckpt_dir or os.path.join(args.run_dir, "ckpt")
+    for d in (args.run_dir, args.log_dir, args.tb_dir, args.ckpt_dir):
+        os.makedirs(d, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
+    return device
+
+
+def seed_epoch(seed, epoch):
+    """Every epoch draws from its own seeded streams, so a resumed run repeats the uninterrupted one exactly."""
+    torch.manual_seed(seed * 1_000_003 + epoch)
+    return np.random.default_rng([seed, epoch])
+
+
+def train_epoch(model, optimizer, batches, args, device, epoch, step, writer):
+    model.train()
+    rng = seed_epoch(args.seed, epoch)
+    total_loss, total_rows, seen, start = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(batches.epoch(rng), total=len(batches), desc=f"epoch {epoch}", leave=False,
+               disable=not sys.stderr.isatty())
+    for batch in bar:
+        seq, pos, neg = (torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in ("seq", "pos", "neg"))
+        loss, pos_logits, neg_logits = training_loss(model, seq, pos, neg, args)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        seen += len(batch["users"])
+        rows = len(pos_logits)
+        total_loss += loss.item() * rows
+        total_rows += rows
+        if step % 20 == 0:
+            log_logits(writer, step, loss.item(), pos_logits, neg_logits, args.hist_every)
+            bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
+    seconds = time.perf_counter() - start
+    return step, total_loss / max(total_rows, 1), seen / seconds, seconds
+
+
+def log_logits(writer, step, loss, pos_logits, neg_logits, hist_every):
+    writer.add_scalar("train/loss", loss, step)
+    for name, x in (("pos", pos_logits), ("neg", neg_logits)):
+        x = x.float()
+        writer.add_scalar(f"logits/{name}_mean", x.mean().item(), step)
+        writer.add_scalar(f"logits/{name}_std", x.std().item() if x.numel() > 1 else 0.0, step)
+        if hist_every and step % hist_every == 0:
+            writer.add_histogram(f"logits/{name}", x.cpu(), step)
+
+
+def run_evaluation(model, split, args, device, which):
+    model.eval()
+    score = model_scorer(model, split.data, args.maxlen, device)
+    return evaluate(score, split, which, exclude_history=not args.keep_history, sampled=args.sampled_metrics,
+                    seed=args.seed)
+
+
+def format_metrics(m, keys=("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")):
+    return " ".join(f"{k} {m[k]:.4f}" for k in keys)
+
+
+def final_report(model, split, args, device, summary):
+    """Test (and validation) metrics of the model next to the popularity baseline, printed and saved as JSON."""
+    results = {"config": vars(args), **summary}
+    for which in ("valid", "test"):
+        results[which] = run_evaluation(model, split, args, device, which)
+        pop = popularity_scorer(split.item_counts(which))
+        results[f"popularity_{which}"] = evaluate(pop, split, which, exclude_history=not args.keep_history,
+                                                  sampled=args.sampled_metrics, seed=args.seed)
+    keys = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"]
+    if args.sampled_metrics:
+        keys += ["sampled_HR@10", "sampled_NDCG@10"]
+    print(f"\ntest metrics ({results['test']['users']} users, full ranking"
+          f"{', history kept' if args.keep_history else ', history excluded'}):")
+    print(f"  {'metric':<16}{'SASRec':>10}{'popularity':>12}")
+    for k in keys:
+        print(f"  {k:<16}{results['test'][k]:>10.4f}{results['popularity_test'][k]:>12.4f}")
+    path = os.path.join(args.run_dir, "eval_results.json" if args.inference_only else "results.json")
+    write_json(path, results)
+    print(f"results written to {path}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    try:
+        data = load_interactions(args.data, args.data_format, args.cache_dir or None,
+                                 args.user_col, args.item_col, args.time_col)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    split = LeaveOneOut(data)
+    print(f"data {args.data}: {data.num_users} users, {data.num_items} items, {len(data.items)} interactions; "
+          f"{len(split.eval_users)} users evaluated"
+          + (f", {split.num_short_users} users with < 3 items used for training only" if split.num_short_users else ""))
+    args.num_items = data.num_items
+    model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
+                   args.dropout_rate, args.norm_first).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                                 fused=device.type in ("cpu", "cuda"))
+    state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
+    if args.state_dict_path:
+        path = checkpoint_file(args.state_dict_path, args.inference_only)
+        ckpt = load_checkpoint(path)
+        try:
+            model.load_state_dict(ckpt["model"])
+            if not args.inference_only:
+                optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --state_dict_path {path}: does not fit this model "
+                             f"({str(e).splitlines()[0]})")
+        state.update({k: ckpt[k] for k in state if k in ckpt})
+        print(f"loaded {path} (epoch {state['epoch']}, step {state['step']})")
+    output_dirs(args)
+    if args.inference_only:
+        final_report(model, split, args, device, {"checkpoint": path})
+        return
+
+    write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
+    write_json(os.path.join(args.ckpt_dir, "id_map.json"),
+               {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
+    batches = TrainBatches(split, args.maxlen, args.batch_size)
+    writer = SummaryWriter(args.tb_dir)
+    log = open(os.path.join(args.log_dir, "train.log"), "a")
+    print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}, "
+          f"{'InfoNCE (T=%g)' % args.infonce_temperature if args.use_infonce else 'BCE'}, run dir {args.run_dir}")
+    train_start = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, args.num_epochs + 1):
+        step, loss, seq_per_s, seconds = train_epoch(model, optimizer, batches, args, device, epoch,
+                                                     state["step"], writer)
+        state.update(epoch=epoch, step=step)
+        writer.add_scalar("train/epoch_loss", loss, epoch)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
+        writer.add_scalar("train/sequences_per_s", seq_per_s, epoch)
+        record = {"epoch": epoch, "step": step, "loss": loss, "seq_per_s": seq_per_s, "seconds": seconds}
+        line = f"epoch {epoch:4d}  loss {loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
+        stop = False
+        if epoch % args.eval_every == 0 or epoch == args.num_epochs:
+            valid = run_evaluation(model, split, args, device, "valid")
+            for k, v in valid.items():
+                writer.add_scalar(f"valid/{k}", v, epoch)
+            record["valid"] = valid
+            line += f"  valid {format_metrics(valid)}"
+            if valid["NDCG@10"] > state["best_ndcg"]:
+                state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
+                save_checkpoint(os.path.join(args.ckpt_dir, "best.pt"), model, optimizer, state)
+                line += "  *"
+            else:
+                state["bad_evals"] += 1
+                stop = state["bad_evals"] >= args.patience
+        save_checkpoint(os.path.join(args.ckpt_dir, "last.pt"), model, optimizer, state)
+        print(line, flush=True)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if stop:
+            print(f"early stop: no better validation NDCG@10 for {args.patience} evaluations")
+            break
+    writer.close()
+    log.close()
+    train_minutes = (time.perf_counter() - train_start) / 60
+    best_path = os.path.join(args.ckpt_dir, "best.pt")
+    if os.path.exists(best_path):
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+    print(f"best validation NDCG@10 {state['best_ndcg']:.4f} at epoch {state['best_epoch']}; "
+          f"training took {train_minutes:.1f} min")
+    final_report(model, split, args, device, {"best_epoch": state["best_epoch"], "train_minutes": train_minutes,
+                                              "checkpoint": best_path})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""SASRec: a causal transformer over left-padded item sequences (Kang & McAuley, 2018)."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Dropout(nn.Module):
+    """Inverted dropout from a uniform draw: on CPU about 4x faster than nn.Dropout's bernoulli_ kernel."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand(x.shape, device=x.device) >= self.p) * (1.0 / (1.0 - self.p))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention through SDPA (fused kernels). Dropout is applied to the block's
+    output rather than to attention weights: weight dropout forces SDPA onto its slow math path."""
+
+    def __init__(self, hidden_units, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_units, 3 * hidden_units)
+        self.proj = nn.Linear(hidden_units, hidden_units)
+
+    def forward(self, x, attn_mask):
+        B, W, D = x.shape
+        q, k, v = self.qkv(x).view(B, W, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(B, W, D))
+
+
+class Block(nn.Module):
+    """Self-attention + point-wise feed-forward, pre-norm or post-norm, padding kept at zero."""
+
+    def __init__(self, hidden_units, num_heads, dropout_rate, norm_first):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn_norm = nn.LayerNorm(hidden_units, eps=1e-8)
+        self.attn = CausalSelfAttention(hidden_units, num_heads)
+        self.ffn_norm = nn.LayerNorm(hidden_units, eps=1e-8)
+        self.ffn = nn.Sequential(nn.Linear(hidden_units, hidden_units), nn.ReLU(), Dropout(dropout_rate),
+                                 nn.Linear(hidden_units, hidden_units))
+        self.dropout = Dropout(dropout_rate)
+
+    def forward(self, x, attn_mask, keep):
+        if self.norm_first:
+            x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask))
+            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        else:
+            x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
+            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return x * keep
+
+
+class SASRec(nn.Module):
+    def __init__(self, num_items, maxlen=50, hidden_units=50, num_blocks=2, num_heads=1, dropout_rate=0.2,
+                 norm_first=True):
+        super().__init__()
+        if hidden_units % num_heads:
+            raise ValueError(f"--hidden_units ({hidden_units}) must be divisible by --num_heads ({num_heads})")
+        self.num_items, self.maxlen, self.hidden_units = num_items, maxlen, hidden_units
+        self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
+        self.pos_emb = nn.Embedding(maxlen, hidden_units)
+        self.emb_dropout = Dropout(dropout_rate)
+        self.blocks = nn.ModuleList(Block(hidden_units, num_heads, dropout_rate, norm_first)
+                                    for _ in range(num_blocks))
+        self.last_norm = nn.LayerNorm(hidden_units, eps=1e-8)
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_normal_(p)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def sequence_states(self, seqs):
+        """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero."""
+        B, W = seqs.shape
+        if W > self.maxlen:
+            raise ValueError(f"sequence width {W} exceeds maxlen {self.maxlen}")
+        real = seqs != 0
+        keep = real.unsqueeze(-1).to(self.item_emb.weight.dtype)
+        # Positions count from the right so the last item always gets the same embedding, whatever W is.
+        positions = torch.arange(self.maxlen - W, self.maxlen, device=seqs.device)
+        x = self.item_emb(seqs) * math.sqrt(self.hidden_units) + self.pos_emb(positions)
+        x = self.emb_dropout(x) * keep
+        causal = torch.ones(W, W, dtype=torch.bool, device=seqs.device).tril()
+        # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).
+        attn_mask = (causal & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=seqs.device)
+        for block in self.blocks:
+            x = block(x, attn_mask, keep)
+        return self.last_norm(x) * keep
+
+    forward = sequence_states
+
+    def user_embeddings(self, seqs):
+        """State at the last real position of each (left-padded) sequence: the user's query vector."""
+        return self.sequence_states(seqs)[:, -1]
+
+    def item_embeddings(self, item_ids=None):
+        """Embeddings the states are scored against (shared with the input table); all items if ids is None."""
+        return self.item_emb.weight if item_ids is None else self.item_emb(item_ids)
+
+    def score(self, seqs, item_ids=None):
+        """Dot-product scores of each user's state against items: (B, N + 1), or (B, K) for (K,) ids."""
+        return self.user_embeddings(seqs) @ self.item_embeddings(item_ids).T

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("SASREC_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def shared_file(name):
+    """Path of a real dataset in ../shared/data; skipped only in a user's clone without it, never in CI."""
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must have ../shared/data beside the repository")
+        pytest.skip(f"{path} not found (real datasets live in ../shared/data; set SASREC_SHARED_DATA to point elsewhere)")
+    return path
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)

@@ -1,0 +1,136 @@
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write, shared_file
+from dataset import (DataError, LeaveOneOut, TrainBatches, detect_format, left_padded, load_interactions,
+                     make_synthetic)
+
+
+def sequences(data):
+    """{raw user: [raw items]} for readable assertions."""
+    return {u: [data.item_ids[i - 1] for i in data.items[data.offsets[k]:data.offsets[k + 1]]]
+            for k, u in enumerate(data.user_ids)}
+
+
+def test_lines_reader_keeps_order_and_reindexes_string_ids(tmp_path):
+    path = write(tmp_path, "log.txt", "alice b a c\n\nbob c d\n")
+    data = load_interactions(path)
+    assert detect_format(path) == "lines"
+    assert sequences(data) == {"alice": ["b", "a", "c"], "bob": ["c", "d"]}
+    assert data.item_ids.tolist() == ["a", "b", "c", "d"]  # items 1..4, 0 is padding
+    assert data.items.tolist() == [2, 1, 3, 3, 4]
+
+
+def test_integer_ids_are_ordered_numerically(tmp_path):
+    data = load_interactions(write(tmp_path, "log.txt", "2 10 9\n1 1 10\n"))
+    assert data.user_ids.tolist() == ["1", "2"]
+    assert data.item_ids.tolist() == ["1", "9", "10"]
+    assert sequences(data) == {"1": ["1", "10"], "2": ["10", "9"]}
+
+
+def test_pairs_reader_groups_users_stably(tmp_path):
+    path = write(tmp_path, "log.txt", "1 5\n2 7\n1 3\n2 5\n1 9\n")
+    assert detect_format(path) == "pairs"
+    assert sequences(load_interactions(path)) == {"1": ["5", "3", "9"], "2": ["7", "5"]}
+
+
+def test_delimited_reader_sorts_by_timestamp_stably(tmp_path):
+    path = write(tmp_path, "log.inter", "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                 "u1\tx\t5\t30\nu2\ty\t3\t10\nu1\ty\t4\t10\nu1\tz\t4\t10\nu2\tx\t1\t5\n")
+    assert detect_format(path) == "delimited"
+    assert sequences(load_interactions(path)) == {"u1": ["y", "z", "x"], "u2": ["x", "y"]}
+
+
+def test_csv_with_named_columns_and_dates(tmp_path):
+    path = write(tmp_path, "log.csv", "who,what,when\na,p,2024-01-02\na,q,2024-01-01\n")
+    data = load_interactions(path, "delimited", user_col="who", item_col="what", time_col="when")
+    assert sequences(data) == {"a": ["q", "p"]}
+
+
+def test_delimited_without_user_column_names_the_file(tmp_path):
+    path = write(tmp_path, "log.csv", "person,item_id\na,b\n")
+    with pytest.raises(DataError, match="log.csv: header has no user column"):
+        load_interactions(path, "delimited")
+
+
+def test_cache_reload_is_identical(tmp_path):
+    path = write(tmp_path, "log.txt", "1 1 2 3\n2 2 3\n")
+    first = load_interactions(path, cache_dir=str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    again = load_interactions(path, cache_dir=str(tmp_path / "cache"))
+    for name in ("offsets", "items", "user_ids", "item_ids"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    with open(path, "a") as f:  # new content -> new key, never a stale cache
+        f.write("3 1 2\n")
+    assert load_interactions(path, cache_dir=str(tmp_path / "cache")).num_users == 3
+
+
+def test_beauty_reloads_from_cache_quickly(tmp_path):
+    path = shared_file("Beauty.txt")
+    cold = load_interactions(path, cache_dir=str(tmp_path))
+    start = time.perf_counter()
+    warm = load_interactions(path, cache_dir=str(tmp_path))
+    LeaveOneOut(warm)
+    assert time.perf_counter() - start < 1.0
+    assert (warm.num_users, warm.num_items, len(warm.items)) == (22363, 12101, 198502)
+    np.testing.assert_array_equal(cold.items, warm.items)
+
+
+def test_leave_one_out_split(tmp_path):
+    data = load_interactions(write(tmp_path, "log.txt", "1 1 2 3 4\n2 5 6\n3 7 8 9\n"))
+    split = LeaveOneOut(data)
+    assert split.num_short_users == 1
+    assert split.train_lengths.tolist() == [2, 2, 1]
+    users, ends, lengths, targets = split.eval_arrays("valid")
+    assert users.tolist() == [0, 2] and targets.tolist() == [3, 8] and lengths.tolist() == [2, 1]
+    users, ends, lengths, targets = split.eval_arrays("test")
+    assert targets.tolist() == [4, 9] and lengths.tolist() == [3, 2]
+    assert data.items[ends[0] - lengths[0]:ends[0]].tolist() == [1, 2, 3]
+    # popularity for test counts training items plus validation targets, never test targets
+    assert split.item_counts("test").tolist() == [0, 1, 1, 1, 0, 1, 1, 1, 1, 0]
+
+
+def test_left_padded():
+    items = np.array([1, 2, 3, 4, 5, 6])
+    out = left_padded(items, ends=np.array([3, 6]), lengths=np.array([2, 3]), width=4)
+    assert out.tolist() == [[0, 0, 2, 3], [0, 4, 5, 6]]
+
+
+def test_batches_are_trimmed_shifted_and_negatives_valid():
+    data = make_synthetic(num_users=300, num_items=60, num_topics=5, seed=3)
+    split = LeaveOneOut(data)
+    batches = TrainBatches(split, maxlen=12, batch_size=32)
+    rng = np.random.default_rng(0)
+    seen_users = []
+    for batch in batches.epoch(rng):
+        seq, pos, neg, users = batch["seq"], batch["pos"], batch["neg"], batch["users"]
+        seen_users.extend(users)
+        real = pos != 0
+        lengths = batches.seq_lengths[users]
+        assert seq.shape[1] == lengths.max() <= 12  # trimmed to the longest real sequence
+        assert (real.sum(1) == lengths).all() and ((seq != 0) == real).all()
+        assert (seq[:, 1:][real[:, 1:] & real[:, :-1]] == pos[:, :-1][real[:, 1:] & real[:, :-1]]).all()
+        assert (neg[~real] == 0).all() and (neg[real] > 0).all()
+        assert not (split.in_history(users, neg) & real).any()
+        for b, u in enumerate(users):  # the last positive is the last training item
+            assert pos[b, -1] == data.items[split.starts[u] + split.train_lengths[u] - 1]
+    assert sorted(seen_users) == sorted(batches.users.tolist())
+
+
+def test_bucketing_cuts_padding():
+    split = LeaveOneOut(make_synthetic(num_users=2000, num_items=500, seed=1))
+    def padded_cells(bucket):
+        b = TrainBatches(split, maxlen=50, batch_size=64, bucket_batches=bucket)
+        return sum(x["seq"].size for x in b.epoch(np.random.default_rng(0)))
+    real = TrainBatches(split, maxlen=50, batch_size=64).seq_lengths[TrainBatches(split, 50, 64).users].sum()
+    assert padded_cells(32) < 1.3 * real < padded_cells(1)
+
+
+def test_synthetic_is_deterministic():
+    a, b = make_synthetic(seed=5), make_synthetic(seed=5)
+    np.testing.assert_array_equal(a.items, b.items)
+    assert a.num_items == 3000 and a.num_users == 4000
+    assert not np.array_equal(a.items[:1000], make_synthetic(seed=6).items[:1000])

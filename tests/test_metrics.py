@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import torch
+
+from conftest import write
+from dataset import LeaveOneOut, load_interactions
+from eval.metrics import evaluate, full_ranks, metrics_from_ranks, popularity_scorer
+
+
+def test_metrics_from_known_ranks():
+    m = metrics_from_ranks([0, 1, 4, 30])
+    assert m["HR@1"] == 0.25 and m["HR@5"] == 0.75 and m["HR@10"] == 0.75 and m["HR@20"] == 0.75
+    assert math.isclose(m["NDCG@5"], (1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4)
+    assert math.isclose(m["NDCG@20"], m["NDCG@5"])
+    assert math.isclose(m["MRR"], (1 + 1 / 2 + 1 / 5 + 1 / 31) / 4)
+
+
+def test_full_ranks_excludes_padding_history_and_counts_ties_against_target():
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.3, 0.9],    # target 3 (0.3): items 2 and 4 beat it
+                           [9.0, 0.7, 0.7, 0.2, 0.1]])   # target 1 (0.7) ties with item 2
+    ranks = full_ranks(scores.clone(), torch.tensor([3, 1]))
+    assert ranks.tolist() == [2, 1]
+    # excluding item 4 for user 0 and item 2 for user 1 removes those competitors
+    ranks = full_ranks(scores.clone(), torch.tensor([3, 1]), torch.tensor([0, 1]), torch.tensor([4, 2]))
+    assert ranks.tolist() == [1, 0]
+    # a target that is also in the history is still ranked
+    assert full_ranks(scores.clone(), torch.tensor([4, 1]), torch.tensor([0]), torch.tensor([4])).tolist() == [0, 1]
+
+
+def test_evaluate_with_oracle_and_popularity(tmp_path):
+    # 3 users; item 1 is the most popular training item and item 4 the test target of two users.
+    data = load_interactions(write(tmp_path, "log.txt", "1 1 2 3 4\n2 1 3 2 4\n3 1 5 2 1\n"))
+    split = LeaveOneOut(data)
+    _, _, _, targets = split.eval_arrays("test")
+
+    def oracle(ends, lengths):  # puts each user's test target first
+        scores = torch.zeros(len(ends), data.num_items + 1)
+        scores[torch.arange(len(ends)), torch.from_numpy(data.items[ends].astype(np.int64))] = 1.0
+        return scores
+    m = evaluate(oracle, split, "test", sampled=True)
+    assert m["HR@1"] == 1.0 and m["NDCG@10"] == 1.0 and m["sampled_HR@1"] == 1.0 and m["users"] == 3
+    # popularity before test: counts {1: 3, 2: 2, 3: 2, 5: 1} (+ valid targets 3, 2, 2)
+    pop = evaluate(popularity_scorer(split.item_counts("test")), split, "test", exclude_history=False)
+    # user 1 target 4 (count 0): beaten by 1, 2, 3, 5 -> rank 4; user 2 the same; user 3 target 1 -> rank 0
+    assert pop["HR@1"] == 1 / 3 and math.isclose(pop["MRR"], (1 / 5 + 1 / 5 + 1) / 3)
+    # excluding history, user 1 (history 1, 2, 3) and user 2 only have item 5 above item 4
+    pop = evaluate(popularity_scorer(split.item_counts("test")), split, "test")
+    assert math.isclose(pop["MRR"], (1 / 2 + 1 / 2 + 1) / 3)

@@ -1,0 +1,46 @@
+import torch
+
+from model import SASRec
+
+
+def make_model(**kw):
+    torch.manual_seed(0)
+    return SASRec(num_items=20, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2, dropout_rate=0.3, **kw).eval()
+
+
+def test_causality_future_items_do_not_change_earlier_states():
+    for norm_first in (True, False):
+        model = make_model(norm_first=norm_first)
+        a = torch.tensor([[0, 3, 4, 5, 6, 7]])
+        b = torch.tensor([[0, 3, 4, 5, 9, 1]])
+        sa, sb = model(a), model(b)
+        torch.testing.assert_close(sa[:, :4], sb[:, :4])
+        assert not torch.allclose(sa[:, 4:], sb[:, 4:])
+
+
+def test_padding_is_zero_and_does_not_leak():
+    model = make_model()
+    short = torch.tensor([[3, 4, 5]])
+    padded = torch.tensor([[0, 0, 0, 3, 4, 5]])
+    states = model(padded)
+    assert (states[:, :3] == 0).all()
+    # extra left padding (a wider batch) leaves the real positions' states unchanged
+    torch.testing.assert_close(states[:, 3:], model(short), rtol=1e-5, atol=1e-6)
+
+
+def test_user_and_item_embeddings():
+    model = make_model()
+    seqs = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]])
+    users = model.user_embeddings(seqs)
+    torch.testing.assert_close(users, model(seqs)[:, -1])
+    assert model.item_embeddings().shape == (21, 8)
+    ids = torch.tensor([3, 4])
+    torch.testing.assert_close(model.score(seqs, ids), users @ model.item_embeddings(ids).T)
+
+
+def test_dropout_only_in_training():
+    model = make_model()
+    seqs = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(model(seqs), model(seqs))
+    model.train()
+    assert not torch.allclose(model(seqs), model(seqs))
