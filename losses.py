@@ -13,31 +13,32 @@ def bce_loss(pos_logits, neg_logits):
             ) / pos_logits.numel()
 
 
-def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=INFONCE_CHUNK_ELEMS):
+def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
     """Cross-entropy of each positive (index 0) against the pool of all negatives, on cosine logits / T.
 
     Rows are the R real positions of the batch (padding never enters); the pool is the R
     negatives sampled for them. A pool entry equal to a row's positive is masked out. Rows are
     processed in chunks with recomputation, so memory is O(chunk x R), not O(R x R).
     """
-    s, p, n = (F.normalize(x, dim=-1) for x in (states, pos_emb, neg_emb))
-    pos_logits = (s * p).sum(-1) / temperature
-    rows = max(1, chunk_elems // max(1, len(n)))
+    s = F.normalize(states, dim=-1) / temperature  # scale the (R, D) side, not the (R, R) logits
+    p, n = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
+    pos_logits = (s * p).sum(-1)
+    rows = max(1, (chunk_elems or INFONCE_CHUNK_ELEMS) // max(1, len(n)))
     if rows >= len(s):
-        return _infonce_rows(s, pos_logits, n, pos_ids, neg_ids, temperature) / len(s)
+        return _infonce_rows(s, pos_logits, n, pos_ids, neg_ids) / len(s)
     total = sum(checkpoint(_infonce_rows, s[i:i + rows], pos_logits[i:i + rows], n, pos_ids[i:i + rows], neg_ids,
-                           temperature, use_reentrant=False)
+                           use_reentrant=False)
                 for i in range(0, len(s), rows))
     return total / len(s)
 
 
-def _infonce_rows(s, pos_logits, n, pos_ids, neg_ids, temperature):
-    neg_logits = (s @ n.T / temperature).masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+def _infonce_rows(s, pos_logits, n, pos_ids, neg_ids):
+    neg_logits = (s @ n.T).masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
     return (torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1)) - pos_logits).sum()
 
 
-def training_loss(model, seq, pos, neg, args, stat_rows=256):
-    """Loss of one batch plus detached positive / negative logits for logging.
+def training_loss(model, seq, pos, neg, args, with_logits=False, stat_rows=256):
+    """Loss of one batch, plus detached (positive, negative) logits for logging if `with_logits`.
 
     seq, pos, neg: (B, W) left-padded item ids; only positions with pos != 0 count.
     """
@@ -45,17 +46,25 @@ def training_loss(model, seq, pos, neg, args, stat_rows=256):
     states = model.sequence_states(seq)[real]
     pos_ids, neg_ids = pos[real], neg[real]
     pos_emb, neg_emb = model.item_embeddings(pos_ids), model.item_embeddings(neg_ids)
+    logits = None
     if args.use_infonce:
         loss = infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, args.infonce_temperature)
-        with torch.no_grad():  # logit statistics on a row sample: the full matrix is never kept
-            s, p, n = (F.normalize(x, dim=-1) for x in (states, pos_emb, neg_emb))
-            pos_logits = (s * p).sum(-1) / args.infonce_temperature
-            sample = (s[:stat_rows] @ n.T) / args.infonce_temperature
-            neg_logits = sample[neg_ids[None, :] != pos_ids[:stat_rows, None]]
+        if with_logits:
+            logits = infonce_logits_sample(states, pos_emb, neg_emb, pos_ids, neg_ids, args.infonce_temperature,
+                                           stat_rows)
     else:
         pos_logits = (states * pos_emb).sum(-1)
         neg_logits = (states * neg_emb).sum(-1)
         loss = bce_loss(pos_logits, neg_logits)
+        logits = (pos_logits.detach(), neg_logits.detach())
     if args.l2_emb:
         loss = loss + args.l2_emb * model.item_emb.weight.norm()
-    return loss, pos_logits.detach(), neg_logits.detach()
+    return loss, logits
+
+
+@torch.no_grad()
+def infonce_logits_sample(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, rows):
+    """All positive logits and the unmasked negative logits of the first `rows` rows (the full matrix is never kept)."""
+    s, p, n = (F.normalize(x, dim=-1) for x in (states, pos_emb, neg_emb))
+    neg_logits = (s[:rows] @ n.T)[neg_ids[None, :] != pos_ids[:rows, None]]
+    return (s * p).sum(-1) / temperature, neg_logits / temperature

@@ -24,11 +24,13 @@ from model import SASRec
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
+LOSS_SECTIONS = ("bce", "infonce")  # config tables applied only with that loss
+LOG_EVERY = 20  # training steps between TensorBoard points
 STRUCTURE_KEYS = ("num_items", "maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train / evaluate a SASRec sequential recommender.",
+    p = argparse.ArgumentParser(description="Train / evaluate a SASRec sequential recommender.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file whose keys are these flags' names; command-line flags override it")
     g = p.add_argument_group("data")
@@ -76,8 +78,13 @@ def build_parser():
     return p
 
 
-def load_config(path, parser):
-    """Read a TOML config into parser defaults, checking every key is a known flag of the right type."""
+def load_config(path, parser, use_infonce=None):
+    """Read a TOML config into parser defaults, checking every key is a known flag of the right type.
+
+    Top-level keys apply to every run; a [bce] or [infonce] table applies only with that loss
+    (chosen by --use_infonce on the command line, else by the file), so one file can hold tuned
+    settings for both.
+    """
     try:
         with open(path, "rb") as f:
             config = tomllib.load(f)
@@ -85,12 +92,17 @@ def load_config(path, parser):
         parser.error(f"--config {path}: cannot read ({e.strerror})")
     except tomllib.TOMLDecodeError as e:
         parser.error(f"--config {path}: not valid TOML ({e})")
+    sections = {name: config.pop(name) for name in LOSS_SECTIONS if isinstance(config.get(name), dict)}
+    if use_infonce is None:
+        use_infonce = bool(config.get("use_infonce", False))
+    config.update(sections.get("infonce" if use_infonce else "bce", {}))
     actions = {a.dest: a for a in parser._actions}
     defaults = {}
     for key, value in config.items():
         action = actions.get(key)
         if action is None or key == "config":
-            parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size')")
+            parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size', "
+                         f"or tables {list(LOSS_SECTIONS)})")
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(value)
@@ -114,7 +126,8 @@ def parse_args(argv=None):
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
+        on_command_line = any(a.split("=")[0] in ("--use_infonce", "--no-use_infonce") for a in (argv or sys.argv[1:]))
+        parser.set_defaults(**load_config(known.config, parser, known.use_infonce if on_command_line else None))
     args = parser.parse_args(argv)
     for flag in ("maxlen", "hidden_units", "num_blocks", "num_heads", "batch_size", "num_epochs", "eval_every"):
         if getattr(args, flag) < 1:
@@ -211,7 +224,8 @@ def train_epoch(model, optimizer, batches, args, device, epoch, step, writer):
                disable=not sys.stderr.isatty())
     for batch in bar:
         seq, pos, neg = (torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in ("seq", "pos", "neg"))
-        loss, pos_logits, neg_logits = training_loss(model, seq, pos, neg, args)
+        log_now = (step + 1) % LOG_EVERY == 0
+        loss, logits = training_loss(model, seq, pos, neg, args, with_logits=log_now)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -219,11 +233,11 @@ def train_epoch(model, optimizer, batches, args, device, epoch, step, writer):
         optimizer.step()
         step += 1
         seen += len(batch["users"])
-        rows = len(pos_logits)
+        rows = int((pos != 0).sum())
         total_loss += loss.item() * rows
         total_rows += rows
-        if step % 20 == 0:
-            log_logits(writer, step, loss.item(), pos_logits, neg_logits, args.hist_every)
+        if log_now:
+            log_logits(writer, step, loss.item(), *logits, args.hist_every)
             bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
     return step, total_loss / max(total_rows, 1), seen / seconds, seconds
@@ -241,7 +255,8 @@ def log_logits(writer, step, loss, pos_logits, neg_logits, hist_every):
 
 def run_evaluation(model, split, args, device, which):
     model.eval()
-    score = model_scorer(model, split.data, args.maxlen, device)
+    # Rank as the loss trained the model to: cosine for InfoNCE, dot product for BCE.
+    score = model_scorer(model, split.data, args.maxlen, device, cosine=args.use_infonce)
     return evaluate(score, split, which, exclude_history=not args.keep_history, sampled=args.sampled_metrics,
                     seed=args.seed)
 
@@ -319,8 +334,12 @@ def main(argv=None):
           f"{'InfoNCE (T=%g)' % args.infonce_temperature if args.use_infonce else 'BCE'}, run dir {args.run_dir}")
     train_start = time.perf_counter()
     for epoch in range(state["epoch"] + 1, args.num_epochs + 1):
-        step, loss, seq_per_s, seconds = train_epoch(model, optimizer, batches, args, device, epoch,
-                                                     state["step"], writer)
+        try:
+            step, loss, seq_per_s, seconds = train_epoch(model, optimizer, batches, args, device, epoch,
+                                                         state["step"], writer)
+        except FloatingPointError as e:  # checkpoints on disk are from before the failure and stay untouched
+            raise SystemExit(f"error: {e}; training stopped, last good checkpoint: "
+                             f"{os.path.join(args.ckpt_dir, 'last.pt')}")
         state.update(epoch=epoch, step=step)
         writer.add_scalar("train/epoch_loss", loss, epoch)
         writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)

@@ -98,14 +98,19 @@ class SASRec(nn.Module):
 
     forward = sequence_states
 
-    def user_embeddings(self, seqs):
+    def user_embeddings(self, seqs, normalize=False):
         """State at the last real position of each (left-padded) sequence: the user's query vector."""
-        return self.sequence_states(seqs)[:, -1]
+        users = self.sequence_states(seqs)[:, -1]
+        return F.normalize(users, dim=-1) if normalize else users
 
-    def item_embeddings(self, item_ids=None):
+    def item_embeddings(self, item_ids=None, normalize=False):
         """Embeddings the states are scored against (shared with the input table); all items if ids is None."""
-        return self.item_emb.weight if item_ids is None else self.item_emb(item_ids)
+        items = self.item_emb.weight if item_ids is None else self.item_emb(item_ids)
+        return F.normalize(items, dim=-1) if normalize else items
 
-    def score(self, seqs, item_ids=None):
-        """Dot-product scores of each user's state against items: (B, N + 1), or (B, K) for (K,) ids."""
-        return self.user_embeddings(seqs) @ self.item_embeddings(item_ids).T
+    def score(self, seqs, item_ids=None, normalize=False):
+        """Scores of each user against items: (B, N + 1), or (B, K) for (K,) ids.
+
+        Dot products, or cosines with `normalize` (how an InfoNCE model was trained to rank).
+        """
+        return self.user_embeddings(seqs, normalize) @ self.item_embeddings(item_ids, normalize).T

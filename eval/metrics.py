@@ -36,13 +36,13 @@ def full_ranks(scores, targets, exclude_rows=None, exclude_items=None):
     return (scores >= target_scores[:, None]).sum(1)
 
 
-def model_scorer(model, data, maxlen, device):
+def model_scorer(model, data, maxlen, device, cosine=False):
     """score(ends, lengths) -> (B, N + 1) scores of users whose history is items[ends - lengths:ends]."""
     def score(ends, lengths):
         lengths = np.minimum(lengths, maxlen)
         seqs = torch.from_numpy(left_padded(data.items, ends, lengths, int(lengths.max()))).to(device)
         with torch.no_grad():
-            return model.score(seqs).float().cpu()
+            return model.score(seqs, normalize=cosine).float().cpu()
     return score
 
 

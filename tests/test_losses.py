@@ -38,7 +38,7 @@ def test_infonce_hand_computed_2x3_ignores_padding():
     pos = torch.tensor([[0, 1, 2], [1, 3, 2]])
     neg = torch.tensor([[1, 2, 3], [4, 1, 2]])
     args = SimpleNamespace(use_infonce=True, infonce_temperature=1.0, l2_emb=0.0)
-    loss, pos_logits, neg_logits = training_loss(FixedStates(states), None, pos, neg, args)
+    loss, (pos_logits, neg_logits) = training_loss(FixedStates(states), None, pos, neg, args, with_logits=True)
     # Pool of negatives of real positions: items [2, 3, 4, 1, 2] -> cosines with +x: [0, -1, 0, 1, 0].
     # A pool entry equal to the row's positive is masked out.
     e = math.e
@@ -48,9 +48,10 @@ def test_infonce_hand_computed_2x3_ignores_padding():
     expected = (2 * row_pos1 + 2 * row_pos2 + row_pos3) / 5
     assert abs(loss.item() - expected) < 1e-6
     assert pos_logits.tolist() == [1.0, 0.0, 1.0, -1.0, 0.0]
+    assert sorted(neg_logits.tolist()) == [-1.0] * 4 + [0.0] * 11 + [1.0] * 3  # 25 pairs, 7 masked
     # temperature divides every logit
     args.infonce_temperature = 0.5
-    loss_half, _, _ = training_loss(FixedStates(states), None, pos, neg, args)
+    loss_half, _ = training_loss(FixedStates(states), None, pos, neg, args)
     row_pos1 = -2 + math.log(e ** 2 + 3 + e ** -2)
     row_pos2 = math.log(2 + e ** -2 + e ** 2)
     row_pos3 = 2 + math.log(e ** -2 + 3 + e ** 2)
@@ -78,6 +79,6 @@ def test_l2_emb_adds_item_table_norm():
     pos, neg = torch.tensor([[1, 2]]), torch.tensor([[3, 4]])
     model = FixedStates(states)
     base = SimpleNamespace(use_infonce=False, infonce_temperature=1.0, l2_emb=0.0)
-    l0, _, _ = training_loss(model, None, pos, neg, base)
-    l1, _, _ = training_loss(model, None, pos, neg, SimpleNamespace(**{**vars(base), "l2_emb": 0.5}))
+    l0, _ = training_loss(model, None, pos, neg, base)
+    l1, _ = training_loss(model, None, pos, neg, SimpleNamespace(**{**vars(base), "l2_emb": 0.5}))
     assert abs((l1 - l0).item() - 0.5 * math.sqrt(1 + 4 + 9 + 1)) < 1e-6

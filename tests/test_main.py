@@ -20,6 +20,16 @@ def test_config_sets_defaults_and_flags_override(tmp_path):
     assert parse_args(["--config", cfg, "--norm_first"]).norm_first is True
 
 
+def test_config_loss_tables_follow_the_chosen_loss(tmp_path):
+    cfg = write(tmp_path, "c.toml", 'hidden_units = 32\n[bce]\nlr = 0.002\n[infonce]\nlr = 0.0005\n'
+                'infonce_temperature = 0.05\n')
+    bce = parse_args(["--config", cfg])
+    assert (bce.lr, bce.infonce_temperature, bce.hidden_units) == (0.002, 0.1, 32)
+    nce = parse_args(["--config", cfg, "--use_infonce"])
+    assert (nce.lr, nce.infonce_temperature, nce.use_infonce) == (0.0005, 0.05, True)
+    assert parse_args(["--config", cfg, "--use_infonce", "--lr", "0.1"]).lr == 0.1  # the command line still wins
+
+
 @pytest.mark.parametrize("text, message", [("batch_sise = 3\n", "unknown key 'batch_sise'"),
                                            ("batch_size = 'big'\n", "key 'batch_size' expects int")])
 def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):

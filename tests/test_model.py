@@ -44,3 +44,14 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(seqs), model(seqs))
     model.train()
     assert not torch.allclose(model(seqs), model(seqs))
+
+
+def test_cosine_scores_ignore_item_norms():
+    model = make_model()
+    seqs = torch.tensor([[0, 1, 2, 3]])
+    with torch.no_grad():
+        model.item_emb.weight[5] = 10 * model.item_emb.weight[4]  # same direction, 10x the norm
+    dot, cos = model.score(seqs), model.score(seqs, normalize=True)
+    torch.testing.assert_close(dot[0, 5], 10 * dot[0, 4])
+    torch.testing.assert_close(cos[0, 5], cos[0, 4])
+    assert cos.abs().max() <= 1 + 1e-6

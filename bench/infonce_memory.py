@@ -1,0 +1,62 @@
+"""Peak memory of one InfoNCE training step on a dense batch (every position real).
+
+    python bench/infonce_memory.py                       # B=256, L=200, chunked (default)
+    python bench/infonce_memory.py --chunk_elems 0       # one unchunked (R x R) logits matrix
+
+Each setting runs in a fresh subprocess so ru_maxrss is that step's own peak resident memory.
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def one_step(args):
+    import torch
+    import losses
+    from model import SASRec
+
+    torch.manual_seed(0)
+    model = SASRec(args.num_items, args.maxlen, args.hidden_units, args.num_blocks, 1, 0.2)
+    seq = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
+    pos = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
+    neg = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
+    rows = args.batch_size * args.maxlen
+    losses.INFONCE_CHUNK_ELEMS = args.chunk_elems or rows * rows
+    loss_args = argparse.Namespace(use_infonce=True, infonce_temperature=0.1, l2_emb=0.0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    loss, _ = losses.training_loss(model, seq, pos, neg, loss_args)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"B={args.batch_size} L={args.maxlen} R={rows} rows, chunk_elems={losses.INFONCE_CHUNK_ELEMS}: "
+          f"peak RSS {peak / 1024:.0f} MB (model and inputs before the step {base / 1024:.0f} MB), "
+          f"step {seconds:.1f}s, loss {loss.item():.4f}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--maxlen", type=int, default=200)
+    p.add_argument("--hidden_units", type=int, default=64)
+    p.add_argument("--num_blocks", type=int, default=2)
+    p.add_argument("--num_items", type=int, default=50000)
+    p.add_argument("--chunk_elems", type=int, default=None, help="logits per chunk; 0 = unchunked (default: losses.py's)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        if args.chunk_elems is None:
+            import losses
+            args.chunk_elems = losses.INFONCE_CHUNK_ELEMS
+        one_step(args)
+        return
+    subprocess.run([sys.executable, __file__, "--child"] + sys.argv[1:], check=True)
+
+
+if __name__ == "__main__":
+    main()
