@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
 LOSS_SECTIONS = ("bce", "infonce")  # config tables applied only with that loss
 LOG_EVERY = 20  # training steps between TensorBoard points
-STRUCTURE_KEYS = ("num_items", "maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
+STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
 
 
 def build_parser():
@@ -122,13 +122,32 @@ def resolve_data_path(path):
     return from_root if os.path.exists(from_root) else path
 
 
+def saved_config(state_dict_path, parser):
+    """The resolved config saved beside a checkpoint, minus what names the current invocation."""
+    path = os.path.join(os.path.dirname(checkpoint_file(state_dict_path, True)), "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        saved = json.load(open(path))
+    except (OSError, ValueError) as e:
+        parser.error(f"--state_dict_path: unreadable {path} ({e})")
+    flags = {a.dest for a in parser._actions} - {"config", "state_dict_path", "inference_only", "help"}
+    return {k: v for k, v in saved.items() if k in flags}
+
+
 def parse_args(argv=None):
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
+    saved = saved_config(known.state_dict_path, parser) if known.state_dict_path else {}
     if known.config:
         on_command_line = any(a.split("=")[0] in ("--use_infonce", "--no-use_infonce") for a in (argv or sys.argv[1:]))
         parser.set_defaults(**load_config(known.config, parser, known.use_infonce if on_command_line else None))
+    parser.set_defaults(**saved)  # a checkpoint's own config beats a config file; the command line beats both
     args = parser.parse_args(argv)
+    for key in STRUCTURE_KEYS:
+        if key in saved and getattr(args, key) != saved[key]:
+            parser.error(f"--{key} {getattr(args, key)} contradicts the checkpoint's saved config "
+                         f"({key} = {saved[key]})")
     for flag in ("maxlen", "hidden_units", "num_blocks", "num_heads", "batch_size", "num_epochs", "eval_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -185,9 +204,6 @@ def checkpoint_file(path, inference_only):
 
 
 def output_dirs(args):
-    ckpt_parent = os.path.dirname(os.path.abspath(checkpoint_file(args.state_dict_path, True))) if args.state_dict_path else ""
-    if not args.run_dir and os.path.basename(ckpt_parent) == "ckpt":
-        args.run_dir = os.path.dirname(ckpt_parent)  # resuming / evaluating a run keeps writing into it
     if not args.run_dir:
         name = "synthetic" if args.data == "synthetic" else os.path.splitext(os.path.basename(args.data))[0]
         loss = "infonce" if args.use_infonce else "bce"
@@ -289,6 +305,8 @@ def final_report(model, split, args, device, summary):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.data != "synthetic":
+        args.data = os.path.abspath(args.data)  # the saved config must work from any directory
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     try:

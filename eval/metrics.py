@@ -7,6 +7,7 @@ from dataset import LeaveOneOut, left_padded, ragged_positions
 HR_KS = (1, 5, 10, 20)
 NDCG_KS = (5, 10, 20)
 SAMPLED_NEGATIVES = 100
+MISS = 1 << 40  # rank of a target that cannot be recommended
 SCORE_BUDGET = 1 << 25  # scores held at once (users x items), 128 MB fp32
 
 
@@ -20,20 +21,30 @@ def metrics_from_ranks(ranks, prefix=""):
     return out
 
 
+def metrics_at_k(ranks, k):
+    """Metrics from a top-k list: ranks >= k mean "not retrieved". HR@j and NDCG@j (j <= k), MRR@k."""
+    ranks = np.where(np.asarray(ranks) < k, ranks, np.inf)
+    full = metrics_from_ranks(ranks)
+    out = {name: v for name, v in full.items() if "@" in name and int(name.split("@")[1]) <= k}
+    out[f"MRR@{k}"] = full["MRR"]
+    return out
+
+
 def full_ranks(scores, targets, exclude_rows=None, exclude_items=None):
     """Rank of each target among all real items; ties count against the target.
 
     scores: (B, N + 1) float tensor (column 0 is padding and never ranks); modified in place.
-    exclude_rows/items: positions (row, item) removed from the competition, e.g. the user's history.
-    The target itself is always ranked, even if it also appears in the history.
+    exclude_rows/items: positions (row, item) removed from the ranking, e.g. the user's history. As in
+    retrieval with history filtering, an excluded target cannot be recommended: it ranks last (a miss).
     """
     rows = torch.arange(len(targets))
-    target_scores = scores[rows, targets].clone()
     scores[:, 0] = float("-inf")
     if exclude_rows is not None:
         scores[exclude_rows, exclude_items] = float("-inf")
+    target_scores = scores[rows, targets].clone()
     scores[rows, targets] = float("-inf")
-    return (scores >= target_scores[:, None]).sum(1)
+    ranks = (scores >= target_scores[:, None]).sum(1)
+    return ranks.masked_fill(torch.isneginf(target_scores), MISS)
 
 
 def model_scorer(model, data, maxlen, device, cosine=False):

@@ -54,7 +54,7 @@ def test_resume_continues_exactly_and_inference_only_reproduces(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     main(TINY + ["--num_epochs", "3", "--run_dir", straight])
     main(TINY + ["--num_epochs", "2", "--run_dir", split])
-    main(TINY + ["--num_epochs", "3", "--state_dict_path", os.path.join(split, "ckpt")])  # resumes epoch 3
+    main(["--num_epochs", "3", "--state_dict_path", os.path.join(split, "ckpt")])  # resumes at epoch 3, no other flag
     a = torch.load(os.path.join(straight, "ckpt", "last.pt"), weights_only=True)
     b = torch.load(os.path.join(split, "ckpt", "last.pt"), weights_only=True)
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
@@ -64,17 +64,23 @@ def test_resume_continues_exactly_and_inference_only_reproduces(tmp_path):
     # the saved config rebuilds nothing by hand, and --inference_only reproduces the final test metrics
     saved = json.load(open(os.path.join(straight, "ckpt", "config.json")))
     assert saved["hidden_units"] == 16 and saved["num_items"] == 3000
-    main(TINY + ["--state_dict_path", os.path.join(straight, "ckpt"), "--inference_only"])
+    main(["--state_dict_path", os.path.join(straight, "ckpt"), "--inference_only"])
     trained = json.load(open(os.path.join(straight, "results.json")))
     evaluated = json.load(open(os.path.join(straight, "eval_results.json")))
     assert evaluated["test"] == trained["test"]
 
 
-def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path):
+def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path, capsys):
     run = str(tmp_path / "run")
     main(TINY + ["--num_epochs", "1", "--run_dir", run])
+    with pytest.raises(SystemExit) as e:  # a flag that contradicts the saved config
+        main(["--hidden_units", "32", "--state_dict_path", os.path.join(run, "ckpt"), "--inference_only"])
+    assert e.value.code == 2
+    assert "--hidden_units 32 contradicts the checkpoint's saved config (hidden_units = 16)" in capsys.readouterr().err
+    bare = tmp_path / "bare.pt"  # a checkpoint file without its config: the shape check happens on load
+    bare.write_bytes(open(os.path.join(run, "ckpt", "best.pt"), "rb").read())
     with pytest.raises(SystemExit, match="does not fit this model"):
-        main(TINY + ["--hidden_units", "32", "--state_dict_path", os.path.join(run, "ckpt"), "--inference_only"])
+        main(TINY + ["--hidden_units", "32", "--state_dict_path", str(bare), "--inference_only", "--run_dir", run])
 
 
 @pytest.mark.parametrize("loss_flags", [[], ["--use_infonce", "--infonce_temperature", "0.1"]])

@@ -5,7 +5,7 @@ import torch
 
 from conftest import write
 from dataset import LeaveOneOut, load_interactions
-from eval.metrics import evaluate, full_ranks, metrics_from_ranks, popularity_scorer
+from eval.metrics import MISS, evaluate, full_ranks, metrics_from_ranks, popularity_scorer
 
 
 def test_metrics_from_known_ranks():
@@ -24,8 +24,8 @@ def test_full_ranks_excludes_padding_history_and_counts_ties_against_target():
     # excluding item 4 for user 0 and item 2 for user 1 removes those competitors
     ranks = full_ranks(scores.clone(), torch.tensor([3, 1]), torch.tensor([0, 1]), torch.tensor([4, 2]))
     assert ranks.tolist() == [1, 0]
-    # a target that is also in the history is still ranked
-    assert full_ranks(scores.clone(), torch.tensor([4, 1]), torch.tensor([0]), torch.tensor([4])).tolist() == [0, 1]
+    # a target that is also in the (filtered) history cannot be recommended: a miss at every cut-off
+    assert full_ranks(scores.clone(), torch.tensor([4, 1]), torch.tensor([0]), torch.tensor([4])).tolist() == [MISS, 1]
 
 
 def test_evaluate_with_oracle_and_popularity(tmp_path):
@@ -38,12 +38,16 @@ def test_evaluate_with_oracle_and_popularity(tmp_path):
         scores = torch.zeros(len(ends), data.num_items + 1)
         scores[torch.arange(len(ends)), torch.from_numpy(data.items[ends].astype(np.int64))] = 1.0
         return scores
-    m = evaluate(oracle, split, "test", sampled=True)
+    m = evaluate(oracle, split, "test", exclude_history=False, sampled=True)
     assert m["HR@1"] == 1.0 and m["NDCG@10"] == 1.0 and m["sampled_HR@1"] == 1.0 and m["users"] == 3
+    # user 3's test target (item 1) is already in its history: filtered, so even the oracle misses it
+    m = evaluate(oracle, split, "test")
+    assert m["HR@1"] == m["HR@20"] == 2 / 3
     # popularity before test: counts {1: 3, 2: 2, 3: 2, 5: 1} (+ valid targets 3, 2, 2)
     pop = evaluate(popularity_scorer(split.item_counts("test")), split, "test", exclude_history=False)
     # user 1 target 4 (count 0): beaten by 1, 2, 3, 5 -> rank 4; user 2 the same; user 3 target 1 -> rank 0
     assert pop["HR@1"] == 1 / 3 and math.isclose(pop["MRR"], (1 / 5 + 1 / 5 + 1) / 3)
-    # excluding history, user 1 (history 1, 2, 3) and user 2 only have item 5 above item 4
+    # excluding history, users 1 and 2 (history 1, 2, 3) only have item 5 above item 4; user 3 misses
     pop = evaluate(popularity_scorer(split.item_counts("test")), split, "test")
-    assert math.isclose(pop["MRR"], (1 / 2 + 1 / 2 + 1) / 3)
+    assert pop["HR@1"] == 0 and pop["HR@5"] == 2 / 3
+    assert math.isclose(pop["NDCG@5"], (2 / math.log2(3)) / 3)

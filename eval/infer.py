@@ -1,0 +1,325 @@
+"""Checkpoint -> user and item embeddings -> FAISS top-k -> files.
+
+    python eval/infer.py --ckpt runs/<name>/ckpt                  # test split, top-10, exact index
+    python eval/infer.py --ckpt runs/<name>/ckpt --split next     # recommend after each user's whole history
+    python eval/infer.py --ckpt ... --queries q.txt --candidates c.txt --index hnsw --format csv
+
+The model is rebuilt from the config saved beside the checkpoint; no training flag is repeated.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dataset import DataError, LeaveOneOut, left_padded, load_interactions, ragged_positions  # noqa: E402
+from eval.metrics import metrics_at_k  # noqa: E402
+from model import SASRec  # noqa: E402
+
+STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Top-k retrieval with a trained SASRec checkpoint.", allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (holding config.json, id_map.json, best.pt)")
+    p.add_argument("--weights", default="best.pt", help="checkpoint file inside --ckpt")
+    p.add_argument("--out", help="output directory (default: <run dir>/infer)")
+    p.add_argument("--k", type=int, default=10, help="items returned per user")
+    p.add_argument("--split", choices=("test", "valid", "next"), default="test",
+                   help="histories to embed: before each user's test / validation item (metrics are computed), "
+                        "or the whole history (next-item recommendations for serving)")
+    p.add_argument("--queries", help="embed these sequences instead (any format the training reader accepts)")
+    p.add_argument("--query_format", choices=("lines", "pairs", "delimited"), help="default: detect")
+    p.add_argument("--candidates", help="file of raw item ids (whitespace / newline separated) to retrieve from")
+    p.add_argument("--keep_history", action="store_true", help="do not filter items already in the history")
+    p.add_argument("--similarity", choices=("auto", "cosine", "dot"), default="auto",
+                   help="auto: as the model was trained (cosine for InfoNCE, dot product for BCE)")
+    p.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat", help="flat is exact")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4 * sqrt(items))")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
+    p.add_argument("--hnsw_m", type=int, default=32, help="HNSW links per node")
+    p.add_argument("--ef_construction", type=int, default=200, help="HNSW build beam")
+    p.add_argument("--ef_search", type=int, default=128, help="HNSW search beam")
+    p.add_argument("--faiss_device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="top-k file format")
+    p.add_argument("--batch_size", type=int, default=1024, help="users embedded / searched at once")
+    p.add_argument("--device", default="auto", help="torch device for the model")
+    p.add_argument("--data", help="training log, if it moved since training (default: the saved config's)")
+    for flag in STRUCTURE_FLAGS:  # accepted only to check them against the saved config
+        p.add_argument(f"--{flag}", type=int, help="must equal the saved config's value (optional)")
+    return p
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- model + data
+
+def load_run(args):
+    """Saved config, id map and model weights of a checkpoint directory."""
+    paths = {name: os.path.join(args.ckpt, name) for name in ("config.json", "id_map.json", args.weights)}
+    for name, path in paths.items():
+        if not os.path.isfile(path):
+            fail(f"--ckpt {args.ckpt}: missing {name} (expected a checkpoint directory written by main.py)")
+    try:
+        config = json.load(open(paths["config.json"]))
+        id_map = json.load(open(paths["id_map.json"]))
+    except (ValueError, OSError) as e:
+        fail(f"--ckpt {args.ckpt}: unreadable config.json / id_map.json ({e})")
+    for flag in STRUCTURE_FLAGS:
+        given = getattr(args, flag)
+        if given is not None and given != config[flag]:
+            fail(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
+    model = SASRec(config["num_items"], config["maxlen"], config["hidden_units"], config["num_blocks"],
+                   config["num_heads"], 0.0, config["norm_first"])
+    try:
+        state = torch.load(paths[args.weights], map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+    except Exception as e:  # truncated file, not a checkpoint, other shape
+        fail(f"--ckpt {paths[args.weights]}: not a loadable checkpoint for this config ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''})")
+    return config, id_map, model.eval()
+
+
+def training_histories(config, id_map, args):
+    """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log."""
+    path = args.data or config["data"]
+    data = load_interactions(path, config.get("data_format"), config.get("cache_dir") or None,
+                             config.get("user_col"), config.get("item_col"), config.get("time_col"))
+    if data.item_ids.tolist() != id_map["items"]:
+        fail(f"--data {path}: its items differ from the checkpoint's id_map.json (was the log changed?)")
+    if args.split == "next":
+        lengths = data.lengths
+        return data.user_ids, data.items, data.offsets[1:], lengths, None
+    split = LeaveOneOut(data)
+    users, ends, lengths, targets = split.eval_arrays(args.split)
+    return data.user_ids[users], data.items, ends, lengths, targets
+
+
+def query_histories(id_map, args):
+    """Sequences from --queries mapped through the saved id map; unknown items are reported and skipped."""
+    data = load_interactions(args.queries, args.query_format)
+    index = {raw: i + 1 for i, raw in enumerate(id_map["items"])}
+    raw_items = data.item_ids[data.items - 1]
+    mapped = np.array([index.get(r, 0) for r in raw_items], np.int64)
+    unknown = mapped == 0
+    if unknown.any():
+        examples = sorted(set(raw_items[unknown].tolist()))
+        print(f"{args.queries}: {int(unknown.sum())} interactions with {len(examples)} item ids unknown to the "
+              f"checkpoint skipped (e.g. {examples[:5]})")
+    owner = np.repeat(np.arange(data.num_users), data.lengths)[~unknown]
+    items = mapped[~unknown]
+    lengths = np.bincount(owner, minlength=data.num_users)
+    empty = lengths == 0
+    if empty.any():
+        print(f"{args.queries}: {int(empty.sum())} users with no known item skipped "
+              f"(e.g. {data.user_ids[empty][:5].tolist()})")
+    if empty.all():
+        fail(f"--queries {args.queries}: no sequence has an item the checkpoint knows")
+    ends = np.cumsum(lengths)
+    keep = ~empty
+    return data.user_ids[keep], items, ends[keep], lengths[keep], None
+
+
+def candidate_items(id_map, args):
+    """Item indices to retrieve from: all items, or the known ids of --candidates."""
+    if not args.candidates:
+        return np.arange(1, len(id_map["items"]) + 1)
+    try:
+        raw = open(args.candidates, encoding="utf-8").read().split()
+    except OSError as e:
+        fail(f"--candidates {args.candidates}: cannot read ({e.strerror})")
+    index = {r: i + 1 for i, r in enumerate(id_map["items"])}
+    unknown = sorted({r for r in raw if r not in index})
+    if unknown:
+        print(f"{args.candidates}: {len(unknown)} item ids unknown to the checkpoint skipped (e.g. {unknown[:5]})")
+    found = np.unique([index[r] for r in raw if r in index]).astype(np.int64)
+    if len(found) == 0:
+        fail(f"--candidates {args.candidates}: no known item id")
+    return found
+
+
+# ----------------------------------------------------------------------------- embeddings + search
+
+@torch.no_grad()
+def embed_users(model, items, ends, lengths, normalize, batch_size, device):
+    out = []
+    for s in tqdm(range(0, len(ends), batch_size), desc="users", disable=not sys.stderr.isatty()):
+        b_len = np.minimum(lengths[s:s + batch_size], model.maxlen)
+        seqs = torch.from_numpy(left_padded(items, ends[s:s + batch_size], b_len, int(b_len.max()))).to(device)
+        out.append(model.user_embeddings(seqs, normalize).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def embed_items(model, item_idx, normalize):
+    return model.item_embeddings(torch.from_numpy(item_idx), normalize).float().numpy()
+
+
+def faiss_gpu_available():
+    import faiss
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
+
+
+def build_index(vectors, kind, faiss_device="auto", nlist=0, nprobe=32, hnsw_m=32, ef_construction=200,
+                ef_search=128, verbose=True):
+    """Inner-product FAISS index over `vectors` (float32, rows = items)."""
+    import faiss
+    n, d = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or max(1, min(n // 39, int(4 * np.sqrt(n))))  # faiss wants >= 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+    use_gpu = faiss_device == "gpu" or (faiss_device == "auto" and faiss_gpu_available())
+    if use_gpu and not faiss_gpu_available():
+        fail("--faiss_device gpu: this FAISS build has no GPU support or no CUDA device is visible "
+             "(install faiss-gpu on a CUDA machine, or use --faiss_device cpu)")
+    if use_gpu and kind == "hnsw":
+        if verbose:
+            print("faiss: HNSW has no GPU implementation; searching on CPU")
+        use_gpu = False
+    if use_gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(vectors)
+    if verbose:
+        print(f"faiss: {kind} index over {n} items (d={d}) on {'GPU' if use_gpu else 'CPU'}")
+    return index
+
+
+def search(index, user_vecs, k, exclude=None, batch_size=1024):
+    """Top-k positions in the index (and scores) per user, skipping each user's `exclude` positions.
+
+    exclude: list of int arrays (index positions to filter per user) or None. The search goes k + the
+    batch's longest exclusion list deep, so k results remain after filtering whenever the index has them.
+    """
+    n = index.ntotal
+    ids = np.full((len(user_vecs), k), -1, np.int64)
+    scores = np.full((len(user_vecs), k), -np.inf, np.float32)
+    for s in tqdm(range(0, len(user_vecs), batch_size), desc="search", disable=not sys.stderr.isatty()):
+        e = s + batch_size
+        depth = min(n, k + (max(map(len, exclude[s:e])) if exclude is not None else 0))
+        d, i = index.search(np.ascontiguousarray(user_vecs[s:e]), depth)
+        if exclude is not None:  # (row, position) keys: one vectorised membership test per batch
+            lens = np.fromiter(map(len, exclude[s:e]), np.int64, len(i))
+            ex_keys = np.repeat(np.arange(len(i)), lens) * n + np.concatenate(exclude[s:e] + [np.empty(0, np.int64)])
+            ex = np.isin(np.arange(len(i))[:, None] * n + i, ex_keys) & (i >= 0)
+            d, i = np.where(ex, -np.inf, d), np.where(ex, -1, i)
+            order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+            d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+        ids[s:e, :i.shape[1]], scores[s:e, :d.shape[1]] = i[:, :k], d[:, :k]
+    return ids, scores
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def atomic_save(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user_vecs, item_vecs, metrics):
+    """top-k per user (raw ids), embeddings with their id lists, metrics; each file written atomically."""
+    def write_topk(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            if fmt == "csv":
+                f.write("user,rank,item,score\n")
+            for u, row_ids, row_scores in zip(user_ids, top_ids, top_scores):
+                keep = row_ids >= 0
+                items, scores = item_ids[row_ids[keep]].tolist(), row_scores[keep].tolist()
+                if fmt == "csv":
+                    f.writelines(f"{u},{r + 1},{i},{sc:.6f}\n" for r, (i, sc) in enumerate(zip(items, scores)))
+                else:
+                    f.write(json.dumps({"user": str(u), "items": items, "scores": [round(x, 6) for x in scores]}) + "\n")
+
+    def save_npy(array):
+        return lambda tmp: np.save(open(tmp, "wb"), array)
+
+    def save_json(obj):
+        return lambda tmp: json.dump(obj, open(tmp, "w"), indent=1)
+
+    atomic_save(os.path.join(out, f"topk.{fmt}"), write_topk)
+    atomic_save(os.path.join(out, "user_emb.npy"), save_npy(user_vecs))
+    atomic_save(os.path.join(out, "user_ids.json"), save_json([str(u) for u in user_ids]))
+    atomic_save(os.path.join(out, "item_emb.npy"), save_npy(item_vecs))
+    atomic_save(os.path.join(out, "item_ids.json"), save_json(item_ids[cands].tolist()))
+    if metrics is not None:
+        atomic_save(os.path.join(out, "metrics.json"), save_json(metrics))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.k < 1:
+        fail(f"--k must be >= 1, got {args.k}")
+    config, id_map, model = load_run(args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model.to(device)
+    normalize = config.get("use_infonce", False) if args.similarity == "auto" else args.similarity == "cosine"
+    try:
+        if args.queries:
+            user_ids, items, ends, lengths, targets = query_histories(id_map, args)
+        else:
+            user_ids, items, ends, lengths, targets = training_histories(config, id_map, args)
+    except DataError as e:
+        fail(str(e))
+    cands = candidate_items(id_map, args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "infer")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--out {out}: not writable ({e.strerror})")
+
+    user_vecs = embed_users(model, items, ends, lengths, normalize, args.batch_size, device)
+    item_vecs = embed_items(model.cpu(), cands, normalize)
+    index = build_index(item_vecs, args.index, args.faiss_device, args.nlist, args.nprobe, args.hnsw_m,
+                        args.ef_construction, args.ef_search)
+    exclude = None
+    if not args.keep_history:  # history items -> positions in the candidate list
+        position = np.full(len(id_map["items"]) + 1, -1, np.int64)
+        position[cands] = np.arange(len(cands))
+        rows, idx = ragged_positions(ends - lengths, lengths)
+        hist = position[items[idx]]
+        bounds = np.cumsum(lengths)[:-1]
+        exclude = [h[h >= 0] for h in np.split(hist, bounds)]
+    top, scores = search(index, user_vecs, args.k, exclude, args.batch_size)
+    top_items = np.where(top >= 0, cands[np.maximum(top, 0)], 0)
+    metrics = None
+    if targets is not None:
+        hit = top_items == targets[:, None]
+        ranks = np.where(hit.any(1), hit.argmax(1), args.k)  # k means "not in the top k"
+        metrics = metrics_at_k(ranks, args.k)
+        metrics.update(users=int(len(ranks)), split=args.split, index=args.index, similarity=
+                       "cosine" if normalize else "dot")
+        print("metrics: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    item_raw = np.array([""] + id_map["items"], dtype=object)  # item index -> raw id
+    write_outputs(out, args.format, user_ids, item_raw, cands, np.where(top >= 0, top_items, -1), scores,
+                  user_vecs, item_vecs, metrics)
+    print(f"wrote top-{args.k} for {len(user_ids)} users to {out}")
+
+
+if __name__ == "__main__":
+    main()
