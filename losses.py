@@ -45,7 +45,8 @@ def training_loss(model, seq, pos, neg, args, with_logits=False, stat_rows=256):
     real = pos != 0
     states = model.sequence_states(seq)[real]
     pos_ids, neg_ids = pos[real], neg[real]
-    pos_emb, neg_emb = model.item_embeddings(pos_ids), model.item_embeddings(neg_ids)
+    # one lookup for both: each embedding backward materialises a dense (N + 1, D) gradient
+    pos_emb, neg_emb = model.item_embeddings(torch.cat([pos_ids, neg_ids])).split(len(pos_ids))
     logits = None
     if args.use_infonce:
         loss = infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, args.infonce_temperature)

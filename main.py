@@ -303,12 +303,7 @@ def final_report(model, split, args, device, summary):
     return results
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.data != "synthetic":
-        args.data = os.path.abspath(args.data)  # the saved config must work from any directory
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+def load_data(args):
     try:
         data = load_interactions(args.data, args.data_format, args.cache_dir or None,
                                  args.user_col, args.item_col, args.time_col)
@@ -319,38 +314,27 @@ def main(argv=None):
     print(f"data {args.data}: {data.num_users} users, {data.num_items} items, {len(data.items)} interactions; "
           f"{len(split.eval_users)} users evaluated"
           + (f", {split.num_short_users} users with < 3 items used for training only" if split.num_short_users else ""))
-    args.num_items = data.num_items
-    model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
-                   args.dropout_rate, args.norm_first).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
-                                 fused=device.type in ("cpu", "cuda"))
-    state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
-    if args.state_dict_path:
-        path = checkpoint_file(args.state_dict_path, args.inference_only)
-        ckpt = load_checkpoint(path)
-        try:
-            model.load_state_dict(ckpt["model"])
-            if not args.inference_only:
-                optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise SystemExit(f"error: --state_dict_path {path}: does not fit this model "
-                             f"({str(e).splitlines()[0]})")
-        state.update({k: ckpt[k] for k in state if k in ckpt})
-        print(f"loaded {path} (epoch {state['epoch']}, step {state['step']})")
-    output_dirs(args)
-    if args.inference_only:
-        final_report(model, split, args, device, {"checkpoint": path})
-        return
+    return data, split
 
-    write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
-    write_json(os.path.join(args.ckpt_dir, "id_map.json"),
-               {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
+
+def restore(path, model, optimizer, state, inference_only):
+    """Load a checkpoint's weights (and optimizer + loop state when resuming) in place."""
+    ckpt = load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        if not inference_only:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: --state_dict_path {path}: does not fit this model ({str(e).splitlines()[0]})")
+    state.update({k: ckpt[k] for k in state if k in ckpt})
+    print(f"loaded {path} (epoch {state['epoch']}, step {state['step']})")
+
+
+def train(model, optimizer, split, args, device, state):
+    """Epochs with validation every --eval_every, best/last checkpoints, early stopping on NDCG@10."""
     batches = TrainBatches(split, args.maxlen, args.batch_size)
     writer = SummaryWriter(args.tb_dir)
     log = open(os.path.join(args.log_dir, "train.log"), "a")
-    print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}, "
-          f"{'InfoNCE (T=%g)' % args.infonce_temperature if args.use_infonce else 'BCE'}, run dir {args.run_dir}")
-    train_start = time.perf_counter()
     for epoch in range(state["epoch"] + 1, args.num_epochs + 1):
         try:
             step, loss, seq_per_s, seconds = train_epoch(model, optimizer, batches, args, device, epoch,
@@ -387,7 +371,37 @@ def main(argv=None):
             break
     writer.close()
     log.close()
-    train_minutes = (time.perf_counter() - train_start) / 60
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.data != "synthetic":
+        args.data = os.path.abspath(args.data)  # the saved config must work from any directory
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    data, split = load_data(args)
+    args.num_items = data.num_items
+    model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
+                   args.dropout_rate, args.norm_first).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                                 fused=device.type in ("cpu", "cuda"))
+    state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
+    if args.state_dict_path:
+        path = checkpoint_file(args.state_dict_path, args.inference_only)
+        restore(path, model, optimizer, state, args.inference_only)
+    output_dirs(args)
+    if args.inference_only:
+        final_report(model, split, args, device, {"checkpoint": path})
+        return
+
+    write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
+    write_json(os.path.join(args.ckpt_dir, "id_map.json"),
+               {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
+    print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}, "
+          f"{'InfoNCE (T=%g)' % args.infonce_temperature if args.use_infonce else 'BCE'}, run dir {args.run_dir}")
+    start = time.perf_counter()
+    train(model, optimizer, split, args, device, state)
+    train_minutes = (time.perf_counter() - start) / 60
     best_path = os.path.join(args.ckpt_dir, "best.pt")
     if os.path.exists(best_path):
         model.load_state_dict(load_checkpoint(best_path)["model"])

@@ -1,13 +1,16 @@
 """SASRec: a causal transformer over left-padded item sequences (Kang & McAuley, 2018)."""
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 class Dropout(nn.Module):
-    """Inverted dropout from a uniform draw: on CPU about 4x faster than nn.Dropout's bernoulli_ kernel."""
+    """Inverted dropout. On CPU the mask comes from numpy's PCG64 (seeded from torch's generator, so
+    runs stay reproducible): about 3x faster than torch's CPU random kernels, which showed up as the
+    largest single cost of a training step in the profile."""
 
     def __init__(self, p):
         super().__init__()
@@ -16,7 +19,13 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return x * (torch.rand(x.shape, device=x.device) >= self.p) * (1.0 / (1.0 - self.p))
+        if x.device.type == "cpu":  # p in steps of 1/256; the scale uses the exact keep rate
+            drop = round(256 * self.p)
+            rng = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2 ** 62, (1,)))))
+            keep = torch.from_numpy(rng.integers(0, 256, x.shape, dtype=np.uint8)) >= drop
+            return x * (keep * (256.0 / (256 - drop)))
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * (keep * (1.0 / (1.0 - self.p)))
 
 
 class CausalSelfAttention(nn.Module):
