@@ -175,6 +175,17 @@ def detect_format(path):
 
 # ----------------------------------------------------------------------------- loading + cache
 
+def atomic_write(path, write):
+    """write(tmp_path), then rename onto `path`: a crash never leaves a half-written file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def file_digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -209,10 +220,10 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
         data = read_delimited(path, user_col, item_col, time_col)
     if cache_file:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache_file}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, offsets=data.offsets, items=data.items, user_ids=data.user_ids, item_ids=data.item_ids)
-        os.replace(tmp, cache_file)
+        def save(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, offsets=data.offsets, items=data.items, user_ids=data.user_ids, item_ids=data.item_ids)
+        atomic_write(cache_file, save)
     return data
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset import FORMATS, DataError, LeaveOneOut, TrainBatches, load_interactions
+from dataset import FORMATS, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions
 from eval.metrics import evaluate, model_scorer, popularity_scorer
 from losses import training_loss
 from model import SASRec
@@ -163,17 +163,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- files
-
-def atomic_write(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 def write_json(path, obj):
     def write(tmp):

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.infer import build_index, search  # noqa: E402
 
 
-def clustered(n, d, centres, rng, noise=0.5):
+def clustered(n, d, centres, rng, noise=1.0):
     x = centres[rng.integers(len(centres), size=n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

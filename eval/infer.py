@@ -18,7 +18,8 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset import DataError, LeaveOneOut, left_padded, load_interactions, ragged_positions  # noqa: E402
+from dataset import (DataError, LeaveOneOut, atomic_write, left_padded, load_interactions,  # noqa: E402
+                     ragged_positions)
 from eval.metrics import metrics_at_k  # noqa: E402
 from model import SASRec  # noqa: E402
 
@@ -228,16 +229,6 @@ def search(index, user_vecs, k, exclude=None, batch_size=1024):
 
 # ----------------------------------------------------------------------------- outputs
 
-def atomic_save(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user_vecs, item_vecs, metrics):
     """top-k per user (raw ids), embeddings with their id lists, metrics; each file written atomically."""
     def write_topk(tmp):
@@ -253,18 +244,24 @@ def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user
                     f.write(json.dumps({"user": str(u), "items": items, "scores": [round(x, 6) for x in scores]}) + "\n")
 
     def save_npy(array):
-        return lambda tmp: np.save(open(tmp, "wb"), array)
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+        return write
 
     def save_json(obj):
-        return lambda tmp: json.dump(obj, open(tmp, "w"), indent=1)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+        return write
 
-    atomic_save(os.path.join(out, f"topk.{fmt}"), write_topk)
-    atomic_save(os.path.join(out, "user_emb.npy"), save_npy(user_vecs))
-    atomic_save(os.path.join(out, "user_ids.json"), save_json([str(u) for u in user_ids]))
-    atomic_save(os.path.join(out, "item_emb.npy"), save_npy(item_vecs))
-    atomic_save(os.path.join(out, "item_ids.json"), save_json(item_ids[cands].tolist()))
+    atomic_write(os.path.join(out, f"topk.{fmt}"), write_topk)
+    atomic_write(os.path.join(out, "user_emb.npy"), save_npy(user_vecs))
+    atomic_write(os.path.join(out, "user_ids.json"), save_json([str(u) for u in user_ids]))
+    atomic_write(os.path.join(out, "item_emb.npy"), save_npy(item_vecs))
+    atomic_write(os.path.join(out, "item_ids.json"), save_json(item_ids[cands].tolist()))
     if metrics is not None:
-        atomic_save(os.path.join(out, "metrics.json"), save_json(metrics))
+        atomic_write(os.path.join(out, "metrics.json"), save_json(metrics))
 
 
 def main(argv=None):
