@@ -227,6 +227,15 @@ def search(index, user_vecs, k, exclude=None, batch_size=1024):
     return ids, scores
 
 
+def history_positions(items, ends, lengths, cands, num_items):
+    """Per user, the index positions (in the candidate list) of the items in their history."""
+    position = np.full(num_items + 1, -1, np.int64)
+    position[cands] = np.arange(len(cands))
+    _, idx = ragged_positions(ends - lengths, lengths)
+    hist = position[items[idx]]
+    return [h[h >= 0] for h in np.split(hist, np.cumsum(lengths)[:-1])]
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user_vecs, item_vecs, metrics):
@@ -294,14 +303,7 @@ def main(argv=None):
     item_vecs = embed_items(model.cpu(), cands, normalize)
     index = build_index(item_vecs, args.index, args.faiss_device, args.nlist, args.nprobe, args.hnsw_m,
                         args.ef_construction, args.ef_search)
-    exclude = None
-    if not args.keep_history:  # history items -> positions in the candidate list
-        position = np.full(len(id_map["items"]) + 1, -1, np.int64)
-        position[cands] = np.arange(len(cands))
-        rows, idx = ragged_positions(ends - lengths, lengths)
-        hist = position[items[idx]]
-        bounds = np.cumsum(lengths)[:-1]
-        exclude = [h[h >= 0] for h in np.split(hist, bounds)]
+    exclude = None if args.keep_history else history_positions(items, ends, lengths, cands, len(id_map["items"]))
     top, scores = search(index, user_vecs, args.k, exclude, args.batch_size)
     top_items = np.where(top >= 0, cands[np.maximum(top, 0)], 0)
     metrics = None
