@@ -95,19 +95,27 @@ def test_faiss_device_falls_back_to_cpu_cleanly(run, tmp_path, capsys, monkeypat
     assert e.value.code == 2 and "no GPU support" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("filtered", [False, True])
-def test_exact_faiss_matches_torch_topk(filtered):
+@pytest.mark.parametrize("filtered, subset", [(False, False), (True, False), (True, True)])
+def test_exact_faiss_matches_torch_topk(filtered, subset):
     rng = np.random.default_rng(0)
-    items = rng.standard_normal((500, 16)).astype(np.float32)
+    catalogue = rng.standard_normal((500, 16)).astype(np.float32)
     users = rng.standard_normal((64, 16)).astype(np.float32)
-    exclude = [rng.choice(500, size=rng.integers(0, 30), replace=False) for _ in range(64)] if filtered else None
-    ids, scores = infer.search(infer.build_index(items, "flat", "cpu", verbose=False), users, 10, exclude, 16)
-    full = torch.from_numpy(users) @ torch.from_numpy(items).T
+    cands = np.sort(rng.choice(500, size=200, replace=False)) if subset else np.arange(500)
+    history = [rng.choice(500, size=rng.integers(0, 30), replace=False) for _ in range(64)]
+    position = np.full(500, -1)
+    position[cands] = np.arange(len(cands))
+    exclude = [position[h][position[h] >= 0] for h in history] if filtered else None
+    ids, scores = infer.search(infer.build_index(catalogue[cands], "flat", "cpu", verbose=False), users, 10,
+                               exclude, 16)
+    full = torch.from_numpy(users) @ torch.from_numpy(catalogue).T
     if filtered:
-        for r, ex in enumerate(exclude):
-            full[r, torch.from_numpy(ex)] = float("-inf")
+        for r, h in enumerate(history):
+            full[r, torch.from_numpy(h)] = float("-inf")
+    outside = torch.ones(500, dtype=torch.bool)
+    outside[torch.from_numpy(cands)] = False
+    full[:, outside] = float("-inf")
     want_scores, want_ids = full.topk(10, dim=1)
-    np.testing.assert_array_equal(ids, want_ids.numpy())
+    np.testing.assert_array_equal(cands[ids], want_ids.numpy())  # index positions -> catalogue rows
     np.testing.assert_allclose(scores, want_scores.numpy(), atol=1e-5)
 
 
