@@ -1,71 +1,187 @@
-"""Training objectives: BCE with sampled negatives, and masked in-batch InfoNCE."""
+"""Training objectives over SASRec's sequence states, chosen by --loss.
+
+bce              one sampled negative per position (the SASRec paper)
+gbce             gBCE: N shared uniform negatives, positive term raised to beta (Petrov & Macdonald, RecSys 2023)
+infonce          softmax over the batch's pool of sampled negatives (masked in-batch InfoNCE)
+sampled_softmax  softmax over N shared negatives (uniform or popularity), logQ-corrected, optionally
+                 plus the batch's positives as extra negatives (mixed negative sampling, Yi et al. 2019)
+ce               full softmax over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023)
+
+Every softmax loss is one function, `softmax_loss`: cross-entropy of the positive (index 0) against
+a pool of negatives, where pool entries equal to the row's positive (accidental hits) are masked.
+It runs in row chunks with recomputation, so memory is O(chunk x pool), never O(rows x pool).
+"""
+import math
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-INFONCE_CHUNK_ELEMS = 1 << 24  # logits materialised at once (64 MB fp32); bounds peak memory
+LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
+SOFTMAX_LOSSES = ("infonce", "sampled_softmax", "ce")
+SHARED_NEGATIVE_LOSSES = ("gbce", "sampled_softmax")  # draw --num_negatives per batch
+SOFTMAX_CHUNK_ELEMS = 1 << 24  # logits materialised at once (64 MB fp32); bounds peak memory
+TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
+STAT_COLUMNS = 4096  # negative logits logged per row at most (the CE pool is the whole catalogue)
 
 
-def bce_loss(pos_logits, neg_logits):
-    """Mean over real positions of BCE(positive, 1) + BCE(negative, 0)."""
-    return (F.binary_cross_entropy_with_logits(pos_logits, torch.ones_like(pos_logits), reduction="sum")
-            + F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits), reduction="sum")
-            ) / pos_logits.numel()
+# ----------------------------------------------------------------------------- loss functions
+
+def bce_loss(pos_logits, neg_logits, pos_weight=1.0):
+    """Sum over real positions of -w log sigmoid(pos) - sum log sigmoid(-neg), divided by the positions.
+
+    neg_logits: (R,) or (R, N); masked entries are -inf and add nothing. pos_weight = gBCE's beta.
+    """
+    return (pos_weight * F.softplus(-pos_logits).sum() + F.softplus(neg_logits).sum()) / pos_logits.shape[0]
+
+
+def gbce_beta(num_negatives, num_items, t):
+    """gBCE's exponent: beta = alpha (t (1 - 1/alpha) + 1/alpha), alpha = the negative sampling rate."""
+    alpha = num_negatives / max(1, num_items - 1)
+    return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+
+
+def softmax_loss(queries, pos_logits, pool, pool_ids, pos_ids, pool_bias=None, hard_negatives=0,
+                 chunk_elems=None):
+    """Mean cross-entropy of each row's positive against the pool.
+
+    queries (R, D), pool (P, D): row r's negative logits are queries[r] @ pool.T (+ pool_bias).
+    pos_logits (R,): already final (bias included). Pool entries whose id equals the row's positive
+    are masked. hard_negatives K > 0 keeps only each row's K highest negative logits.
+    """
+    rows = max(1, (chunk_elems or SOFTMAX_CHUNK_ELEMS) // max(1, len(pool)))
+    args = (pool, pool_ids, pool_bias, hard_negatives)
+    if rows >= len(queries):
+        return _softmax_rows(queries, pos_logits, pos_ids, *args) / len(queries)
+    total = sum(checkpoint(_softmax_rows, queries[i:i + rows], pos_logits[i:i + rows], pos_ids[i:i + rows], *args,
+                           use_reentrant=False)
+                for i in range(0, len(queries), rows))
+    return total / len(queries)
+
+
+def _softmax_rows(queries, pos_logits, pos_ids, pool, pool_ids, pool_bias, hard_negatives):
+    logits = queries @ pool.T
+    if pool_bias is not None:
+        logits = logits + pool_bias
+    logits = logits.masked_fill(pool_ids[None, :] == pos_ids[:, None], float("-inf"))
+    if 0 < hard_negatives < logits.shape[1]:
+        logits = logits.topk(hard_negatives, dim=1).values
+    return (torch.logaddexp(pos_logits, torch.logsumexp(logits, dim=1)) - pos_logits).sum()
 
 
 def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
-    """Cross-entropy of each positive (index 0) against the pool of all negatives, on cosine logits / T.
-
-    Rows are the R real positions of the batch (padding never enters); the pool is the R
-    negatives sampled for them. A pool entry equal to a row's positive is masked out. Rows are
-    processed in chunks with recomputation, so memory is O(chunk x R), not O(R x R).
-    """
-    s = F.normalize(states, dim=-1) / temperature  # scale the (R, D) side, not the (R, R) logits
+    """Masked in-batch InfoNCE on cosine logits / T: the pool is the negatives sampled for all rows."""
+    s = F.normalize(states, dim=-1) / temperature  # scale the (R, D) side, not the (R, P) logits
     p, n = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
-    pos_logits = (s * p).sum(-1)
-    rows = max(1, (chunk_elems or INFONCE_CHUNK_ELEMS) // max(1, len(n)))
-    if rows >= len(s):
-        return _infonce_rows(s, pos_logits, n, pos_ids, neg_ids) / len(s)
-    total = sum(checkpoint(_infonce_rows, s[i:i + rows], pos_logits[i:i + rows], n, pos_ids[i:i + rows], neg_ids,
-                           use_reentrant=False)
-                for i in range(0, len(s), rows))
-    return total / len(s)
+    return softmax_loss(s, (s * p).sum(-1), n, neg_ids, pos_ids, chunk_elems=chunk_elems)
 
 
-def _infonce_rows(s, pos_logits, n, pos_ids, neg_ids):
-    neg_logits = (s @ n.T).masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
-    return (torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1)) - pos_logits).sum()
+# ----------------------------------------------------------------------------- the objective
 
+class Objective(nn.Module):
+    """The loss chosen by --loss, with its logit scale (dot product, or cosine / temperature, the
+    temperature fixed or learnt) and its negative sampler. A module so a learnt temperature is
+    optimised and checkpointed with the model."""
 
-def training_loss(model, seq, pos, neg, args, with_logits=False, stat_rows=256):
-    """Loss of one batch, plus detached (positive, negative) logits for logging if `with_logits`.
+    def __init__(self, args, item_counts):
+        super().__init__()
+        self.loss, self.cosine, self.l2_emb = args.loss, args.similarity == "cosine", args.l2_emb
+        self.num_negatives, self.hard_negatives = args.num_negatives, args.hard_negatives
+        self.in_batch, self.logq = args.in_batch_negatives, args.logq_correction
+        self.num_items = len(item_counts) - 1
+        self.beta = gbce_beta(args.num_negatives, self.num_items, args.gbce_t)
+        log_t = torch.tensor(math.log(args.temperature))
+        if args.learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t, persistent=False)
+        self.learn_temperature = args.learn_temperature
+        # Item 0 is padding. Add-one smoothing keeps every log-probability finite.
+        counts = torch.as_tensor(item_counts, dtype=torch.float64) + 1
+        counts[0] = 0
+        popularity = counts / counts.sum()  # how often an item is some row's positive
+        self.popularity_sampler = args.neg_sampler == "popularity"
+        sampler = popularity if self.popularity_sampler else (counts > 0) / self.num_items
+        self.register_buffer("popularity", popularity.float(), persistent=False)
+        self.register_buffer("sampler", sampler.float(), persistent=False)
 
-    seq, pos, neg: (B, W) left-padded item ids; only positions with pos != 0 count.
-    """
-    real = pos != 0
-    states = model.sequence_states(seq)[real]
-    pos_ids, neg_ids = pos[real], neg[real]
-    # one lookup for both: each embedding backward materialises a dense (N + 1, D) gradient
-    pos_emb, neg_emb = model.item_embeddings(torch.cat([pos_ids, neg_ids])).split(len(pos_ids))
-    logits = None
-    if args.use_infonce:
-        loss = infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, args.infonce_temperature)
-        if with_logits:
-            logits = infonce_logits_sample(states, pos_emb, neg_emb, pos_ids, neg_ids, args.infonce_temperature,
-                                           stat_rows)
-    else:
-        pos_logits = (states * pos_emb).sum(-1)
-        neg_logits = (states * neg_emb).sum(-1)
-        loss = bce_loss(pos_logits, neg_logits)
-        logits = (pos_logits.detach(), neg_logits.detach())
-    if args.l2_emb:
-        loss = loss + args.l2_emb * model.item_emb.weight.norm()
-    return loss, logits
+    def temperature(self):
+        if not self.learn_temperature:
+            return self.log_temperature.exp()
+        lo, hi = TEMPERATURE_RANGE
+        return self.log_temperature.clamp(math.log(lo), math.log(hi)).exp()
 
+    def forward(self, model, seq, pos, neg, with_logits=False, stat_rows=256):
+        """Loss of one batch, plus detached (positive, negative) logits for logging if `with_logits`.
 
-@torch.no_grad()
-def infonce_logits_sample(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, rows):
-    """All positive logits and the unmasked negative logits of the first `rows` rows (the full matrix is never kept)."""
-    s, p, n = (F.normalize(x, dim=-1) for x in (states, pos_emb, neg_emb))
-    neg_logits = (s[:rows] @ n.T)[neg_ids[None, :] != pos_ids[:rows, None]]
-    return (s * p).sum(-1) / temperature, neg_logits / temperature
+        seq, pos, neg: (B, W) left-padded item ids; only positions with pos != 0 count. `neg` holds
+        one sampled negative per position (bce, and infonce's pool); the other losses draw their own.
+        """
+        real = pos != 0
+        states = model.sequence_states(seq)[real]
+        pos_ids = pos[real]
+        if self.loss in SHARED_NEGATIVE_LOSSES:
+            neg_ids = self.sample_negatives(self.num_negatives, pos.device)
+        elif self.loss == "ce":
+            neg_ids = torch.arange(1, self.num_items + 1, device=pos.device)
+        else:
+            neg_ids = neg[real]
+        pos_emb, neg_emb = self.embed(model, pos_ids, neg_ids)
+        queries = F.normalize(states, dim=-1) / self.temperature() if self.cosine else states
+        pos_logits = (queries * pos_emb).sum(-1)
+        if self.loss == "bce":
+            neg_logits = (queries * neg_emb).sum(-1)
+            loss = bce_loss(pos_logits, neg_logits)
+        elif self.loss == "gbce":
+            neg_logits = (queries @ neg_emb.T).masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+            loss = bce_loss(pos_logits, neg_logits, self.beta)
+        else:
+            pool, pool_ids, pool_bias, pos_bias = neg_emb, neg_ids, None, 0.0
+            if self.loss == "sampled_softmax":
+                if self.in_batch:
+                    pool, pool_ids = torch.cat([neg_emb, pos_emb]), torch.cat([neg_ids, pos_ids])
+                if self.logq:
+                    log_q = self.log_expected_count(len(pos_ids))
+                    pool_bias, pos_bias = -log_q[pool_ids], -log_q[pos_ids]
+            loss = softmax_loss(queries, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
+                                self.hard_negatives)
+        if self.l2_emb:
+            loss = loss + self.l2_emb * model.item_emb.weight.norm()
+        logits = self.logit_sample(queries, pos_logits, neg_emb, neg_ids, pos_ids, stat_rows) if with_logits else None
+        return loss, logits
+
+    def embed(self, model, pos_ids, neg_ids):
+        """Item vectors (unit length for cosine logits). One lookup for positives and negatives:
+        each embedding backward materialises a dense (N + 1, D) gradient."""
+        if self.loss == "ce":  # the pool is the whole table: slice it rather than gather it
+            table = model.item_embeddings()
+            pos_emb, neg_emb = table[pos_ids], table[1:]
+        else:
+            pos_emb, neg_emb = model.item_embeddings(torch.cat([pos_ids, neg_ids])).split([len(pos_ids), len(neg_ids)])
+        if self.cosine:
+            pos_emb, neg_emb = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
+        return pos_emb, neg_emb
+
+    def sample_negatives(self, n, device):
+        """n item ids drawn with replacement from the sampler (torch's RNG: seeded per epoch, so resumable)."""
+        if self.popularity_sampler:
+            return torch.multinomial(self.sampler, n, replacement=True)
+        return torch.randint(1, self.num_items + 1, (n,), device=device)
+
+    def log_expected_count(self, batch_rows):
+        """log of how often each item is expected in the pool: N q_sampler (+ R q_popularity for in-batch)."""
+        expected = self.num_negatives * self.sampler
+        if self.in_batch:
+            expected = expected + batch_rows * self.popularity
+        return torch.log(expected.clamp_min(1e-30))
+
+    @torch.no_grad()
+    def logit_sample(self, queries, pos_logits, neg_emb, neg_ids, pos_ids, rows):
+        """All positive logits and the unmasked negative logits of the first `rows` rows, in the loss's
+        units (before any logQ correction), so every loss logs comparable statistics."""
+        if self.loss == "bce":
+            return pos_logits.detach(), (queries[:rows] * neg_emb[:rows]).sum(-1)
+        neg_emb, neg_ids = neg_emb[:STAT_COLUMNS], neg_ids[:STAT_COLUMNS]
+        neg_logits = (queries[:rows] @ neg_emb.T)[neg_ids[None, :] != pos_ids[:rows, None]]
+        return pos_logits.detach(), neg_logits

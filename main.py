@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from dataset import FORMATS, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions
 from eval.metrics import evaluate, model_scorer, popularity_scorer
-from losses import training_loss
+from losses import LOSSES, TEMPERATURE_RANGE, Objective
 from model import SASRec
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
-LOSS_SECTIONS = ("bce", "infonce")  # config tables applied only with that loss
+LOSS_SECTIONS = LOSSES  # config tables applied only with that loss
+KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 LOG_EVERY = 20  # training steps between TensorBoard points
 STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
 
@@ -55,15 +56,34 @@ def build_parser():
     g.add_argument("--lr", type=float, default=0.001)
     g.add_argument("--num_epochs", type=int, default=200)
     g.add_argument("--l2_emb", type=float, default=0.0, help="weight of the item-embedding norm penalty")
-    g.add_argument("--use_infonce", action=argparse.BooleanOptionalAction, default=False,
-                   help="masked in-batch InfoNCE on cosine logits instead of BCE")
-    g.add_argument("--infonce_temperature", type=float, default=0.1)
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--eval_every", type=int, default=5, help="validate every N epochs")
     g.add_argument("--patience", type=int, default=5, help="stop after N validations without a better NDCG@10")
     g.add_argument("--state_dict_path", help="checkpoint (.pt, or a checkpoint dir) to resume from or evaluate")
     g.add_argument("--inference_only", action="store_true", help="evaluate --state_dict_path and exit")
+    g = p.add_argument_group("loss (see losses.py)")
+    g.add_argument("--loss", choices=LOSSES, help="default: bce, or infonce with --use_infonce")
+    g.add_argument("--use_infonce", action=argparse.BooleanOptionalAction, default=False,
+                   help="shortcut for --loss infonce: masked in-batch InfoNCE on cosine logits")
+    g.add_argument("--similarity", choices=("dot", "cosine"),
+                   help="logits (and ranking): dot product, or cosine / temperature (default: cosine for "
+                        "infonce, dot otherwise)")
+    g.add_argument("--temperature", "--infonce_temperature", dest="temperature", type=float, default=0.1,
+                   help="divides cosine logits")
+    g.add_argument("--learn_temperature", action=argparse.BooleanOptionalAction, default=False,
+                   help=f"learn the temperature (log-parameterised, clamped to {list(TEMPERATURE_RANGE)}), "
+                        "starting from --temperature")
+    g.add_argument("--num_negatives", type=int, default=256, help="sampled_softmax / gbce: negatives per batch")
+    g.add_argument("--neg_sampler", choices=("uniform", "popularity"), default="uniform",
+                   help="sampled_softmax: how negatives are drawn (gbce is always uniform)")
+    g.add_argument("--logq_correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="sampled_softmax: subtract log(expected count in the pool) from every logit")
+    g.add_argument("--in_batch_negatives", action=argparse.BooleanOptionalAction, default=False,
+                   help="sampled_softmax: the batch's positives join the pool (accidental hits masked)")
+    g.add_argument("--gbce_t", type=float, default=0.75, help="gbce: calibration t in [0, 1] (0 = plain BCE)")
+    g.add_argument("--hard_negatives", type=int, default=0,
+                   help="softmax losses: keep each row's K highest-scoring negatives (0: all)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--keep_history", action="store_true", help="let already-seen items compete in the ranking")
     g.add_argument("--sampled_metrics", action=argparse.BooleanOptionalAction, default=False,
@@ -78,12 +98,12 @@ def build_parser():
     return p
 
 
-def load_config(path, parser, use_infonce=None):
+def load_config(path, parser, loss=None):
     """Read a TOML config into parser defaults, checking every key is a known flag of the right type.
 
-    Top-level keys apply to every run; a [bce] or [infonce] table applies only with that loss
-    (chosen by --use_infonce on the command line, else by the file), so one file can hold tuned
-    settings for both.
+    Top-level keys apply to every run; a [bce], [infonce], [ce], ... table applies only with that
+    loss (`loss`, chosen on the command line, else the file's `loss` / `use_infonce` key), so one
+    file can hold tuned settings for each.
     """
     try:
         with open(path, "rb") as f:
@@ -93,12 +113,12 @@ def load_config(path, parser, use_infonce=None):
     except tomllib.TOMLDecodeError as e:
         parser.error(f"--config {path}: not valid TOML ({e})")
     sections = {name: config.pop(name) for name in LOSS_SECTIONS if isinstance(config.get(name), dict)}
-    if use_infonce is None:
-        use_infonce = bool(config.get("use_infonce", False))
-    config.update(sections.get("infonce" if use_infonce else "bce", {}))
+    loss = loss or config.get("loss") or ("infonce" if config.get("use_infonce") else "bce")
+    config.update(sections.get(loss, {}))
     actions = {a.dest: a for a in parser._actions}
     defaults = {}
     for key, value in config.items():
+        key = KEY_ALIASES.get(key, key)
         action = actions.get(key)
         if action is None or key == "config":
             parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size', "
@@ -132,18 +152,42 @@ def saved_config(state_dict_path, parser):
     except (OSError, ValueError) as e:
         parser.error(f"--state_dict_path: unreadable {path} ({e})")
     flags = {a.dest for a in parser._actions} - {"config", "state_dict_path", "inference_only", "help"}
+    saved = {KEY_ALIASES.get(k, k): v for k, v in saved.items()}
     return {k: v for k, v in saved.items() if k in flags}
+
+
+def given(argv, *flags):
+    """Whether any of `flags` appears on the command line (as --flag or --flag=value)."""
+    return any(a.split("=")[0] in flags for a in argv)
+
+
+def command_line_loss(known, argv):
+    if given(argv, "--loss"):
+        return known.loss
+    if given(argv, "--use_infonce", "--no-use_infonce"):
+        return "infonce" if known.use_infonce else "bce"
+    return None
+
+
+def resolve_loss(args, parser, argv):
+    """--loss wins; --use_infonce is its shortcut; the two contradicting on the command line is an error."""
+    if given(argv, "--loss") and given(argv, "--use_infonce") and args.use_infonce and args.loss != "infonce":
+        parser.error(f"--use_infonce contradicts --loss {args.loss} (--use_infonce means --loss infonce)")
+    args.loss = command_line_loss(args, argv) or args.loss or ("infonce" if args.use_infonce else "bce")
+    args.use_infonce = args.loss == "infonce"
+    args.similarity = args.similarity or ("cosine" if args.loss == "infonce" else "dot")
 
 
 def parse_args(argv=None):
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     saved = saved_config(known.state_dict_path, parser) if known.state_dict_path else {}
+    argv = sys.argv[1:] if argv is None else argv
     if known.config:
-        on_command_line = any(a.split("=")[0] in ("--use_infonce", "--no-use_infonce") for a in (argv or sys.argv[1:]))
-        parser.set_defaults(**load_config(known.config, parser, known.use_infonce if on_command_line else None))
+        parser.set_defaults(**load_config(known.config, parser, command_line_loss(known, argv)))
     parser.set_defaults(**saved)  # a checkpoint's own config beats a config file; the command line beats both
     args = parser.parse_args(argv)
+    resolve_loss(args, parser, argv)
     for key in STRUCTURE_KEYS:
         if key in saved and getattr(args, key) != saved[key]:
             parser.error(f"--{key} {getattr(args, key)} contradicts the checkpoint's saved config "
@@ -153,8 +197,17 @@ def parse_args(argv=None):
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.hidden_units % args.num_heads:
         parser.error(f"--hidden_units ({args.hidden_units}) must be divisible by --num_heads ({args.num_heads})")
-    if not args.infonce_temperature > 0:
-        parser.error(f"--infonce_temperature must be > 0, got {args.infonce_temperature}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.learn_temperature and args.similarity != "cosine":
+        parser.error("--learn_temperature needs cosine logits (--similarity cosine, the default for infonce)")
+    if args.learn_temperature and not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
+        parser.error(f"--temperature {args.temperature}: a learnt temperature starts inside {list(TEMPERATURE_RANGE)}")
+    if args.num_negatives < 1 or args.hard_negatives < 0:
+        parser.error(f"--num_negatives must be >= 1 and --hard_negatives >= 0, got {args.num_negatives} and "
+                     f"{args.hard_negatives}")
+    if not 0 <= args.gbce_t <= 1:
+        parser.error(f"--gbce_t must be in [0, 1], got {args.gbce_t}")
     if not 0 <= args.dropout_rate < 1:
         parser.error(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
     if args.inference_only and not args.state_dict_path:
@@ -171,9 +224,9 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
-def save_checkpoint(path, model, optimizer, state):
-    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                               **state}, tmp))
+def save_checkpoint(path, model, objective, optimizer, state):
+    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "objective": objective.state_dict(),
+                                               "optimizer": optimizer.state_dict(), **state}, tmp))
 
 
 def load_checkpoint(path):
@@ -195,8 +248,7 @@ def checkpoint_file(path, inference_only):
 def output_dirs(args):
     if not args.run_dir:
         name = "synthetic" if args.data == "synthetic" else os.path.splitext(os.path.basename(args.data))[0]
-        loss = "infonce" if args.use_infonce else "bce"
-        args.run_dir = os.path.join("runs", f"{name}_{loss}_{time.strftime('%Y%m%d-%H%M%S')}")
+        args.run_dir = os.path.join("runs", f"{name}_{args.loss}_{time.strftime('%Y%m%d-%H%M%S')}")
     args.log_dir = args.log_dir or os.path.join(args.run_dir, "logs")
     args.tb_dir = args.tb_dir or os.path.join(args.run_dir, "tb")
     args.ckpt_dir = args.ckpt_dir or os.path.join(args.run_dir, "ckpt")
@@ -221,7 +273,7 @@ def seed_epoch(seed, epoch):
     return np.random.default_rng([seed, epoch])
 
 
-def train_epoch(model, optimizer, batches, args, device, epoch, step, writer):
+def train_epoch(model, objective, optimizer, batches, args, device, epoch, step, writer):
     model.train()
     rng = seed_epoch(args.seed, epoch)
     total_loss, total_rows, seen, start = 0.0, 0, 0, time.perf_counter()
@@ -230,7 +282,7 @@ def train_epoch(model, optimizer, batches, args, device, epoch, step, writer):
     for batch in bar:
         seq, pos, neg = (torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in ("seq", "pos", "neg"))
         log_now = (step + 1) % LOG_EVERY == 0
-        loss, logits = training_loss(model, seq, pos, neg, args, with_logits=log_now)
+        loss, logits = objective(model, seq, pos, neg, with_logits=log_now)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -243,6 +295,8 @@ def train_epoch(model, optimizer, batches, args, device, epoch, step, writer):
         total_rows += rows
         if log_now:
             log_logits(writer, step, loss.item(), *logits, args.hist_every)
+            if args.similarity == "cosine":
+                writer.add_scalar("train/temperature", objective.temperature().item(), step)
             bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
     return step, total_loss / max(total_rows, 1), seen / seconds, seconds
@@ -260,10 +314,27 @@ def log_logits(writer, step, loss, pos_logits, neg_logits, hist_every):
 
 def run_evaluation(model, split, args, device, which):
     model.eval()
-    # Rank as the loss trained the model to: cosine for InfoNCE, dot product for BCE.
-    score = model_scorer(model, split.data, args.maxlen, device, cosine=args.use_infonce)
+    # Rank as the loss trained the model to score: cosine or dot product.
+    score = model_scorer(model, split.data, args.maxlen, device, cosine=args.similarity == "cosine")
     return evaluate(score, split, which, exclude_history=not args.keep_history, sampled=args.sampled_metrics,
                     seed=args.seed)
+
+
+def describe_loss(args):
+    """One line naming the loss and the settings that matter for it."""
+    parts = [args.loss]
+    if args.similarity == "cosine":
+        parts.append(f"cosine / T={args.temperature:g}{' (learnt)' if args.learn_temperature else ''}")
+    if args.loss in ("gbce", "sampled_softmax"):
+        parts.append(f"{args.num_negatives} negatives")
+    if args.loss == "gbce":
+        parts.append(f"t={args.gbce_t:g}")
+    if args.loss == "sampled_softmax":
+        parts.append(f"{args.neg_sampler}{' + in-batch' if args.in_batch_negatives else ''}"
+                     f"{', logQ' if args.logq_correction else ''}")
+    if args.hard_negatives and args.loss in ("infonce", "sampled_softmax", "ce"):
+        parts.append(f"{args.hard_negatives} hardest negatives")
+    return ", ".join(parts)
 
 
 def format_metrics(m, keys=("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")):
@@ -306,12 +377,13 @@ def load_data(args):
     return data, split
 
 
-def restore(path, model, optimizer, state, inference_only):
-    """Load a checkpoint's weights (and optimizer + loop state when resuming) in place."""
+def restore(path, model, objective, optimizer, state, inference_only):
+    """Load a checkpoint's weights (and objective, optimizer + loop state when resuming) in place."""
     ckpt = load_checkpoint(path)
     try:
         model.load_state_dict(ckpt["model"])
         if not inference_only:
+            objective.load_state_dict(ckpt.get("objective", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: --state_dict_path {path}: does not fit this model ({str(e).splitlines()[0]})")
@@ -319,14 +391,14 @@ def restore(path, model, optimizer, state, inference_only):
     print(f"loaded {path} (epoch {state['epoch']}, step {state['step']})")
 
 
-def train(model, optimizer, split, args, device, state):
+def train(model, objective, optimizer, split, args, device, state):
     """Epochs with validation every --eval_every, best/last checkpoints, early stopping on NDCG@10."""
     batches = TrainBatches(split, args.maxlen, args.batch_size)
     writer = SummaryWriter(args.tb_dir)
     log = open(os.path.join(args.log_dir, "train.log"), "a")
     for epoch in range(state["epoch"] + 1, args.num_epochs + 1):
         try:
-            step, loss, seq_per_s, seconds = train_epoch(model, optimizer, batches, args, device, epoch,
+            step, loss, seq_per_s, seconds = train_epoch(model, objective, optimizer, batches, args, device, epoch,
                                                          state["step"], writer)
         except FloatingPointError as e:  # checkpoints on disk are from before the failure and stay untouched
             raise SystemExit(f"error: {e}; training stopped, last good checkpoint: "
@@ -346,12 +418,12 @@ def train(model, optimizer, split, args, device, state):
             line += f"  valid {format_metrics(valid)}"
             if valid["NDCG@10"] > state["best_ndcg"]:
                 state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
-                save_checkpoint(os.path.join(args.ckpt_dir, "best.pt"), model, optimizer, state)
+                save_checkpoint(os.path.join(args.ckpt_dir, "best.pt"), model, objective, optimizer, state)
                 line += "  *"
             else:
                 state["bad_evals"] += 1
                 stop = state["bad_evals"] >= args.patience
-        save_checkpoint(os.path.join(args.ckpt_dir, "last.pt"), model, optimizer, state)
+        save_checkpoint(os.path.join(args.ckpt_dir, "last.pt"), model, objective, optimizer, state)
         print(line, flush=True)
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -372,12 +444,13 @@ def main(argv=None):
     args.num_items = data.num_items
     model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
                    args.dropout_rate, args.norm_first).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+    objective = Objective(args, split.item_counts("valid")).to(device)
+    optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=args.lr, betas=(0.9, 0.98),
                                  fused=device.type in ("cpu", "cuda"))
     state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
     if args.state_dict_path:
         path = checkpoint_file(args.state_dict_path, args.inference_only)
-        restore(path, model, optimizer, state, args.inference_only)
+        restore(path, model, objective, optimizer, state, args.inference_only)
     output_dirs(args)
     if args.inference_only:
         final_report(model, split, args, device, {"checkpoint": path})
@@ -387,9 +460,9 @@ def main(argv=None):
     write_json(os.path.join(args.ckpt_dir, "id_map.json"),
                {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
     print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}, "
-          f"{'InfoNCE (T=%g)' % args.infonce_temperature if args.use_infonce else 'BCE'}, run dir {args.run_dir}")
+          f"loss {describe_loss(args)}, run dir {args.run_dir}")
     start = time.perf_counter()
-    train(model, optimizer, split, args, device, state)
+    train(model, objective, optimizer, split, args, device, state)
     train_minutes = (time.perf_counter() - start) / 60
     best_path = os.path.join(args.ckpt_dir, "best.pt")
     if os.path.exists(best_path):

@@ -16,8 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def one_step(args):
+    import numpy as np
     import torch
     import losses
+    from main import parse_args
     from model import SASRec
 
     torch.manual_seed(0)
@@ -26,15 +28,16 @@ def one_step(args):
     pos = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
     neg = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
     rows = args.batch_size * args.maxlen
-    losses.INFONCE_CHUNK_ELEMS = args.chunk_elems or rows * rows
-    loss_args = argparse.Namespace(use_infonce=True, infonce_temperature=0.1, l2_emb=0.0)
+    losses.SOFTMAX_CHUNK_ELEMS = args.chunk_elems or rows * rows
+    objective = losses.Objective(parse_args(["--use_infonce", "--temperature", "0.1"]),
+                                 np.ones(args.num_items + 1, np.int64))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss, _ = losses.training_loss(model, seq, pos, neg, loss_args)
+    loss, _ = objective(model, seq, pos, neg)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"B={args.batch_size} L={args.maxlen} R={rows} rows, chunk_elems={losses.INFONCE_CHUNK_ELEMS}: "
+    print(f"B={args.batch_size} L={args.maxlen} R={rows} rows, chunk_elems={losses.SOFTMAX_CHUNK_ELEMS}: "
           f"peak RSS {peak / 1024:.0f} MB (model and inputs before the step {base / 1024:.0f} MB), "
           f"step {seconds:.1f}s, loss {loss.item():.4f}")
 
@@ -52,7 +55,7 @@ def main():
     if args.child:
         if args.chunk_elems is None:
             import losses
-            args.chunk_elems = losses.INFONCE_CHUNK_ELEMS
+            args.chunk_elems = losses.SOFTMAX_CHUNK_ELEMS
         one_step(args)
         return
     subprocess.run([sys.executable, __file__, "--child"] + sys.argv[1:], check=True)

@@ -8,7 +8,9 @@ def row(path):
     r = json.load(open(path))
     cfg, test, pop = r["config"], r["test"], r["popularity_test"]
     data = "synthetic" if cfg["data"] == "synthetic" else os.path.splitext(os.path.basename(cfg["data"]))[0]
-    loss = f"InfoNCE (T={cfg['infonce_temperature']:g})" if cfg["use_infonce"] else "BCE"
+    loss = cfg.get("loss") or ("infonce" if cfg["use_infonce"] else "bce")
+    if (cfg.get("similarity") or ("cosine" if loss == "infonce" else "dot")) == "cosine":
+        loss += f" (T={cfg.get('temperature', cfg.get('infonce_temperature')):g})"
     sampled = (f"{test['sampled_HR@10']:.4f} / {test['sampled_NDCG@10']:.4f}" if "sampled_HR@10" in test else "")
     return (f"| {data} | {loss} | {cfg['hidden_units']} | {test['HR@10']:.4f} | {test['NDCG@10']:.4f} | "
             f"{pop['HR@10']:.4f} | {pop['NDCG@10']:.4f} | {sampled} | {r.get('best_epoch', '')} | "

@@ -41,7 +41,7 @@ def build_parser():
     p.add_argument("--candidates", help="file of raw item ids (whitespace / newline separated) to retrieve from")
     p.add_argument("--keep_history", action="store_true", help="do not filter items already in the history")
     p.add_argument("--similarity", choices=("auto", "cosine", "dot"), default="auto",
-                   help="auto: as the model was trained (cosine for InfoNCE, dot product for BCE)")
+                   help="auto: as the model was trained (its saved --similarity)")
     p.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat", help="flat is exact")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4 * sqrt(items))")
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
@@ -50,7 +50,7 @@ def build_parser():
     p.add_argument("--ef_search", type=int, default=128, help="HNSW search beam")
     p.add_argument("--faiss_device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="top-k file format")
-    p.add_argument("--batch_size", type=int, default=1024, help="users embedded / searched at once")
+    p.add_argument("--batch_size", type=int, default=1024, help="users embedded at once")
     p.add_argument("--device", default="auto", help="torch device for the model")
     p.add_argument("--data", help="training log, if it moved since training (default: the saved config's)")
     for flag in STRUCTURE_FLAGS:  # accepted only to check them against the saved config
@@ -203,7 +203,12 @@ def build_index(vectors, kind, faiss_device="auto", nlist=0, nprobe=32, hnsw_m=3
     return index
 
 
-def search(index, user_vecs, k, exclude=None, batch_size=1024):
+# FAISS's exact search only uses BLAS when a call's queries x dim >= 128,000 (its
+# distance_compute_blas_threshold); below that it loops over queries one by one, 2-5x slower at d=64.
+SEARCH_BATCH = 8192
+
+
+def search(index, user_vecs, k, exclude=None, batch_size=SEARCH_BATCH):
     """Top-k positions in the index (and scores) per user, skipping each user's `exclude` positions.
 
     exclude: list of int arrays (index positions to filter per user) or None. The search goes k + the
@@ -212,8 +217,10 @@ def search(index, user_vecs, k, exclude=None, batch_size=1024):
     n = index.ntotal
     ids = np.full((len(user_vecs), k), -1, np.int64)
     scores = np.full((len(user_vecs), k), -np.inf, np.float32)
-    for s in tqdm(range(0, len(user_vecs), batch_size), desc="search", disable=not sys.stderr.isatty()):
-        e = s + batch_size
+    # equal-sized batches, so no small tail batch falls below FAISS's BLAS threshold
+    bounds = np.linspace(0, len(user_vecs), -(-len(user_vecs) // batch_size) + 1).astype(np.int64)
+    for s, e in tqdm(zip(bounds[:-1], bounds[1:]), total=len(bounds) - 1, desc="search",
+                     disable=not sys.stderr.isatty()):
         depth = min(n, k + (max(map(len, exclude[s:e])) if exclude is not None else 0))
         d, i = index.search(np.ascontiguousarray(user_vecs[s:e]), depth)
         if exclude is not None:  # (row, position) keys: one vectorised membership test per batch
@@ -281,7 +288,8 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model.to(device)
-    normalize = config.get("use_infonce", False) if args.similarity == "auto" else args.similarity == "cosine"
+    trained = config.get("similarity") or ("cosine" if config.get("use_infonce") else "dot")
+    normalize = (trained if args.similarity == "auto" else args.similarity) == "cosine"
     try:
         if args.queries:
             user_ids, items, ends, lengths, targets = query_histories(id_map, args)
@@ -304,7 +312,7 @@ def main(argv=None):
     index = build_index(item_vecs, args.index, args.faiss_device, args.nlist, args.nprobe, args.hnsw_m,
                         args.ef_construction, args.ef_search)
     exclude = None if args.keep_history else history_positions(items, ends, lengths, cands, len(id_map["items"]))
-    top, scores = search(index, user_vecs, args.k, exclude, args.batch_size)
+    top, scores = search(index, user_vecs, args.k, exclude)
     top_items = np.where(top >= 0, cands[np.maximum(top, 0)], 0)
     metrics = None
     if targets is not None:

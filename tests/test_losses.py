@@ -1,32 +1,46 @@
 import math
-from types import SimpleNamespace
 
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
-from losses import bce_loss, infonce_loss, training_loss
+from losses import LOSSES, Objective, bce_loss, gbce_beta, infonce_loss
+from main import parse_args
+
+E = math.e
+
+
+def objective(*flags, counts=(0, 1, 1, 1, 1)):
+    """An Objective over 4 items, configured exactly as main.py would from these flags."""
+    return Objective(parse_args(list(flags)), np.array(counts))
+
+
+class FixedStates(nn.Module):
+    """Stands in for SASRec: fixed states, and a 2-d item table (items 1..4: +x, +2y, -3x, -y)."""
+
+    def __init__(self, states):
+        super().__init__()
+        self.states = states
+        self.item_emb = nn.Embedding.from_pretrained(torch.tensor(
+            [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.0, -1.0]]))
+
+    def sequence_states(self, seq):
+        return self.states
+
+    def item_embeddings(self, ids=None):
+        return self.item_emb.weight if ids is None else self.item_emb(ids)
+
+
+def one_row(pos_item, state=(1.0, 0.0)):
+    """A batch of one sequence with one real position (a padding position before it)."""
+    return FixedStates(torch.tensor([[[9.0, 9.0], list(state)]])), torch.tensor([[0, pos_item]])
 
 
 def test_bce_hand_computed():
     loss = bce_loss(torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 0.0]))
     expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1)) + 2 * math.log(2)) / 2
     assert abs(loss.item() - expected) < 1e-6
-
-
-class FixedStates(nn.Module):
-    """Stands in for SASRec: fixed states, and a 2-d item table of unit vectors."""
-
-    def __init__(self, states):
-        super().__init__()
-        self.states = states
-        self.item_emb = nn.Embedding.from_pretrained(torch.tensor(
-            [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.0, -1.0]]))  # items 1..4: +x, +y, -x, -y
-
-    def sequence_states(self, seq):
-        return self.states
-
-    def item_embeddings(self, ids):
-        return self.item_emb(ids)
 
 
 def test_infonce_hand_computed_2x3_ignores_padding():
@@ -37,28 +51,26 @@ def test_infonce_hand_computed_2x3_ignores_padding():
                            [[3.0, 0.0], [1.0, 0.0], [0.5, 0.0]]])
     pos = torch.tensor([[0, 1, 2], [1, 3, 2]])
     neg = torch.tensor([[1, 2, 3], [4, 1, 2]])
-    args = SimpleNamespace(use_infonce=True, infonce_temperature=1.0, l2_emb=0.0)
-    loss, (pos_logits, neg_logits) = training_loss(FixedStates(states), None, pos, neg, args, with_logits=True)
+    loss, (pos_logits, neg_logits) = objective("--use_infonce", "--temperature", "1")(
+        FixedStates(states), None, pos, neg, with_logits=True)
     # Pool of negatives of real positions: items [2, 3, 4, 1, 2] -> cosines with +x: [0, -1, 0, 1, 0].
     # A pool entry equal to the row's positive is masked out.
-    e = math.e
-    row_pos1 = -1 + math.log(e + 0 + 3 + 1 / e)   # positive item 1 (cos 1); pool minus the item-1 entry
-    row_pos2 = 0 + math.log(1 + 1 / e + 1 + e)     # positive item 2 (cos 0); pool minus both item-2 entries
-    row_pos3 = 1 + math.log(1 / e + 3 + e)         # positive item 3 (cos -1); pool minus the item-3 entry
+    row_pos1 = -1 + math.log(E + 0 + 3 + 1 / E)   # positive item 1 (cos 1); pool minus the item-1 entry
+    row_pos2 = 0 + math.log(1 + 1 / E + 1 + E)     # positive item 2 (cos 0); pool minus both item-2 entries
+    row_pos3 = 1 + math.log(1 / E + 3 + E)         # positive item 3 (cos -1); pool minus the item-3 entry
     expected = (2 * row_pos1 + 2 * row_pos2 + row_pos3) / 5
     assert abs(loss.item() - expected) < 1e-6
     assert pos_logits.tolist() == [1.0, 0.0, 1.0, -1.0, 0.0]
     assert sorted(neg_logits.tolist()) == [-1.0] * 4 + [0.0] * 11 + [1.0] * 3  # 25 pairs, 7 masked
     # temperature divides every logit
-    args.infonce_temperature = 0.5
-    loss_half, _ = training_loss(FixedStates(states), None, pos, neg, args)
-    row_pos1 = -2 + math.log(e ** 2 + 3 + e ** -2)
-    row_pos2 = math.log(2 + e ** -2 + e ** 2)
-    row_pos3 = 2 + math.log(e ** -2 + 3 + e ** 2)
+    loss_half, _ = objective("--loss", "infonce", "--temperature", "0.5")(FixedStates(states), None, pos, neg)
+    row_pos1 = -2 + math.log(E ** 2 + 3 + E ** -2)
+    row_pos2 = math.log(2 + E ** -2 + E ** 2)
+    row_pos3 = 2 + math.log(E ** -2 + 3 + E ** 2)
     assert abs(loss_half.item() - (2 * row_pos1 + 2 * row_pos2 + row_pos3) / 5) < 1e-5
 
 
-def test_infonce_chunked_equals_unchunked_loss_and_gradients():
+def test_softmax_chunked_equals_unchunked_loss_and_gradients():
     torch.manual_seed(0)
     R, D = 37, 6
     pos_ids, neg_ids = torch.randint(1, 9, (R,)), torch.randint(1, 9, (R,))  # many accidental hits
@@ -74,11 +86,110 @@ def test_infonce_chunked_equals_unchunked_loss_and_gradients():
             torch.testing.assert_close(g, g0)
 
 
+def test_full_ce_hand_computed():
+    # dot-product logits of state +x against items 1..4: [1, 0, -3, 0]; the whole catalogue competes
+    model, pos = one_row(1)
+    loss, (pos_logits, neg_logits) = objective("--loss", "ce")(model, None, pos, None, with_logits=True)
+    assert abs(loss.item() - (-1 + math.log(E + 1 + E ** -3 + 1))) < 1e-6
+    assert pos_logits.tolist() == [1.0] and sorted(neg_logits.tolist()) == [-3.0, 0.0, 0.0]
+    # cosine / T: logits [1, 0, -1, 0] / 0.5
+    loss, _ = objective("--loss", "ce", "--similarity", "cosine", "--temperature", "0.5")(model, None, pos, None)
+    assert abs(loss.item() - (-2 + math.log(E ** 2 + 2 + E ** -2))) < 1e-6
+
+
+def test_sampled_softmax_logq_and_accidental_hits():
+    # training counts of items 1..4: 3, 1, 0, 0 -> add-one smoothed popularity q = [.5, .25, .125, .125]
+    obj = objective("--loss", "sampled_softmax", "--num_negatives", "3", "--neg_sampler", "popularity",
+                    counts=(0, 3, 1, 0, 0))
+    torch.testing.assert_close(obj.log_expected_count(1)[1:], torch.log(3 * torch.tensor([.5, .25, .125, .125])))
+    obj.sample_negatives = lambda n, device: torch.tensor([2, 3, 1])  # item 1 is the positive: masked
+    model, pos = one_row(1)
+    loss, _ = obj(model, None, pos, None)
+    # every logit is shifted by -log(3 q): positive 1 - log 1.5; negatives 0 - log .75, -3 - log .375
+    p, n2, n3 = 1 - math.log(1.5), -math.log(0.75), -3 - math.log(0.375)
+    assert abs(loss.item() - (-p + math.log(E ** p + E ** n2 + E ** n3))) < 1e-6
+    # without logQ the raw logits compete
+    obj.logq = False
+    assert abs(obj(model, None, pos, None)[0].item() - (-1 + math.log(E + 1 + E ** -3))) < 1e-6
+    # uniform sampling: the shift is the same constant log(3 / 4) for every item, so logQ changes nothing
+    uni = objective("--loss", "sampled_softmax", "--num_negatives", "3")
+    torch.testing.assert_close(uni.log_expected_count(1)[1:], torch.full((4,), math.log(3 / 4)))
+
+
+def test_sampled_softmax_in_batch_positives_join_the_pool():
+    # two rows: states +x (positive item 1) and +y (positive item 2); no sampled negative but item 4
+    states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    pos = torch.tensor([[1, 2]])
+    obj = objective("--loss", "sampled_softmax", "--num_negatives", "1", "--in_batch_negatives",
+                    "--no-logq_correction")
+    obj.sample_negatives = lambda n, device: torch.tensor([4])
+    loss, _ = obj(FixedStates(states), None, pos, None)
+    # pool [4, 1, 2]; each row's own positive is masked: row 1 sees items 4 and 2 (logits 0, 0),
+    # row 2 sees items 4 and 1 (logits -1, 0)
+    row1 = -1 + math.log(E + 1 + 1)
+    row2 = -2 + math.log(E ** 2 + E ** -1 + 1)
+    assert abs(loss.item() - (row1 + row2) / 2) < 1e-6
+
+
+def test_hard_negatives_keep_the_highest_scoring():
+    # CE logits for positive item 1: negatives [0, -3, 0]; K=1 keeps one 0
+    model, pos = one_row(1)
+    loss, _ = objective("--loss", "ce", "--hard_negatives", "1")(model, None, pos, None)
+    assert abs(loss.item() - (-1 + math.log(E + 1))) < 1e-6
+
+
+def test_gbce_beta_and_t0_equals_bce():
+    assert gbce_beta(256, 12_101, 0.0) == pytest.approx(1.0)
+    assert gbce_beta(256, 12_101, 1.0) == pytest.approx(256 / 12_100)
+    assert gbce_beta(256, 12_101, 0.75) == pytest.approx(0.75 * 256 / 12_100 + 0.25)  # t alpha + (1 - t)
+    model, pos = one_row(2, state=(1.0, 1.0))  # positive logit 2; negatives 1 -> 1, 3 -> -3
+    for t, beta in ((0.0, 1.0), (0.5, gbce_beta(2, 4, 0.5))):
+        obj = objective("--loss", "gbce", "--num_negatives", "2", "--gbce_t", str(t))
+        obj.sample_negatives = lambda n, device: torch.tensor([1, 3])
+        loss, _ = obj(model, None, pos, None)
+        expected = beta * math.log(1 + E ** -2) + math.log(1 + E) + math.log(1 + E ** -3)
+        assert abs(loss.item() - expected) < 1e-6
+        if t == 0.0:  # plain BCE on the same logits
+            torch.testing.assert_close(loss, bce_loss(torch.tensor([2.0]), torch.tensor([[1.0, -3.0]])))
+
+
+def test_learnable_temperature_gets_gradient_and_stays_in_range():
+    obj = objective("--use_infonce", "--learn_temperature", "--temperature", "0.1")
+    assert [n for n, _ in obj.named_parameters()] == ["log_temperature"]
+    states = torch.tensor([[[1.0, 0.0], [1.0, 0.2]]])
+    loss, _ = obj(FixedStates(states), None, torch.tensor([[1, 2]]), torch.tensor([[3, 4]]))
+    loss.backward()
+    assert obj.log_temperature.grad is not None and obj.log_temperature.grad.abs().item() > 0
+    with torch.no_grad():
+        obj.log_temperature.fill_(math.log(1e-5))
+    assert obj.temperature().item() == pytest.approx(0.01)
+    with torch.no_grad():
+        obj.log_temperature.fill_(5.0)
+    assert obj.temperature().item() == pytest.approx(1.0)
+    # a fixed temperature is a buffer, not a parameter, and is not clamped
+    fixed = objective("--use_infonce", "--temperature", "0.005")
+    assert list(fixed.parameters()) == [] and fixed.temperature().item() == pytest.approx(0.005)
+
+
 def test_l2_emb_adds_item_table_norm():
     states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     pos, neg = torch.tensor([[1, 2]]), torch.tensor([[3, 4]])
     model = FixedStates(states)
-    base = SimpleNamespace(use_infonce=False, infonce_temperature=1.0, l2_emb=0.0)
-    l0, _ = training_loss(model, None, pos, neg, base)
-    l1, _ = training_loss(model, None, pos, neg, SimpleNamespace(**{**vars(base), "l2_emb": 0.5}))
+    l0, _ = objective()(model, None, pos, neg)
+    l1, _ = objective("--l2_emb", "0.5")(model, None, pos, neg)
     assert abs((l1 - l0).item() - 0.5 * math.sqrt(1 + 4 + 9 + 1)) < 1e-6
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_every_loss_logs_logit_statistics_and_trains(loss_name):
+    from model import SASRec
+    torch.manual_seed(0)
+    model = SASRec(30, maxlen=6, hidden_units=8, num_blocks=1, num_heads=1, dropout_rate=0.0)
+    obj = objective("--loss", loss_name, "--num_negatives", "8", counts=np.arange(31))
+    seq = torch.randint(1, 31, (4, 6))
+    pos, neg = torch.randint(1, 31, (4, 6)), torch.randint(1, 31, (4, 6))
+    pos[0, :3] = 0  # padding
+    loss, (pos_logits, neg_logits) = obj(model, seq, pos, neg, with_logits=True)
+    assert torch.isfinite(loss) and pos_logits.shape == (21,) and neg_logits.numel() > 0
+    loss.backward()
+    assert model.item_emb.weight.grad.abs().sum() > 0

@@ -22,12 +22,18 @@ def test_config_sets_defaults_and_flags_override(tmp_path):
 
 def test_config_loss_tables_follow_the_chosen_loss(tmp_path):
     cfg = write(tmp_path, "c.toml", 'hidden_units = 32\n[bce]\nlr = 0.002\n[infonce]\nlr = 0.0005\n'
-                'infonce_temperature = 0.05\n')
+                'infonce_temperature = 0.05\n[sampled_softmax]\nlr = 0.003\nnum_negatives = 64\n')
     bce = parse_args(["--config", cfg])
-    assert (bce.lr, bce.infonce_temperature, bce.hidden_units) == (0.002, 0.1, 32)
-    nce = parse_args(["--config", cfg, "--use_infonce"])
-    assert (nce.lr, nce.infonce_temperature, nce.use_infonce) == (0.0005, 0.05, True)
+    assert (bce.loss, bce.lr, bce.temperature, bce.hidden_units, bce.similarity) == ("bce", 0.002, 0.1, 32, "dot")
+    nce = parse_args(["--config", cfg, "--use_infonce"])  # old key name infonce_temperature still accepted
+    assert (nce.loss, nce.lr, nce.temperature, nce.use_infonce, nce.similarity) == ("infonce", 0.0005, 0.05, True,
+                                                                                   "cosine")
     assert parse_args(["--config", cfg, "--use_infonce", "--lr", "0.1"]).lr == 0.1  # the command line still wins
+    ss = parse_args(["--config", cfg, "--loss", "sampled_softmax"])
+    assert (ss.lr, ss.num_negatives, ss.use_infonce) == (0.003, 64, False)
+    # a file can choose its loss; the command line's choice beats it
+    chosen = write(tmp_path, "ce.toml", 'loss = "sampled_softmax"\n[sampled_softmax]\nlr = 0.003\n')
+    assert (parse_args(["--config", chosen]).lr, parse_args(["--config", chosen, "--loss", "ce"]).loss) == (0.003, "ce")
 
 
 @pytest.mark.parametrize("text, message", [("batch_sise = 3\n", "unknown key 'batch_sise'"),
@@ -43,7 +49,10 @@ def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):
 
 @pytest.mark.parametrize("flags, message", [(["--hidden_units", "10", "--num_heads", "3"], "divisible by --num_heads"),
                                             (["--maxlen", "0"], "--maxlen must be >= 1"),
-                                            (["--infonce_temperature", "0"], "--infonce_temperature must be > 0")])
+                                            (["--infonce_temperature", "0"], "--temperature must be > 0"),
+                                            (["--use_infonce", "--loss", "ce"], "--use_infonce contradicts --loss ce"),
+                                            (["--loss", "ce", "--learn_temperature"], "needs cosine logits"),
+                                            (["--loss", "gbce", "--gbce_t", "2"], "--gbce_t must be in [0, 1]")])
 def test_bad_flags_exit_2(capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
@@ -83,7 +92,10 @@ def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path, capsys):
         main(TINY + ["--hidden_units", "32", "--state_dict_path", str(bare), "--inference_only", "--run_dir", run])
 
 
-@pytest.mark.parametrize("loss_flags", [[], ["--use_infonce", "--infonce_temperature", "0.1"]])
+@pytest.mark.parametrize("loss_flags", [[], ["--use_infonce", "--infonce_temperature", "0.1"], ["--loss", "ce"],
+                                        ["--loss", "gbce"],
+                                        ["--loss", "sampled_softmax", "--in_batch_negatives", "--neg_sampler",
+                                         "popularity", "--similarity", "cosine", "--learn_temperature"]])
 def test_synthetic_beats_popularity_by_wide_margin(tmp_path, loss_flags):
     run = str(tmp_path / "run")
     main(["--data", "synthetic", "--num_epochs", "8", "--eval_every", "4", "--run_dir", run] + loss_flags)
