@@ -93,7 +93,6 @@ def test_checkpoint_from_another_shape_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("loss_flags", [[], ["--use_infonce", "--infonce_temperature", "0.1"], ["--loss", "ce"],
-                                        ["--loss", "gbce"],
                                         ["--loss", "sampled_softmax", "--in_batch_negatives", "--neg_sampler",
                                          "popularity", "--similarity", "cosine", "--learn_temperature"]])
 def test_synthetic_beats_popularity_by_wide_margin(tmp_path, loss_flags):
