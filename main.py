@@ -371,6 +371,10 @@ def load_data(args):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     split = LeaveOneOut(data)
+    if len(split.eval_users) == 0:
+        print(f"error: {args.data}: no user has the 3 or more interactions that leave-one-out needs "
+              f"(one to train on, one to validate, one to test)", file=sys.stderr)
+        sys.exit(2)
     print(f"data {args.data}: {data.num_users} users, {data.num_items} items, {len(data.items)} interactions; "
           f"{len(split.eval_users)} users evaluated"
           + (f", {split.num_short_users} users with < 3 items used for training only" if split.num_short_users else ""))

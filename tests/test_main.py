@@ -111,3 +111,11 @@ def test_end_to_end_on_real_data_beats_popularity(tmp_path):
     r = json.load(open(os.path.join(run, "results.json")))
     assert r["test"]["users"] == 22363
     assert r["test"]["NDCG@10"] > 1.5 * r["popularity_test"]["NDCG@10"]
+
+
+def test_data_without_any_evaluable_user_is_a_clear_error(tmp_path, capsys):
+    data = write(tmp_path, "short.txt", "1 5 6\n2 7\n")  # two users with fewer than 3 items
+    with pytest.raises(SystemExit) as e:
+        main(["--data", data, "--cache_dir", "", "--run_dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert "short.txt: no user has the 3 or more interactions" in capsys.readouterr().err
