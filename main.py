@@ -54,6 +54,8 @@ def build_parser():
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--lr", type=float, default=0.001)
+    g.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay from --lr to 0 over --num_epochs (a function of the step, so resumable)")
     g.add_argument("--num_epochs", type=int, default=200)
     g.add_argument("--l2_emb", type=float, default=0.0, help="weight of the item-embedding norm penalty")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -287,6 +289,7 @@ def train_epoch(model, objective, optimizer, batches, args, device, epoch, step,
             raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        set_lr(optimizer, args, step / (args.num_epochs * len(batches)))
         optimizer.step()
         step += 1
         seen += len(batch["users"])
@@ -300,6 +303,13 @@ def train_epoch(model, objective, optimizer, batches, args, device, epoch, step,
             bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
     seconds = time.perf_counter() - start
     return step, total_loss / max(total_rows, 1), seen / seconds, seconds
+
+
+def set_lr(optimizer, args, progress):
+    """The learning rate at `progress` (0 -> 1) through the planned training."""
+    lr = args.lr if args.lr_schedule == "constant" else args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def log_logits(writer, step, loss, pos_logits, neg_logits, hist_every):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import shared_file, write
-from main import main, parse_args
+from main import main, parse_args, set_lr
 
 TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1", "--batch_size", "256",
         "--eval_every", "1"]
@@ -119,3 +119,13 @@ def test_data_without_any_evaluable_user_is_a_clear_error(tmp_path, capsys):
         main(["--data", data, "--cache_dir", "", "--run_dir", str(tmp_path / "run")])
     assert e.value.code == 2
     assert "short.txt: no user has the 3 or more interactions" in capsys.readouterr().err
+
+
+def test_cosine_schedule_is_a_function_of_progress():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cosine, constant = parse_args(["--lr", "0.01", "--lr_schedule", "cosine"]), parse_args(["--lr", "0.01"])
+    for progress, expected in ((0.0, 0.01), (0.5, 0.005), (1.0, 0.0), (1.5, 0.0)):
+        set_lr(opt, cosine, progress)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
+    set_lr(opt, constant, 0.7)
+    assert opt.param_groups[0]["lr"] == 0.01
