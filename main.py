@@ -19,14 +19,13 @@ from tqdm import tqdm
 
 from dataset import FORMATS, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions
 from eval.metrics import evaluate, model_scorer, popularity_scorer
-from losses import LOSSES, TEMPERATURE_RANGE, Objective
+from losses import LOSSES, SOFTMAX_LOSSES, TEMPERATURE_RANGE, Objective
 from model import SASRec
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
-LOSS_SECTIONS = LOSSES  # config tables applied only with that loss
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 LOG_EVERY = 20  # training steps between TensorBoard points
+# Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
 STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
 
 
@@ -114,7 +113,7 @@ def load_config(path, parser, loss=None):
         parser.error(f"--config {path}: cannot read ({e.strerror})")
     except tomllib.TOMLDecodeError as e:
         parser.error(f"--config {path}: not valid TOML ({e})")
-    sections = {name: config.pop(name) for name in LOSS_SECTIONS if isinstance(config.get(name), dict)}
+    sections = {name: config.pop(name) for name in LOSSES if isinstance(config.get(name), dict)}
     loss = loss or config.get("loss") or ("infonce" if config.get("use_infonce") else "bce")
     config.update(sections.get(loss, {}))
     actions = {a.dest: a for a in parser._actions}
@@ -124,7 +123,7 @@ def load_config(path, parser, loss=None):
         action = actions.get(key)
         if action is None or key == "config":
             parser.error(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size', "
-                         f"or tables {list(LOSS_SECTIONS)})")
+                         f"or tables {list(LOSSES)})")
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(value)
@@ -342,7 +341,7 @@ def describe_loss(args):
     if args.loss == "sampled_softmax":
         parts.append(f"{args.neg_sampler}{' + in-batch' if args.in_batch_negatives else ''}"
                      f"{', logQ' if args.logq_correction else ''}")
-    if args.hard_negatives and args.loss in ("infonce", "sampled_softmax", "ce"):
+    if args.hard_negatives and args.loss in SOFTMAX_LOSSES:
         parts.append(f"{args.hard_negatives} hardest negatives")
     return ", ".join(parts)
 
