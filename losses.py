@@ -72,7 +72,7 @@ def _softmax_rows(queries, pos_logits, pos_ids, pool, pool_ids, pool_bias, hard_
 
 def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
     """Masked in-batch InfoNCE on cosine logits / T from raw vectors (what Objective computes for
-    --loss infonce; standalone for benchmarks and tests that bypass a model)."""
+    --loss infonce; standalone for tests that bypass a model)."""
     s = F.normalize(states, dim=-1) / temperature  # scale the (R, D) side, not the (R, P) logits
     p, n = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
     return softmax_loss(s, (s * p).sum(-1), n, neg_ids, pos_ids, chunk_elems=chunk_elems)
