@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 FORMATS = ("lines", "pairs", "delimited")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: canonical-integer ids ('007' stays a string)
 USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
 ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
 TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "event_time", "unix_time")
@@ -46,21 +46,44 @@ class Interactions:
 
 # ----------------------------------------------------------------------------- readers
 
-def _index(raw):
-    """Map raw ids (strings) to dense codes 0..K-1: numeric order if all ids are integers, else sorted strings."""
-    raw = pd.Series(raw, dtype=str)
-    numeric = pd.to_numeric(raw, errors="coerce")
-    if numeric.notna().all() and (numeric == numeric.round()).all():
-        uniques, codes = np.unique(numeric.to_numpy(np.int64), return_inverse=True)
-        return codes, uniques.astype(str)
-    uniques, codes = np.unique(raw.to_numpy(str), return_inverse=True)
+ID_TYPES = ("auto", "int", "str")
+# Canonical integers only ('007' stays a string, so raw ids round-trip); <= 18 digits fits int64.
+INTEGER_ID = r"-?(?:0|[1-9][0-9]{0,17})"
+
+
+def _integer_ids(values, lines, path, role, id_type):
+    """Whether a column's ids are integers (ordered numerically) or strings.
+
+    auto: a column whose ids are mostly integers is an integer column, so a stray non-integer in it
+    (a corrupt line, a second header, another format pasted in) is an error, not a new item.
+    """
+    if id_type == "str":
+        return False
+    is_int = pd.Series(values, dtype=object).str.fullmatch(INTEGER_ID).to_numpy(bool)
+    if is_int.all():
+        return True
+    if id_type == "int" or is_int.mean() > 0.5:
+        bad = int(np.flatnonzero(~is_int)[0])
+        raise DataError(f"{path}:{lines[bad]}: {role} id {values[bad]!r} is not an integer (expected integer ids"
+                        f"{', like most of this file' if id_type == 'auto' else ''}; --id_type str reads every id "
+                        f"as a string)")
+    return False
+
+
+def _index(raw, integer):
+    """Map raw ids to dense codes 0..K-1 (numeric order for integer ids, else string order)."""
+    if integer:
+        uniques, codes = np.unique(raw.astype(np.int64), return_inverse=True)
+    else:
+        uniques, codes = np.unique(raw.astype(str), return_inverse=True)
     return codes, uniques.astype(str)
 
 
-def _group(user_raw, item_raw, order_key=None):
-    """Group interactions by user (stable, so file order or `order_key` is chronology)."""
-    user_codes, user_ids = _index(user_raw)
-    item_codes, item_ids = _index(item_raw)
+def _group(path, user_raw, item_raw, lines, id_type, order_key=None):
+    """Check ids, then group interactions by user (stable, so file order or `order_key` is chronology)."""
+    user_raw, item_raw = np.asarray(user_raw, dtype=object), np.asarray(item_raw, dtype=object)
+    user_codes, user_ids = _index(user_raw, _integer_ids(user_raw, lines, path, "user", id_type))
+    item_codes, item_ids = _index(item_raw, _integer_ids(item_raw, lines, path, "item", id_type))
     if order_key is None:
         order = np.argsort(user_codes, kind="stable")
     else:
@@ -72,9 +95,9 @@ def _group(user_raw, item_raw, order_key=None):
     return Interactions(offsets, items, user_ids, item_ids)
 
 
-def read_lines(path):
+def read_lines(path, id_type="auto"):
     """S3-Rec style: one user per line, `user item1 item2 ...`, chronological."""
-    users, items = [], []
+    users, items, counts, line_numbers = [], [], [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
@@ -82,62 +105,75 @@ def read_lines(path):
                 continue
             if len(parts) < 2:
                 raise DataError(f"{path}:{lineno}: expected 'user item1 item2 ...', got {line.strip()!r}")
-            users.extend([parts[0]] * (len(parts) - 1))
+            users.append(parts[0])
             items.extend(parts[1:])
+            counts.append(len(parts) - 1)
+            line_numbers.append(lineno)
     if not users:
         raise DataError(f"{path}: file has no interactions")
-    return _group(users, items)
+    counts = np.array(counts)
+    return _group(path, np.repeat(np.array(users, dtype=object), counts), items, np.repeat(line_numbers, counts),
+                  id_type)
 
 
-def read_pairs(path):
+def read_pairs(path, id_type="auto"):
     """SASRec style: one interaction per line, `user item`, chronological within each user."""
-    frame = _read_csv(path, sep=r"\s+", header=None, names=["user", "item"])
-    _check_complete(frame, path, "'user item' on every line", header_lines=0)
-    return _group(frame["user"].to_numpy(), frame["item"].to_numpy())
+    expected = "2 fields, 'user item'"
+    frame = _read_csv(path, expected, sep=r"\s+", header=None, names=["user", "item"])
+    frame, lines = _complete_rows(frame, path, expected, first_line=1)
+    return _group(path, frame["user"].to_numpy(), frame["item"].to_numpy(), lines, id_type)
 
 
-def read_delimited(path, user_col=None, item_col=None, time_col=None):
+def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="auto"):
     """CSV / TSV / RecBole .inter with a header naming user, item and optional timestamp columns."""
     with open(path, encoding="utf-8") as f:
         header = f.readline()
     sep = "\t" if "\t" in header else ("," if "," in header else (";" if ";" in header else r"\s+"))
-    frame = _read_csv(path, sep=sep, header=0)
+    frame = _read_csv(path, "as many fields as the header", sep=sep, header=0)
     names = {_column_key(c): c for c in frame.columns}
     user = _pick_column(names, user_col, USER_COLUMNS, "user", path)
     item = _pick_column(names, item_col, ITEM_COLUMNS, "item", path)
     time = _pick_column(names, time_col, TIME_COLUMNS, "timestamp", path, required=False)
     frame = frame[[c for c in (user, item, time) if c is not None]]
-    _check_complete(frame, path, f"values in columns {list(frame.columns)}", header_lines=1)
+    frame, lines = _complete_rows(frame, path, f"values in columns {list(frame.columns)}", first_line=2)
     order_key = None
     if time is not None:
         order_key = pd.to_numeric(frame[time], errors="coerce")
         if order_key.isna().any():
             order_key = pd.to_datetime(frame[time], errors="coerce").astype("int64")
-            bad = np.flatnonzero(frame[time].notna() & (order_key == np.iinfo(np.int64).min))
+            bad = np.flatnonzero(order_key.to_numpy() == np.iinfo(np.int64).min)
             if len(bad):
-                raise DataError(f"{path}:{bad[0] + 2}: column '{time}' expected a number or date, "
+                raise DataError(f"{path}:{lines[bad[0]]}: column '{time}' expected a number or date, "
                                 f"got {frame[time].iloc[bad[0]]!r}")
         order_key = order_key.to_numpy()
-    return _group(frame[user].to_numpy(), frame[item].to_numpy(), order_key)
+    return _group(path, frame[user].to_numpy(), frame[item].to_numpy(), lines, id_type, order_key)
 
 
-def _read_csv(path, **kwargs):
+def _read_csv(path, expected, **kwargs):
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **kwargs)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False, **kwargs)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
-    except pd.errors.ParserError as e:
+    except pd.errors.ParserError as e:  # pandas: "... Expected 2 fields in line 4, saw 3"
+        found = re.search(r"line (\d+), saw (\d+)", str(e))
+        if found:
+            raise DataError(f"{path}:{found[1]}: expected {expected}, saw {found[2]} fields") from None
         raise DataError(f"{path}: could not parse ({e})") from None
 
 
-def _check_complete(frame, path, expected, header_lines):
+def _complete_rows(frame, path, expected, first_line):
+    """Drop blank lines; a row with a missing field is an error naming its line. Returns (rows, line numbers)."""
+    lines = frame.index.to_numpy() + first_line
+    present = frame.notna().to_numpy()
+    blank = ~present.any(axis=1)
+    if blank.any():
+        frame, lines, present = frame[~blank], lines[~blank], present[~blank]
     if len(frame) == 0:
         raise DataError(f"{path}: file has no interactions")
-    missing = frame.isna().any(axis=1).to_numpy()
-    if missing.any():
-        row = int(np.flatnonzero(missing)[0])
-        raise DataError(f"{path}: data row {row + 1} (line {row + 1 + header_lines} if no blank lines): "
-                        f"missing field, expected {expected}")
+    partial = ~present.all(axis=1)
+    if partial.any():
+        raise DataError(f"{path}:{lines[np.flatnonzero(partial)[0]]}: missing field, expected {expected}")
+    return frame, lines
 
 
 def _column_key(name):
@@ -176,14 +212,40 @@ def detect_format(path):
 # ----------------------------------------------------------------------------- loading + cache
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename onto `path`: a crash never leaves a half-written file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(tmp_path), flush it to disk, then rename onto `path`.
+
+    A crash or kill -9 at any moment leaves either the old file or the new one, never half of one.
+    """
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(folder):
+    """Temp files left by a killed process (atomic_write's '.<name>.tmp<pid>' whose pid is gone)."""
+    for name in os.listdir(folder):
+        found = re.fullmatch(r"\..+\.tmp(\d+)", name)
+        if found and not _pid_alive(int(found[1])):
+            os.remove(os.path.join(folder, name))
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def file_digest(path):
@@ -195,36 +257,52 @@ def file_digest(path):
 
 
 def load_interactions(path, data_format=None, cache_dir=None, user_col=None, item_col=None, time_col=None,
-                      synthetic_seed=0):
+                      id_type="auto", synthetic_seed=0):
     """Read a log (or make the synthetic one), using a cache keyed by the file's content hash."""
     if path == "synthetic":
         return make_synthetic(seed=synthetic_seed)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    data_format = data_format or detect_format(path)
-    if data_format not in FORMATS:
+    if data_format is not None and data_format not in FORMATS:
         raise DataError(f"--data_format must be one of {FORMATS}, got {data_format!r}")
-    cache_file = None
-    if cache_dir:
-        key = json.dumps([CACHE_VERSION, file_digest(path), data_format, user_col, item_col, time_col])
-        stem = os.path.splitext(os.path.basename(path))[0]
-        cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
-        if os.path.exists(cache_file):
-            with np.load(cache_file, allow_pickle=False) as z:
-                return Interactions(z["offsets"], z["items"], z["user_ids"], z["item_ids"])
-    if data_format == "lines":
-        data = read_lines(path)
-    elif data_format == "pairs":
-        data = read_pairs(path)
-    else:
-        data = read_delimited(path, user_col, item_col, time_col)
+    if id_type not in ID_TYPES:
+        raise DataError(f"--id_type must be one of {ID_TYPES}, got {id_type!r}")
+    try:
+        data_format = data_format or detect_format(path)
+        cache_file = None
+        if cache_dir:
+            key = json.dumps([CACHE_VERSION, file_digest(path), data_format, user_col, item_col, time_col, id_type])
+            stem = os.path.splitext(os.path.basename(path))[0]
+            cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+            if os.path.exists(cache_file):
+                return _read_cache(cache_file)
+        if data_format == "lines":
+            data = read_lines(path, id_type)
+        elif data_format == "pairs":
+            data = read_pairs(path, id_type)
+        else:
+            data = read_delimited(path, user_col, item_col, time_col, id_type)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     if cache_file:
-        os.makedirs(cache_dir, exist_ok=True)
-        def save(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, offsets=data.offsets, items=data.items, user_ids=data.user_ids, item_ids=data.item_ids)
-        atomic_write(cache_file, save)
+        _write_cache(cache_file, data)
     return data
+
+
+def _read_cache(cache_file):
+    with np.load(cache_file, allow_pickle=False) as z:  # arrays only: a cache file can never run code
+        return Interactions(z["offsets"], z["items"], z["user_ids"], z["item_ids"])
+
+
+def _write_cache(cache_file, data):
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, offsets=data.offsets, items=data.items, user_ids=data.user_ids, item_ids=data.item_ids)
+    try:
+        atomic_write(cache_file, save)
+    except OSError as e:  # a read-only cache folder only costs the speed-up
+        print(f"warning: cannot write the data cache {cache_file} ({e.strerror}); continuing without it")
 
 
 def make_synthetic(num_users=4000, num_items=3000, num_topics=40, seed=0):

@@ -8,7 +8,10 @@ import argparse
 import json
 import math
 import os
+import resource
+import signal
 import sys
+import threading
 import time
 import tomllib
 
@@ -17,7 +20,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset import FORMATS, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions
+from cli import ArgumentParser, fail
+from dataset import (FORMATS, ID_TYPES, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions,
+                     remove_stale_temp_files)
 from eval.metrics import evaluate, model_scorer, popularity_scorer
 from losses import LOSSES, SOFTMAX_LOSSES, TEMPERATURE_RANGE, Objective
 from model import SASRec
@@ -30,7 +35,7 @@ STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_fir
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train / evaluate a SASRec sequential recommender.", allow_abbrev=False,
+    p = ArgumentParser(description="Train / evaluate a SASRec sequential recommender.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file whose keys are these flags' names; command-line flags override it")
     g = p.add_argument_group("data")
@@ -40,6 +45,12 @@ def build_parser():
     g.add_argument("--user_col", help="delimited format: user column name (default: detect)")
     g.add_argument("--item_col", help="delimited format: item column name (default: detect)")
     g.add_argument("--time_col", help="delimited format: timestamp column name (default: detect, optional)")
+    g.add_argument("--id_type", choices=ID_TYPES, default="auto",
+                   help="raw ids: int, str, or auto (a column of mostly integers is an integer column, and a "
+                        "non-integer in it is an error)")
+    g.add_argument("--single_item_users", choices=("error", "ignore"), default="error",
+                   help="users with one interaction give nothing to train or evaluate on: stop with an error, "
+                        "or ignore them (the SASRec paper's Games file has 30)")
     g.add_argument("--cache_dir", default=os.environ.get("SASREC_CACHE_DIR", os.path.join(ROOT, ".cache")),
                    help="parsed logs are cached here, keyed by the file's content hash ('' disables)")
     g = p.add_argument_group("model")
@@ -235,9 +246,14 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"error: --state_dict_path {path}: no such checkpoint")
-    except Exception as e:  # truncated, not a checkpoint, or unsafe content
-        raise SystemExit(f"error: --state_dict_path {path}: not a readable checkpoint ({type(e).__name__}: {e})")
+        fail(f"--state_dict_path {path}: no such checkpoint")
+    except Exception as e:  # truncated, not a checkpoint, or unsafe content (pickled code is refused, never run)
+        fail(f"--state_dict_path {path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def checkpoint_file(path, inference_only):
@@ -253,8 +269,24 @@ def output_dirs(args):
     args.log_dir = args.log_dir or os.path.join(args.run_dir, "logs")
     args.tb_dir = args.tb_dir or os.path.join(args.run_dir, "tb")
     args.ckpt_dir = args.ckpt_dir or os.path.join(args.run_dir, "ckpt")
-    for d in (args.run_dir, args.log_dir, args.tb_dir, args.ckpt_dir):
-        os.makedirs(d, exist_ok=True)
+    for flag in ("run_dir", "log_dir", "tb_dir", "ckpt_dir"):
+        folder = getattr(args, flag)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write_test{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            fail(f"--{flag} {folder}: not a writable folder ({e.strerror})")
+
+
+def check_not_overwriting(args):
+    """A new run never replaces another run's checkpoints; resuming writes on into its own folder."""
+    last = os.path.join(args.ckpt_dir, "last.pt")
+    resumed_from = args.state_dict_path and os.path.dirname(os.path.abspath(checkpoint_file(args.state_dict_path, False)))
+    if os.path.exists(last) and resumed_from != os.path.abspath(args.ckpt_dir):
+        fail(f"--ckpt_dir {args.ckpt_dir} already holds a run ({last}); resume it with --state_dict_path "
+             f"{args.ckpt_dir}, or choose another --run_dir / --ckpt_dir")
 
 
 # ----------------------------------------------------------------------------- training
@@ -264,7 +296,7 @@ def resolve_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
+        fail(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -274,34 +306,80 @@ def seed_epoch(seed, epoch):
     return np.random.default_rng([seed, epoch])
 
 
-def train_epoch(model, objective, optimizer, batches, args, device, epoch, step, writer):
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM only raise a flag: the loop ends its step, saves a resumable checkpoint, exits.
+
+    A second signal acts as usual and aborts at once (checkpoints are written atomically either way).
+    """
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(saved):
+    torch.set_rng_state(saved["cpu"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def train_epoch(model, objective, optimizer, batches, args, device, state, writer, stop):
+    """Epoch state['epoch'] + 1, from batch state['batch'] on (0, or where an interrupted run stopped).
+
+    Advances state['step'] and state['batch']; returns early, mid-epoch, once `stop` has a signal.
+    """
+    epoch = state["epoch"] + 1
     model.train()
-    rng = seed_epoch(args.seed, epoch)
+    batch_iter = batches.epoch(seed_epoch(args.seed, epoch))
+    if state["batch"]:  # replay the interrupted part's draws, so the rest of the epoch matches exactly
+        for _ in range(state["batch"]):
+            next(batch_iter)
+        set_rng_state(state["rng"])
     total_loss, total_rows, seen, start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(batches.epoch(rng), total=len(batches), desc=f"epoch {epoch}", leave=False,
+    bar = tqdm(batch_iter, total=len(batches), initial=state["batch"], desc=f"epoch {epoch}", leave=False,
                disable=not sys.stderr.isatty())
     for batch in bar:
         seq, pos, neg = (torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in ("seq", "pos", "neg"))
-        log_now = (step + 1) % LOG_EVERY == 0
+        log_now = (state["step"] + 1) % LOG_EVERY == 0
         loss, logits = objective(model, seq, pos, neg, with_logits=log_now)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}")
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {state['step'] + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        set_lr(optimizer, args, step / (args.num_epochs * len(batches)))
+        set_lr(optimizer, args, state["step"] / (args.num_epochs * len(batches)))
         optimizer.step()
-        step += 1
+        state["step"] += 1
+        state["batch"] += 1
         seen += len(batch["users"])
         rows = int((pos != 0).sum())
         total_loss += loss.item() * rows
         total_rows += rows
         if log_now:
-            log_logits(writer, step, loss.item(), *logits, args.hist_every)
+            log_logits(writer, state["step"], loss.item(), *logits, args.hist_every)
             if args.similarity == "cosine":
-                writer.add_scalar("train/temperature", objective.temperature().item(), step)
+                writer.add_scalar("train/temperature", objective.temperature().item(), state["step"])
             bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if stop.received:
+            break
     seconds = time.perf_counter() - start
-    return step, total_loss / max(total_rows, 1), seen / seconds, seconds
+    return total_loss / max(total_rows, 1), seen / seconds, seconds
 
 
 def set_lr(optimizer, args, progress):
@@ -375,15 +453,17 @@ def final_report(model, split, args, device, summary):
 def load_data(args):
     try:
         data = load_interactions(args.data, args.data_format, args.cache_dir or None,
-                                 args.user_col, args.item_col, args.time_col)
+                                 args.user_col, args.item_col, args.time_col, args.id_type)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    single = np.flatnonzero(data.lengths == 1)
+    if len(single) and args.single_item_users == "error":
+        fail(f"{args.data}: {len(single)} user(s) with a single interaction, e.g. user {str(data.user_ids[single[0]])!r}: "
+             f"nothing to train or evaluate on (expected >= 2 per user; --single_item_users ignore skips them)")
     split = LeaveOneOut(data)
     if len(split.eval_users) == 0:
-        print(f"error: {args.data}: no user has the 3 or more interactions that leave-one-out needs "
-              f"(one to train on, one to validate, one to test)", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{args.data}: no user has the 3 or more interactions that leave-one-out needs "
+             f"(one to train on, one to validate, one to test)")
     print(f"data {args.data}: {data.num_users} users, {data.num_items} items, {len(data.items)} interactions; "
           f"{len(split.eval_users)} users evaluated"
           + (f", {split.num_short_users} users with < 3 items used for training only" if split.num_short_users else ""))
@@ -398,10 +478,14 @@ def restore(path, model, objective, optimizer, state, inference_only):
         if not inference_only:
             objective.load_state_dict(ckpt.get("objective", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise SystemExit(f"error: --state_dict_path {path}: does not fit this model ({str(e).splitlines()[0]})")
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        fail(f"--state_dict_path {path}: does not fit this model ({type(e).__name__}: {first_line(e)})")
     state.update({k: ckpt[k] for k in state if k in ckpt})
     print(f"loaded {path} (epoch {state['epoch']}, step {state['step']})")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 def train(model, objective, optimizer, split, args, device, state):
@@ -409,42 +493,58 @@ def train(model, objective, optimizer, split, args, device, state):
     batches = TrainBatches(split, args.maxlen, args.batch_size)
     writer = SummaryWriter(args.tb_dir)
     log = open(os.path.join(args.log_dir, "train.log"), "a")
-    for epoch in range(state["epoch"] + 1, args.num_epochs + 1):
-        try:
-            step, loss, seq_per_s, seconds = train_epoch(model, objective, optimizer, batches, args, device, epoch,
-                                                         state["step"], writer)
-        except FloatingPointError as e:  # checkpoints on disk are from before the failure and stay untouched
-            raise SystemExit(f"error: {e}; training stopped, last good checkpoint: "
-                             f"{os.path.join(args.ckpt_dir, 'last.pt')}")
-        state.update(epoch=epoch, step=step)
-        writer.add_scalar("train/epoch_loss", loss, epoch)
-        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
-        writer.add_scalar("train/sequences_per_s", seq_per_s, epoch)
-        record = {"epoch": epoch, "step": step, "loss": loss, "seq_per_s": seq_per_s, "seconds": seconds}
-        line = f"epoch {epoch:4d}  loss {loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
-        stop = False
-        if epoch % args.eval_every == 0 or epoch == args.num_epochs:
-            valid = run_evaluation(model, split, args, device, "valid")
-            for k, v in valid.items():
-                writer.add_scalar(f"valid/{k}", v, epoch)
-            record["valid"] = valid
-            line += f"  valid {format_metrics(valid)}"
-            if valid["NDCG@10"] > state["best_ndcg"]:
-                state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
-                save_checkpoint(os.path.join(args.ckpt_dir, "best.pt"), model, objective, optimizer, state)
-                line += "  *"
-            else:
-                state["bad_evals"] += 1
-                stop = state["bad_evals"] >= args.patience
-        save_checkpoint(os.path.join(args.ckpt_dir, "last.pt"), model, objective, optimizer, state)
-        print(line, flush=True)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        if stop:
-            print(f"early stop: no better validation NDCG@10 for {args.patience} evaluations")
-            break
+    last_path, best_path = os.path.join(args.ckpt_dir, "last.pt"), os.path.join(args.ckpt_dir, "best.pt")
+    remove_stale_temp_files(args.ckpt_dir)
+    with GracefulStop() as stop:
+        while state["epoch"] < args.num_epochs:
+            epoch = state["epoch"] + 1
+            try:
+                loss, seq_per_s, seconds = train_epoch(model, objective, optimizer, batches, args, device, state,
+                                                       writer, stop)
+            except FloatingPointError as e:  # nothing is saved: the checkpoints on disk predate the failure
+                fail(f"{e}; training stopped, checkpoints left as they were ({last_path})", code=1)
+            if stop.received and state["batch"] < len(batches):
+                state["rng"] = rng_state()
+                save_checkpoint(last_path, model, objective, optimizer, state)
+                interrupted(stop, state, epoch, len(batches), args)
+            state.update(epoch=epoch, batch=0, rng=None)
+            writer.add_scalar("train/epoch_loss", loss, epoch)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
+            writer.add_scalar("train/sequences_per_s", seq_per_s, epoch)
+            record = {"epoch": epoch, "step": state["step"], "loss": loss, "seq_per_s": seq_per_s,
+                      "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            line = f"epoch {epoch:4d}  loss {loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
+            stop_early = False
+            if epoch % args.eval_every == 0 or epoch == args.num_epochs:
+                valid = run_evaluation(model, split, args, device, "valid")
+                for k, v in valid.items():
+                    writer.add_scalar(f"valid/{k}", v, epoch)
+                record["valid"] = valid
+                line += f"  valid {format_metrics(valid)}"
+                if valid["NDCG@10"] > state["best_ndcg"]:
+                    state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
+                    save_checkpoint(best_path, model, objective, optimizer, state)
+                    line += "  *"
+                else:
+                    state["bad_evals"] += 1
+                    stop_early = state["bad_evals"] >= args.patience
+            save_checkpoint(last_path, model, objective, optimizer, state)
+            print(line, flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if stop.received:
+                interrupted(stop, state, epoch + 1, len(batches), args)
+            if stop_early:
+                print(f"early stop: no better validation NDCG@10 for {args.patience} evaluations")
+                break
     writer.close()
     log.close()
+
+
+def interrupted(stop, state, epoch, num_batches, args):
+    print(f"{stop.received}: stopped at epoch {epoch}, batch {state['batch']}/{num_batches} (step {state['step']}); "
+          f"checkpoint saved. Resume with: python main.py --state_dict_path {args.ckpt_dir}", flush=True)
+    sys.exit(130)
 
 
 def main(argv=None):
@@ -460,7 +560,8 @@ def main(argv=None):
     objective = Objective(args, split.item_counts("valid")).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=args.lr, betas=(0.9, 0.98),
                                  fused=device.type in ("cpu", "cuda"))
-    state = {"epoch": 0, "step": 0, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
+    # epoch: epochs finished; batch: batches done in the next one (> 0 after an interrupt), rng: its random state
+    state = {"epoch": 0, "step": 0, "batch": 0, "rng": None, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
     if args.state_dict_path:
         path = checkpoint_file(args.state_dict_path, args.inference_only)
         restore(path, model, objective, optimizer, state, args.inference_only)
@@ -468,7 +569,7 @@ def main(argv=None):
     if args.inference_only:
         final_report(model, split, args, device, {"checkpoint": path})
         return
-
+    check_not_overwriting(args)
     write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
     write_json(os.path.join(args.ckpt_dir, "id_map.json"),
                {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})

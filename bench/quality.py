@@ -11,6 +11,7 @@ runs (their results.json) are reused unless --rerun. The table goes to stdout an
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,7 +88,8 @@ def main():
             run_dir = os.path.join(args.runs, f"{dataset}_{loss}")
             results = os.path.join(run_dir, "results.json")
             if not args.table_only and (args.rerun or not os.path.exists(results)):
-                os.makedirs(run_dir, exist_ok=True)
+                shutil.rmtree(run_dir, ignore_errors=True)  # an old or unfinished run starts over
+                os.makedirs(run_dir)
                 minutes, peak_mb = run_one(dataset, loss, run_dir, extra)
                 with open(results) as f:
                     r = json.load(f)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from cli import ArgumentParser, fail  # noqa: E402
 from dataset import (DataError, LeaveOneOut, atomic_write, left_padded, load_interactions,  # noqa: E402
                      ragged_positions)
 from eval.metrics import metrics_at_k  # noqa: E402
@@ -27,7 +28,7 @@ STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Top-k retrieval with a trained SASRec checkpoint.", allow_abbrev=False,
+    p = ArgumentParser(description="Top-k retrieval with a trained SASRec checkpoint.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (holding config.json, id_map.json, best.pt)")
     p.add_argument("--weights", default="best.pt", help="checkpoint file inside --ckpt")
@@ -39,6 +40,8 @@ def build_parser():
     p.add_argument("--queries", help="embed these sequences instead (any format the training reader accepts)")
     p.add_argument("--query_format", choices=("lines", "pairs", "delimited"), help="default: detect")
     p.add_argument("--candidates", help="file of raw item ids (whitespace / newline separated) to retrieve from")
+    p.add_argument("--skip_unknown", action="store_true",
+                   help="drop --queries / --candidates items missing from the checkpoint's id map (default: error)")
     p.add_argument("--keep_history", action="store_true", help="do not filter items already in the history")
     p.add_argument("--similarity", choices=("auto", "cosine", "dot"), default="auto",
                    help="auto: as the model was trained (its saved --similarity)")
@@ -56,11 +59,6 @@ def build_parser():
     for flag in STRUCTURE_FLAGS:  # accepted only to check them against the saved config
         p.add_argument(f"--{flag}", type=int, help="must equal the saved config's value (optional)")
     return p
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- model + data
@@ -95,7 +93,8 @@ def training_histories(config, id_map, args):
     """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log."""
     path = args.data or config["data"]
     data = load_interactions(path, config.get("data_format"), config.get("cache_dir") or None,
-                             config.get("user_col"), config.get("item_col"), config.get("time_col"))
+                             config.get("user_col"), config.get("item_col"), config.get("time_col"),
+                             config.get("id_type", "auto"))
     if data.item_ids.tolist() != id_map["items"]:
         fail(f"--data {path}: its items differ from the checkpoint's id_map.json (was the log changed?)")
     if args.split == "next":
@@ -107,14 +106,18 @@ def training_histories(config, id_map, args):
 
 
 def query_histories(id_map, args):
-    """Sequences from --queries mapped through the saved id map; unknown items are reported and skipped."""
-    data = load_interactions(args.queries, args.query_format)
+    """Sequences from --queries mapped through the saved id map (unknown items: an error, or --skip_unknown)."""
+    data = load_interactions(args.queries, args.query_format, id_type="str")  # matched to the id map as strings
     index = {raw: i + 1 for i, raw in enumerate(id_map["items"])}
     raw_items = data.item_ids[data.items - 1]
     mapped = np.array([index.get(r, 0) for r in raw_items], np.int64)
     unknown = mapped == 0
     if unknown.any():
         examples = sorted(set(raw_items[unknown].tolist()))
+        user = data.user_ids[np.searchsorted(data.offsets, np.flatnonzero(unknown)[0], side="right") - 1]
+        if not args.skip_unknown:
+            fail(f"--queries {args.queries}: item {examples[0]!r} (user {str(user)!r}) is not in the checkpoint's id map "
+                 f"of {len(index)} items; {len(examples)} unknown item ids in all (--skip_unknown drops them)")
         print(f"{args.queries}: {int(unknown.sum())} interactions with {len(examples)} item ids unknown to the "
               f"checkpoint skipped (e.g. {examples[:5]})")
     owner = np.repeat(np.arange(data.num_users), data.lengths)[~unknown]
@@ -136,11 +139,17 @@ def candidate_items(id_map, args):
     if not args.candidates:
         return np.arange(1, len(id_map["items"]) + 1)
     try:
-        raw = open(args.candidates, encoding="utf-8").read().split()
-    except OSError as e:
-        fail(f"--candidates {args.candidates}: cannot read ({e.strerror})")
+        with open(args.candidates, encoding="utf-8") as f:
+            rows = [(lineno, r) for lineno, line in enumerate(f, 1) for r in line.split()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--candidates {args.candidates}: cannot read as text ({getattr(e, 'strerror', None) or e})")
     index = {r: i + 1 for i, r in enumerate(id_map["items"])}
+    raw = [r for _, r in rows]
     unknown = sorted({r for r in raw if r not in index})
+    if unknown and not args.skip_unknown:
+        lineno, first = next((n, r) for n, r in rows if r not in index)
+        fail(f"--candidates {args.candidates}:{lineno}: item {first!r} is not in the checkpoint's id map of "
+             f"{len(index)} items; {len(unknown)} unknown item ids in all (--skip_unknown drops them)")
     if unknown:
         print(f"{args.candidates}: {len(unknown)} item ids unknown to the checkpoint skipped (e.g. {unknown[:5]})")
     found = np.unique([index[r] for r in raw if r in index]).astype(np.int64)

@@ -54,9 +54,9 @@ def test_outputs_have_raw_ids_embeddings_and_csv(run, tmp_path):
     assert len(json.load(open(os.path.join(out, "user_ids.json")))) == 4000
 
 
-def test_query_file_maps_ids_and_reports_unknown(run, tmp_path, capsys):
+def test_query_file_maps_ids_and_skips_unknown_on_request(run, tmp_path, capsys):
     queries = write(tmp_path, "q.txt", "alice 5 6 7\nbob 999999 12\ncarol nope\n")
-    out = infer_main(run, tmp_path, "--queries", queries, "--k", "10")
+    out = infer_main(run, tmp_path, "--queries", queries, "--k", "10", "--skip_unknown")
     printed = capsys.readouterr().out
     assert "2 interactions with 2 item ids unknown" in printed and "1 users with no known item skipped" in printed
     rows = read_jsonl(os.path.join(out, "topk.jsonl"))
@@ -68,11 +68,12 @@ def test_query_file_maps_ids_and_reports_unknown(run, tmp_path, capsys):
 def test_candidates_subset_and_keep_history(run, tmp_path, capsys):
     cands = write(tmp_path, "c.txt", "5 6 7 8 9 10 11 12 13 14 15 unknown_item\n")
     queries = write(tmp_path, "q.txt", "u 5 6\n")
-    out = infer_main(run, tmp_path, "--queries", queries, "--candidates", cands, "--k", "20")
+    out = infer_main(run, tmp_path, "--queries", queries, "--candidates", cands, "--k", "20", "--skip_unknown")
     assert "1 item ids unknown to the checkpoint skipped" in capsys.readouterr().out
     row = read_jsonl(os.path.join(out, "topk.jsonl"))[0]
     assert sorted(row["items"], key=int) == [str(i) for i in range(7, 16)]  # 11 candidates - 2 seen, k > 9
-    out = infer_main(run, tmp_path, "--queries", queries, "--candidates", cands, "--k", "20", "--keep_history")
+    out = infer_main(run, tmp_path, "--queries", queries, "--candidates", cands, "--k", "20", "--keep_history",
+                     "--skip_unknown")
     assert len(read_jsonl(os.path.join(out, "topk.jsonl"))[0]["items"]) == 11
 
 

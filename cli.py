@@ -1,0 +1,16 @@
+"""Command-line plumbing shared by main.py and eval/infer.py: every error is one line and exit status 2."""
+import argparse
+import sys
+
+
+def fail(message, code=2):
+    """One line on stderr and a non-zero exit: 2 for bad input (argparse's convention), 1 for a failed run."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`) instead of the whole usage block."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
