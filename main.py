@@ -163,8 +163,15 @@ def saved_config(state_dict_path, parser):
         saved = json.load(open(path))
     except (OSError, ValueError) as e:
         parser.error(f"--state_dict_path: unreadable {path} ({e})")
+    if not isinstance(saved, dict):
+        parser.error(f"--state_dict_path: {path} is not a saved config (expected a JSON object)")
     flags = {a.dest for a in parser._actions} - {"config", "state_dict_path", "inference_only", "help"}
     saved = {KEY_ALIASES.get(k, k): v for k, v in saved.items()}
+    ckpt_dir = os.path.dirname(os.path.abspath(path))
+    if saved.get("ckpt_dir") and os.path.abspath(saved["ckpt_dir"]) != ckpt_dir:  # the run was moved or copied:
+        run_dir = os.path.dirname(ckpt_dir)                                        # write beside it, not where it was
+        saved.update(ckpt_dir=ckpt_dir, run_dir=run_dir, log_dir=os.path.join(run_dir, "logs"),
+                     tb_dir=os.path.join(run_dir, "tb"))
     return {k: v for k, v in saved.items() if k in flags}
 
 
@@ -547,6 +554,17 @@ def interrupted(stop, state, epoch, num_batches, args):
     sys.exit(130)
 
 
+def build(args, data, split, device):
+    """Model, training objective and optimizer for `args` on `data`."""
+    args.num_items = data.num_items
+    model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
+                   args.dropout_rate, args.norm_first).to(device)
+    objective = Objective(args, split.item_counts("valid")).to(device)
+    optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=args.lr, betas=(0.9, 0.98),
+                                 fused=device.type in ("cpu", "cuda"))
+    return model, objective, optimizer
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.data != "synthetic":
@@ -554,12 +572,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     data, split = load_data(args)
-    args.num_items = data.num_items
-    model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
-                   args.dropout_rate, args.norm_first).to(device)
-    objective = Objective(args, split.item_counts("valid")).to(device)
-    optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=args.lr, betas=(0.9, 0.98),
-                                 fused=device.type in ("cpu", "cuda"))
+    model, objective, optimizer = build(args, data, split, device)
     # epoch: epochs finished; batch: batches done in the next one (> 0 after an interrupt), rng: its random state
     state = {"epoch": 0, "step": 0, "batch": 0, "rng": None, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
     if args.state_dict_path:
@@ -588,4 +601,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own): no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

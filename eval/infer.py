@@ -338,4 +338,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

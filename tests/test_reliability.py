@@ -3,7 +3,7 @@ import hashlib
 import io
 import json
 import os
-import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, write
 from eval import infer
 from main import main
+from model import SASRec
 
 TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1",
         "--batch_size", "256", "--cache_dir", ""]  # 4,000 users: 16 batches per epoch
@@ -105,8 +106,10 @@ def bad_checkpoints(run, tmp_path):
     """name -> a checkpoint directory that must be refused."""
     good = open(os.path.join(run, "ckpt", "best.pt"), "rb").read()
     dirs = {}
+    other = io.BytesIO()  # the right format, but weights of another width (8, not 16)
+    torch.save({"model": SASRec(3000, maxlen=10, hidden_units=8, num_blocks=1).state_dict(), "epoch": 1}, other)
     for name, content in (("truncated", good[:len(good) // 2]), ("not a checkpoint", b"hello\n"),
-                          ("pickle payload", payload(tmp_path / "pwned"))):
+                          ("pickle payload", payload(tmp_path / "pwned")), ("another shape", other.getvalue())):
         d = tmp_path / name.replace(" ", "_")
         d.mkdir()
         for f in ("config.json", "id_map.json"):
@@ -132,11 +135,14 @@ def payload(marker):
 
 
 CKPT_ERRORS = {"truncated": "not a readable checkpoint", "not a checkpoint": "not a readable checkpoint",
-               "pickle payload": "not a readable checkpoint"}
+               "pickle payload": "not a readable checkpoint", "another shape": "does not fit this model"}
 
 
 @pytest.mark.parametrize("kind", list(CKPT_ERRORS))
 def test_bad_checkpoint_is_refused_by_main_and_infer(run, tmp_path, capsys, kind):
+    if kind == "pickle payload":  # the payload is live: a plain unpickling runs it
+        torch.load(io.BytesIO(payload(tmp_path / "live")), weights_only=False)
+        assert (tmp_path / "live").read_text() == "pwned"
     before = snapshot(run)
     ckpt = bad_checkpoints(run, tmp_path)[kind]
     fails_with(capsys, main, ["--state_dict_path", ckpt, "--inference_only", "--run_dir", str(tmp_path / "r")],
@@ -163,6 +169,14 @@ def test_missing_and_mismatched_checkpoints(run, tmp_path, capsys):
     # a new run into a folder that already holds one would overwrite its checkpoints
     fails_with(capsys, main, TINY + ["--num_epochs", "1", "--run_dir", run], "already holds a run")
     assert snapshot(run) == before
+
+
+def test_a_moved_run_resumes_in_its_new_place(run, tmp_path):
+    before = snapshot(run)
+    moved = shutil.copytree(run, tmp_path / "moved")
+    main(["--state_dict_path", os.path.join(moved, "ckpt"), "--num_epochs", "2"])
+    assert torch.load(os.path.join(moved, "ckpt", "last.pt"), weights_only=True)["epoch"] == 2
+    assert os.path.exists(os.path.join(moved, "results.json")) and snapshot(run) == before
 
 
 def test_unwritable_outputs(run, tmp_path, capsys):

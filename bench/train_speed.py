@@ -1,0 +1,189 @@
+"""Training speed on CPU: seconds per epoch, users/s, start-up, peak memory, achieved GFLOP/s.
+
+    python bench/train_speed.py                                   # Beauty, BCE and InfoNCE, pmixer's settings
+    python bench/train_speed.py --pmixer ~/SASRec.pytorch/python  # + pmixer/SASRec.pytorch on the same data
+    python bench/train_speed.py --losses infonce -- --hidden_units 256   # anything after -- goes to main.py
+
+Settings default to the reference PyTorch SASRec's (pmixer/SASRec.pytorch): maxlen 50, hidden 50,
+2 blocks, 1 head, batch 128, on CPU. Each configuration runs in its own process, so start-up and peak
+RSS are its own. Seconds per epoch is the median over --epochs epochs after one warm-up epoch.
+Achieved GFLOP/s = the FLOPs torch executes in an epoch (forward + backward, counted by
+torch.utils.flop_counter over one extra epoch) / the median epoch time, next to the fp32 matmul rate
+measured in the same process. pmixer is timed from its per-step log lines (first step of each epoch);
+its code is run where it lies and never copied here.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PMIXER_SETTINGS = ["--maxlen", "50", "--hidden_units", "50", "--num_blocks", "2", "--num_heads", "1",
+                   "--batch_size", "128"]
+
+
+def matmul_gflops(size=2048, reps=10):
+    import torch
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def child(argv, epochs, profile_steps=0):
+    """Runs in its own process: prints one JSON line of measurements (and a profile table first)."""
+    launched = float(os.environ["BENCH_LAUNCHED"])
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, ROOT)
+    import main
+    from dataset import TrainBatches
+    imported = time.time()
+    args = main.parse_args(argv)
+    device = main.resolve_device(args.device)
+    t = time.perf_counter()
+    data, split = main.load_data(args)
+    batches = TrainBatches(split, args.maxlen, args.batch_size)
+    data_seconds = time.perf_counter() - t
+    model, objective, optimizer = main.build(args, data, split, device)
+    next(iter(batches.epoch(np.random.default_rng(0))))  # the first batch is ready: training could start
+    startup = time.time() - launched
+    state = {"epoch": 0, "step": 0, "batch": 0, "rng": None}
+    writer = NullWriter()
+    stop = main.GracefulStop()
+    if profile_steps:
+        print_profile(model, objective, optimizer, batches, args, device, profile_steps)
+    seconds = []
+    for _ in range(epochs + 1):
+        _, _, s = main.train_epoch(model, objective, optimizer, batches, args, device, state, writer, stop)
+        state.update(epoch=state["epoch"] + 1, batch=0)
+        seconds.append(s)
+    with FlopCounterMode(display=False) as counter:
+        main.train_epoch(model, objective, optimizer, batches, args, device, state, writer, stop)
+    epoch_s = statistics.median(seconds[1:])
+    flops = counter.get_total_flops()
+    rate = matmul_gflops()
+    print(json.dumps({"loss": args.loss, "epoch_s": epoch_s, "epochs_s": seconds, "users_per_s":
+                      len(batches.users) / epoch_s, "startup_s": startup, "import_s": imported - launched,
+                      "data_s": data_seconds, "gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / 1e9 / epoch_s,
+                      "matmul_gflops": rate, "threads": torch.get_num_threads()}))
+
+
+def print_profile(model, objective, optimizer, batches, args, device, steps):
+    """torch.profiler over `steps` training steps: where a step's time goes, by operator."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    model.train()
+    batch_iter = batches.epoch(np.random.default_rng(1))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function("## batch (numpy)"):
+                batch = next(batch_iter)
+                seq, pos, neg = (torch.from_numpy(batch[k]).to(device) for k in ("seq", "pos", "neg"))
+            with record_function("## forward + loss"):
+                loss, _ = objective(model, seq, pos, neg)
+            with record_function("## backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with record_function("## optimizer"):
+                optimizer.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+
+
+class NullWriter:
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    add_histogram = add_scalar
+
+
+def run_child(argv, epochs, profile=0):
+    env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()))
+    proc = subprocess.Popen([sys.executable, __file__, "--child", "--epochs", str(epochs), "--profile",
+                             str(profile), "--", *argv],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS
+    if status:
+        raise SystemExit(f"error: training child failed (status {status}): {' '.join(argv)}")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def run_pmixer(path, data, epochs, settings):
+    """pmixer/SASRec.pytorch's main.py on `data` (converted to its `user item` format in a temp dir)."""
+    sys.path.insert(0, ROOT)
+    from dataset import load_interactions
+    log = load_interactions(data, cache_dir=os.path.join(ROOT, ".cache"))
+    work = tempfile.mkdtemp(prefix="pmixer_bench_")
+    os.makedirs(os.path.join(work, "data"))
+    users = np.repeat(np.arange(1, log.num_users + 1), log.lengths)
+    np.savetxt(os.path.join(work, "data", "bench.txt"), np.stack([users, log.items], 1), fmt="%d")
+    flags = dict(zip(settings[::2], settings[1::2]))
+    cmd = [sys.executable, "-u", os.path.join(path, "main.py"), "--dataset", "bench", "--train_dir", "bench",
+           "--device", "cpu", "--num_epochs", str(epochs + 1), *[x for k, v in flags.items() for x in (k, v)]]
+    launched = time.time()
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_step = {}
+    for line in proc.stdout:  # "loss in epoch E iteration S: ..." once per step
+        found = re.match(r"loss in epoch (\d+) iteration 0:", line)
+        if found:
+            first_step[int(found[1])] = time.time()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status or len(first_step) < 3:
+        raise SystemExit(f"error: pmixer run failed: {' '.join(cmd)} (in {work})")
+    seconds = [first_step[e + 1] - first_step[e] for e in range(1, epochs + 1) if e + 1 in first_step]
+    epoch_s = statistics.median(seconds[1:] or seconds)
+    return {"epoch_s": epoch_s, "epochs_s": seconds, "startup_s": first_step[1] - launched,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "users_per_s": log.num_users / epoch_s}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "Beauty.txt"))
+    p.add_argument("--losses", nargs="+", default=["bce", "infonce"])
+    p.add_argument("--epochs", type=int, default=5, help="timed epochs (after one warm-up epoch)")
+    p.add_argument("--pmixer", help="folder of pmixer/SASRec.pytorch's python/main.py, to run beside")
+    p.add_argument("--pmixer_epochs", type=int, default=4)
+    p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N steps per run")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args, extra = p.parse_known_args()
+    extra = [x for x in extra if x != "--"]
+    if args.child:
+        return child(extra, args.epochs, args.profile)
+    base = ["--data", args.data, "--device", "cpu", "--dropout_rate", "0.2", *PMIXER_SETTINGS, *extra]
+    rows = []
+    for loss in args.losses:
+        r = run_child(base + ["--loss", loss], args.epochs, args.profile)
+        rows.append((f"this repo, {loss}", r))
+        print(json.dumps(r), flush=True)
+    if args.pmixer:
+        r = run_pmixer(args.pmixer, args.data, args.pmixer_epochs, PMIXER_SETTINGS)
+        rows.append(("pmixer/SASRec.pytorch, bce", r))
+        print(json.dumps(r), flush=True)
+    print_table(rows)
+
+
+def print_table(rows):
+    ref = next((r["epoch_s"] for name, r in rows if name.startswith("pmixer")), None)
+    print("\n| run | s / epoch | users / s | start-up s | data load + split s | peak RSS MB | GFLOP / epoch | "
+          "achieved GFLOP/s | matmul GFLOP/s | vs pmixer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        cell = lambda k, f: format(r[k], f) if k in r else ""  # noqa: E731
+        print(f"| {name} | {r['epoch_s']:.2f} | {r['users_per_s']:,.0f} | {r['startup_s']:.1f} | {cell('data_s', '.2f')} "
+              f"| {cell('peak_rss_mb', ',.0f')} | {cell('gflop_per_epoch', '.1f')} | {cell('achieved_gflops', '.1f')} "
+              f"| {cell('matmul_gflops', '.0f')} | {f'{ref / r['epoch_s']:.1f}x faster' if ref and ref != r['epoch_s'] else ''} |")
+
+
+if __name__ == "__main__":
+    main()
