@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from losses import LOSSES, Objective, bce_loss, gbce_beta, infonce_loss
+from losses import LOSSES, Objective, bce_loss, gbce_beta, infonce_loss, softmax_loss
 from main import parse_args
 
 E = math.e
@@ -84,6 +85,24 @@ def test_softmax_chunked_equals_unchunked_loss_and_gradients():
         torch.testing.assert_close(loss, results[0][0])
         for g, g0 in zip(grads, results[0][1]):
             torch.testing.assert_close(g, g0)
+
+
+def test_chunked_softmax_matches_plain_autograd_reference():
+    """The fused chunked cross-entropy (gradients computed in its forward) against F.cross_entropy on the
+    whole masked logits matrix, pool bias and accidental hits included."""
+    torch.manual_seed(1)
+    R, P, D = 23, 17, 5
+    pos_ids, pool_ids = torch.randint(1, 6, (R,)), torch.randint(1, 6, (P,))
+    q, pool, pos = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((R, D), (P, D), (R,)))
+    bias = torch.randn(P, dtype=torch.float64)
+    logits = (q @ pool.T + bias).masked_fill(pool_ids[None, :] == pos_ids[:, None], float("-inf"))
+    reference = F.cross_entropy(torch.cat([pos[:, None], logits], 1), torch.zeros(R, dtype=torch.long))
+    expected = torch.autograd.grad(reference, (q, pool, pos))
+    for chunk_elems in (R * P, 4 * P, 1):
+        loss = softmax_loss(q, pos, pool, pool_ids, pos_ids, bias, chunk_elems=chunk_elems)
+        torch.testing.assert_close(loss, reference)
+        for g, g0 in zip(torch.autograd.grad(loss * 3, (q, pool, pos)), expected):
+            torch.testing.assert_close(g, 3 * g0)  # backward scales by the incoming gradient
 
 
 def test_full_ce_hand_computed():
