@@ -1,5 +1,6 @@
 """Command-line plumbing shared by main.py and eval/infer.py: every error is one line and exit status 2."""
 import argparse
+import os
 import sys
 
 
@@ -14,3 +15,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
+
+
+def make_writable_folder(folder, flag):
+    """Create `folder` and prove a file can be written there, or fail naming `flag`."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{flag} {folder}: not a writable folder ({e.strerror})")

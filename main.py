@@ -20,7 +20,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, fail, make_writable_folder
 from dataset import (FORMATS, ID_TYPES, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions,
                      remove_stale_temp_files)
 from eval.metrics import evaluate, model_scorer, popularity_scorer
@@ -277,14 +277,7 @@ def output_dirs(args):
     args.tb_dir = args.tb_dir or os.path.join(args.run_dir, "tb")
     args.ckpt_dir = args.ckpt_dir or os.path.join(args.run_dir, "ckpt")
     for flag in ("run_dir", "log_dir", "tb_dir", "ckpt_dir"):
-        folder = getattr(args, flag)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            probe = os.path.join(folder, f".write_test{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            fail(f"--{flag} {folder}: not a writable folder ({e.strerror})")
+        make_writable_folder(getattr(args, flag), f"--{flag}")
 
 
 def check_not_overwriting(args):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import ArgumentParser, fail  # noqa: E402
+from cli import ArgumentParser, fail, make_writable_folder  # noqa: E402
 from dataset import (DataError, LeaveOneOut, atomic_write, left_padded, load_interactions,  # noqa: E402
                      ragged_positions)
 from eval.metrics import metrics_at_k  # noqa: E402
@@ -308,13 +308,7 @@ def main(argv=None):
         fail(str(e))
     cands = candidate_items(id_map, args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "infer")
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"--out {out}: not writable ({e.strerror})")
+    make_writable_folder(out, "--out")
 
     user_vecs = embed_users(model, items, ends, lengths, normalize, args.batch_size, device)
     item_vecs = embed_items(model.cpu(), cands, normalize)

@@ -184,7 +184,7 @@ def test_unwritable_outputs(run, tmp_path, capsys):
     fails_with(capsys, main, TINY + ["--num_epochs", "1", "--run_dir", os.path.join(blocker, "run")],
                f"--run_dir {blocker}/run: not a writable folder")
     fails_with(capsys, infer.main, ["--ckpt", os.path.join(run, "ckpt"), "--out", os.path.join(blocker, "o")],
-               f"--out {blocker}/o: not writable")
+               f"--out {blocker}/o: not a writable folder")
 
 
 def test_unknown_ids_at_inference(run, tmp_path, capsys):
