@@ -491,11 +491,10 @@ def peak_rss_mb():
 def train(model, objective, optimizer, split, args, device, state):
     """Epochs with validation every --eval_every, best/last checkpoints, early stopping on NDCG@10."""
     batches = TrainBatches(split, args.maxlen, args.batch_size)
-    writer = SummaryWriter(args.tb_dir)
-    log = open(os.path.join(args.log_dir, "train.log"), "a")
-    last_path, best_path = os.path.join(args.ckpt_dir, "last.pt"), os.path.join(args.ckpt_dir, "best.pt")
+    last_path = os.path.join(args.ckpt_dir, "last.pt")
     remove_stale_temp_files(args.ckpt_dir)
-    with GracefulStop() as stop:
+    with SummaryWriter(args.tb_dir) as writer, open(os.path.join(args.log_dir, "train.log"), "a") as log, \
+            GracefulStop() as stop:
         while state["epoch"] < args.num_epochs:
             epoch = state["epoch"] + 1
             try:
@@ -508,26 +507,17 @@ def train(model, objective, optimizer, split, args, device, state):
                 save_checkpoint(last_path, model, objective, optimizer, state)
                 interrupted(stop, state, epoch, len(batches), args)
             state.update(epoch=epoch, batch=0, rng=None)
-            writer.add_scalar("train/epoch_loss", loss, epoch)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
-            writer.add_scalar("train/sequences_per_s", seq_per_s, epoch)
+            for name, value in (("epoch_loss", loss), ("lr", optimizer.param_groups[0]["lr"]),
+                                ("sequences_per_s", seq_per_s)):
+                writer.add_scalar(f"train/{name}", value, epoch)
             record = {"epoch": epoch, "step": state["step"], "loss": loss, "seq_per_s": seq_per_s,
                       "seconds": seconds, "peak_rss_mb": round(peak_rss_mb(), 1)}
             line = f"epoch {epoch:4d}  loss {loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
             stop_early = False
             if epoch % args.eval_every == 0 or epoch == args.num_epochs:
-                valid = run_evaluation(model, split, args, device, "valid")
-                for k, v in valid.items():
-                    writer.add_scalar(f"valid/{k}", v, epoch)
-                record["valid"] = valid
-                line += f"  valid {format_metrics(valid)}"
-                if valid["NDCG@10"] > state["best_ndcg"]:
-                    state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
-                    save_checkpoint(best_path, model, objective, optimizer, state)
-                    line += "  *"
-                else:
-                    state["bad_evals"] += 1
-                    stop_early = state["bad_evals"] >= args.patience
+                record["valid"], stop_early = validate(model, objective, optimizer, split, args, device, state,
+                                                       writer)
+                line += f"  valid {format_metrics(record['valid'])}{'  *' if state['best_epoch'] == epoch else ''}"
             save_checkpoint(last_path, model, objective, optimizer, state)
             print(line, flush=True)
             log.write(json.dumps(record) + "\n")
@@ -537,8 +527,20 @@ def train(model, objective, optimizer, split, args, device, state):
             if stop_early:
                 print(f"early stop: no better validation NDCG@10 for {args.patience} evaluations")
                 break
-    writer.close()
-    log.close()
+
+
+def validate(model, objective, optimizer, split, args, device, state, writer):
+    """Validation metrics; saves best.pt on a new best NDCG@10. Returns (metrics, whether to stop early)."""
+    epoch = state["epoch"]
+    valid = run_evaluation(model, split, args, device, "valid")
+    for k, v in valid.items():
+        writer.add_scalar(f"valid/{k}", v, epoch)
+    if valid["NDCG@10"] > state["best_ndcg"]:
+        state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
+        save_checkpoint(os.path.join(args.ckpt_dir, "best.pt"), model, objective, optimizer, state)
+        return valid, False
+    state["bad_evals"] += 1
+    return valid, state["bad_evals"] >= args.patience
 
 
 def interrupted(stop, state, epoch, num_batches, args):
