@@ -24,6 +24,7 @@ from cli import ArgumentParser, fail, make_writable_folder
 from dataset import (FORMATS, ID_TYPES, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions,
                      remove_stale_temp_files)
 from eval.metrics import evaluate, model_scorer, popularity_scorer
+from features import load_side_info
 from losses import LOSSES, SOFTMAX_LOSSES, TEMPERATURE_RANGE, Objective
 from model import SASRec
 
@@ -53,6 +54,14 @@ def build_parser():
                         "or ignore them (the SASRec paper's Games file has 30)")
     g.add_argument("--cache_dir", default=os.environ.get("SASREC_CACHE_DIR", os.path.join(ROOT, ".cache")),
                    help="parsed logs are cached here, keyed by the file's content hash ('' disables)")
+    g = p.add_argument_group("item side information (see features.py)")
+    g.add_argument("--item_features", action="append", metavar="FILE",
+                   help="item attributes: JSON {item: [values]} or a delimited file with an item column and one "
+                        "column per feature (repeatable)")
+    g.add_argument("--feature_sep", default="|", help="separator of multi-valued cells in --item_features")
+    g.add_argument("--item_emb", action="append", metavar="FILE",
+                   help="frozen pretrained item vectors: .npz (ids, vectors) or .npy with <name>.ids.txt (repeatable)")
+    g.add_argument("--no_item_id", action="store_true", help="items from side information only (cold-start tower)")
     g = p.add_argument_group("model")
     g.add_argument("--maxlen", type=int, default=50, help="longest input sequence (most recent items kept)")
     g.add_argument("--hidden_units", type=int, default=50)
@@ -98,6 +107,8 @@ def build_parser():
                    help="softmax losses: keep each row's K highest-scoring negatives (0: all)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--keep_history", action="store_true", help="let already-seen items compete in the ranking")
+    g.add_argument("--rare_below", type=int, default=0,
+                   help="also report metrics on targets seen in training fewer than N times (rare_* keys)")
     g.add_argument("--sampled_metrics", action=argparse.BooleanOptionalAction, default=False,
                    help="also report metrics against 100 random negatives (SASRec paper protocol)")
     g = p.add_argument_group("output (defaults: env TRAIN_LOG_PATH / TRAIN_TF_EVENTS_PATH / TRAIN_CKPT_PATH, "
@@ -229,6 +240,11 @@ def parse_args(argv=None):
         parser.error(f"--gbce_t must be in [0, 1], got {args.gbce_t}")
     if not 0 <= args.dropout_rate < 1:
         parser.error(f"--dropout_rate must be in [0, 1), got {args.dropout_rate}")
+    for flag in ("item_features", "item_emb"):  # a config file may give one path or a list
+        paths = getattr(args, flag) or []
+        setattr(args, flag, [os.path.abspath(resolve_data_path(p)) for p in ([paths] if isinstance(paths, str) else paths)])
+    if args.no_item_id and not (args.item_features or args.item_emb):
+        parser.error("--no_item_id needs --item_features or --item_emb (items would have no representation)")
     if args.inference_only and not args.state_dict_path:
         parser.error("--inference_only needs --state_dict_path")
     return args
@@ -404,7 +420,7 @@ def run_evaluation(model, split, args, device, which):
     # Rank as the loss trained the model to score: cosine or dot product.
     score = model_scorer(model, split.data, args.maxlen, device, cosine=args.similarity == "cosine")
     return evaluate(score, split, which, exclude_history=not args.keep_history, sampled=args.sampled_metrics,
-                    seed=args.seed)
+                    seed=args.seed, rare_below=args.rare_below)
 
 
 def describe_loss(args):
@@ -435,15 +451,21 @@ def final_report(model, split, args, device, summary):
         results[which] = run_evaluation(model, split, args, device, which)
         pop = popularity_scorer(split.item_counts(which))
         results[f"popularity_{which}"] = evaluate(pop, split, which, exclude_history=not args.keep_history,
-                                                  sampled=args.sampled_metrics, seed=args.seed)
+                                                  sampled=args.sampled_metrics, seed=args.seed,
+                                                  rare_below=args.rare_below)
     keys = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"]
     if args.sampled_metrics:
         keys += ["sampled_HR@10", "sampled_NDCG@10"]
+    if "rare_HR@10" in results["test"]:
+        keys += ["rare_HR@10", "rare_NDCG@10"]
     print(f"\ntest metrics ({results['test']['users']} users, full ranking"
           f"{', history kept' if args.keep_history else ', history excluded'}):")
     print(f"  {'metric':<16}{'SASRec':>10}{'popularity':>12}")
     for k in keys:
         print(f"  {k:<16}{results['test'][k]:>10.4f}{results['popularity_test'][k]:>12.4f}")
+    if args.rare_below:
+        print(f"  rare_*: the {results['test']['rare_users']} users whose test item was seen < {args.rare_below} "
+              f"times before")
     path = os.path.join(args.run_dir, "eval_results.json" if args.inference_only else "results.json")
     write_json(path, results)
     print(f"results written to {path}")
@@ -552,8 +574,16 @@ def interrupted(stop, state, epoch, num_batches, args):
 def build(args, data, split, device):
     """Model, training objective and optimizer for `args` on `data`."""
     args.num_items = data.num_items
+    try:
+        side = load_side_info(data.item_ids, args.item_features, args.item_emb, args.feature_sep)
+    except DataError as e:
+        fail(str(e))
+    args.item_side = side.spec()  # saved in config.json: eval/infer.py rebuilds the model from it
     model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
-                   args.dropout_rate, args.norm_first).to(device)
+                   args.dropout_rate, args.norm_first, args.item_side, not args.no_item_id)
+    if model.item_side is not None:
+        model.item_side.load_arrays(side)
+    model = model.to(device)
     objective = Objective(args, split.item_counts("valid")).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=args.lr, betas=(0.9, 0.98),
                                  fused=device.type in ("cpu", "cuda"))

@@ -70,14 +70,62 @@ class Block(nn.Module):
         return x * keep
 
 
+class ItemSide(nn.Module):
+    """Item side information fused with the id embedding, as the competition basemodel builds items:
+    concatenate [id embedding, one pooled embedding per attribute feature, each pretrained vector projected
+    to hidden_units], then a dense layer to hidden_units. Multi-valued features are averaged over their
+    values (padding slots masked); items without a pretrained vector get a learned default. The per-item
+    value codes and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
+    `spec` is features.ItemSideInfo.spec(); `use_id=False` gives a pure-content item tower."""
+
+    def __init__(self, num_items, hidden_units, spec, use_id=True):
+        super().__init__()
+        self.use_id = use_id
+        self.feature_emb = nn.ModuleList(nn.Embedding(f["vocab_size"], hidden_units, padding_idx=0)
+                                         for f in spec["features"])
+        self.vector_proj = nn.ModuleList(nn.Linear(v["dim"], hidden_units) for v in spec["vectors"])
+        self.vector_default = nn.Parameter(torch.zeros(len(spec["vectors"]), hidden_units))
+        for i, f in enumerate(spec["features"]):
+            self.register_buffer(f"feature_values{i}", torch.zeros(num_items + 1, f["width"], dtype=torch.long))
+        for j, v in enumerate(spec["vectors"]):
+            self.register_buffer(f"vectors{j}", torch.zeros(num_items + 1, v["dim"]))
+            self.register_buffer(f"has_vector{j}", torch.zeros(num_items + 1, dtype=torch.bool))
+        parts = int(use_id) + len(spec["features"]) + len(spec["vectors"])
+        self.fuse = nn.Linear(parts * hidden_units, hidden_units)
+
+    def load_arrays(self, info):
+        """Copy a features.ItemSideInfo's arrays into the buffers."""
+        with torch.no_grad():
+            for i, f in enumerate(info.features):
+                getattr(self, f"feature_values{i}").copy_(torch.from_numpy(f.values))
+            for j, v in enumerate(info.vectors):
+                getattr(self, f"vectors{j}").copy_(torch.from_numpy(v.vectors))
+                getattr(self, f"has_vector{j}").copy_(torch.from_numpy(v.present))
+
+    def forward(self, ids, id_emb):
+        parts = [id_emb(ids)] if self.use_id else []
+        for i, emb in enumerate(self.feature_emb):
+            codes = getattr(self, f"feature_values{i}")[ids]  # (..., width); 0 = empty slot, its vector is zero
+            parts.append(emb(codes).sum(-2) / (codes != 0).sum(-1, keepdim=True).clamp_min(1))
+        for j, proj in enumerate(self.vector_proj):
+            projected = proj(getattr(self, f"vectors{j}")[ids])
+            parts.append(torch.where(getattr(self, f"has_vector{j}")[ids].unsqueeze(-1), projected,
+                                     self.vector_default[j]))
+        return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
+
+
 class SASRec(nn.Module):
     def __init__(self, num_items, maxlen=50, hidden_units=50, num_blocks=2, num_heads=1, dropout_rate=0.2,
-                 norm_first=True):
+                 norm_first=True, side_spec=None, use_item_id=True):
         super().__init__()
         if hidden_units % num_heads:
             raise ValueError(f"--hidden_units ({hidden_units}) must be divisible by --num_heads ({num_heads})")
+        has_side = bool(side_spec and (side_spec["features"] or side_spec["vectors"]))
+        if not use_item_id and not has_side:
+            raise ValueError("--no_item_id needs --item_features or --item_emb: items would have no representation")
         self.num_items, self.maxlen, self.hidden_units = num_items, maxlen, hidden_units
         self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
+        self.item_side = ItemSide(num_items, hidden_units, side_spec, use_item_id) if has_side else None
         self.pos_emb = nn.Embedding(maxlen, hidden_units)
         self.emb_dropout = Dropout(dropout_rate)
         self.blocks = nn.ModuleList(Block(hidden_units, num_heads, dropout_rate, norm_first)
@@ -86,8 +134,13 @@ class SASRec(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        with torch.no_grad():  # xavier overwrote the padding rows
+            for emb in [self.item_emb, *(self.item_side.feature_emb if self.item_side else [])]:
+                emb.weight[0].zero_()
+
+    def item_vectors(self, ids):
+        """Item representations for ids of any shape: the id embedding, or the side-information tower."""
+        return self.item_emb(ids) if self.item_side is None else self.item_side(ids, self.item_emb)
 
     def sequence_states(self, seqs):
         """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero."""
@@ -95,10 +148,10 @@ class SASRec(nn.Module):
         if W > self.maxlen:
             raise ValueError(f"sequence width {W} exceeds maxlen {self.maxlen}")
         real = seqs != 0
-        keep = real.unsqueeze(-1).to(self.item_emb.weight.dtype)
+        keep = real.unsqueeze(-1).to(self.pos_emb.weight.dtype)
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
-        x = self.item_emb(seqs) * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:]
+        x = self.item_vectors(seqs) * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:]
         x = self.emb_dropout(x) * keep
         causal = torch.ones(W, W, dtype=torch.bool, device=seqs.device).tril()
         # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).
@@ -116,7 +169,11 @@ class SASRec(nn.Module):
 
     def item_embeddings(self, item_ids=None, normalize=False):
         """Embeddings the states are scored against (shared with the input table); all items if ids is None."""
-        items = self.item_emb.weight if item_ids is None else self.item_emb(item_ids)
+        if item_ids is None:
+            items = self.item_emb.weight if self.item_side is None else self.item_vectors(
+                torch.arange(self.num_items + 1, device=self.item_emb.weight.device))
+        else:
+            items = self.item_vectors(item_ids)
         return F.normalize(items, dim=-1) if normalize else items
 
     def score(self, seqs, item_ids=None, normalize=False):

@@ -79,7 +79,8 @@ def load_run(args):
         if given is not None and given != config[flag]:
             fail(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
     model = SASRec(config["num_items"], config["maxlen"], config["hidden_units"], config["num_blocks"],
-                   config["num_heads"], 0.0, config["norm_first"])
+                   config["num_heads"], 0.0, config["norm_first"], config.get("item_side"),
+                   not config.get("no_item_id", False))  # side-information arrays come with the weights
     try:
         state = torch.load(paths[args.weights], map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])

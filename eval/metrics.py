@@ -63,8 +63,9 @@ def popularity_scorer(counts):
     return lambda ends, lengths: scores.expand(len(ends), -1).clone()
 
 
-def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=False, seed=0):
-    """Metrics for `which` in {'valid', 'test'}: full ranking, plus sampled-metric variants if asked."""
+def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=False, seed=0, rare_below=0):
+    """Metrics for `which` in {'valid', 'test'}: full ranking, plus sampled-metric variants if asked, plus
+    `rare_*` metrics over the users whose target was seen fewer than `rare_below` times before (cold items)."""
     data = split.data
     users, ends, hist_len, targets = split.eval_arrays(which)
     batch = max(1, SCORE_BUDGET // (data.num_items + 1))
@@ -80,7 +81,12 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
             rows, idx = ragged_positions(b_ends - b_len, b_len)
             rows, items = torch.from_numpy(rows), torch.from_numpy(data.items[idx].astype(np.int64))
         ranks.append(full_ranks(scores, torch.from_numpy(b_tgt), rows, items).numpy())
-    out = metrics_from_ranks(np.concatenate(ranks))
+    ranks = np.concatenate(ranks)
+    out = metrics_from_ranks(ranks)
+    if rare_below:
+        rare = split.item_counts(which)[targets] < rare_below
+        out.update(metrics_from_ranks(ranks[rare], prefix="rare_") if rare.any() else {})
+        out["rare_users"] = int(rare.sum())
     if sampled:
         out.update(metrics_from_ranks(np.concatenate(sampled_ranks), prefix="sampled_"))
     out["users"] = int(len(users))
