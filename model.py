@@ -105,8 +105,9 @@ class ItemSide(nn.Module):
     def forward(self, ids, id_emb):
         parts = [id_emb(ids)] if self.use_id else []
         for i, emb in enumerate(self.feature_emb):
-            codes = getattr(self, f"feature_values{i}")[ids]  # (..., width); 0 = empty slot, its vector is zero
-            parts.append(emb(codes).sum(-2) / (codes != 0).sum(-1, keepdim=True).clamp_min(1))
+            codes = getattr(self, f"feature_values{i}")[ids]  # (..., width); code 0 = an empty slot
+            filled = (codes != 0).unsqueeze(-1)
+            parts.append((emb(codes) * filled).sum(-2) / filled.sum(-2).clamp_min(1))
         for j, proj in enumerate(self.vector_proj):
             projected = proj(getattr(self, f"vectors{j}")[ids])
             parts.append(torch.where(getattr(self, f"has_vector{j}")[ids].unsqueeze(-1), projected,
