@@ -130,7 +130,7 @@ def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="a
         header = f.readline()
     sep = "\t" if "\t" in header else ("," if "," in header else (";" if ";" in header else r"\s+"))
     frame = _read_csv(path, "as many fields as the header", sep=sep, header=0)
-    names = {_column_key(c): c for c in frame.columns}
+    names = {column_key(c): c for c in frame.columns}
     user = _pick_column(names, user_col, USER_COLUMNS, "user", path)
     item = _pick_column(names, item_col, ITEM_COLUMNS, "item", path)
     time = _pick_column(names, time_col, TIME_COLUMNS, "timestamp", path, required=False)
@@ -176,13 +176,13 @@ def _complete_rows(frame, path, expected, first_line):
     return frame, lines
 
 
-def _column_key(name):
+def column_key(name):
     return str(name).split(":")[0].strip().lower()  # RecBole headers look like 'user_id:token'
 
 
 def _pick_column(names, wanted, candidates, role, path, required=True):
     if wanted is not None:
-        key = _column_key(wanted)
+        key = column_key(wanted)
         if key not in names:
             raise DataError(f"{path}: no column named {wanted!r} for the {role}; header has {list(names.values())}")
         return names[key]
@@ -202,7 +202,7 @@ def detect_format(path):
     if not head:
         raise DataError(f"{path}: file is empty")
     first = re.split(r"[\t,;\s]+", head[0].strip())
-    if any(_column_key(tok) in USER_COLUMNS + ITEM_COLUMNS for tok in first):
+    if any(column_key(tok) in USER_COLUMNS + ITEM_COLUMNS for tok in first):
         return "delimited"
     if any(len(line.split()) > 2 for line in head):
         return "lines"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dataset import ITEM_COLUMNS, DataError, _column_key
+from dataset import ITEM_COLUMNS, DataError, column_key
 
 PAD, UNKNOWN = 0, 1
 
@@ -79,13 +79,13 @@ def read_attributes(path, index, sep="|"):
         frame = pd.read_csv(path, sep="\t" if "\t" in header else ",", dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"--item_features {path}: cannot read as a delimited file with a header ({e})") from None
-    keys = {_column_key(c): c for c in frame.columns}
+    keys = {column_key(c): c for c in frame.columns}
     item_col = next((keys[k] for k in ITEM_COLUMNS if k in keys), None)
     if item_col is None:
         raise DataError(f"--item_features {path}: header has no item column (looked for {', '.join(ITEM_COLUMNS)}; "
                         f"found {list(frame.columns)})")
     items = frame[item_col].astype(str).tolist()
-    return [_encode(_column_key(col), {i: [v for v in cell.split(sep) if v] for i, cell in zip(items, frame[col])},
+    return [_encode(column_key(col), {i: [v for v in cell.split(sep) if v] for i, cell in zip(items, frame[col])},
                     index)
             for col in frame.columns if col != item_col]
 
