@@ -10,6 +10,21 @@ def fail(message, code=2):
     sys.exit(code)
 
 
+def first_line(error):
+    """The first line of an exception's message (torch's can run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def run(entry):
+    """Run a command's main(); Ctrl-C outside the training loop (which saves and exits itself) prints no traceback."""
+    try:
+        entry()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line (`error: ...`) instead of the whole usage block."""
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cli import ArgumentParser, fail, make_writable_folder
+from cli import ArgumentParser, fail, first_line, make_writable_folder, run
 from dataset import (FORMATS, ID_TYPES, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions,
                      remove_stale_temp_files)
 from eval.metrics import evaluate, model_scorer, popularity_scorer
@@ -37,7 +37,7 @@ STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_fir
 
 def build_parser():
     p = ArgumentParser(description="Train / evaluate a SASRec sequential recommender.", allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file whose keys are these flags' names; command-line flags override it")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", help="interaction log path, or 'synthetic' for the embedded default")
@@ -272,11 +272,6 @@ def load_checkpoint(path):
         fail(f"--state_dict_path {path}: no such checkpoint")
     except Exception as e:  # truncated, not a checkpoint, or unsafe content (pickled code is refused, never run)
         fail(f"--state_dict_path {path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def checkpoint_file(path, inference_only):
@@ -571,6 +566,12 @@ def interrupted(stop, state, epoch, num_batches, args):
     sys.exit(130)
 
 
+def fresh_state():
+    """Loop state saved in every checkpoint. epoch: epochs finished; batch: batches done in the next one (> 0
+    after an interrupt); rng: the random state at that batch."""
+    return {"epoch": 0, "step": 0, "batch": 0, "rng": None, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
+
+
 def build(args, data, split, device):
     """Model, training objective and optimizer for `args` on `data`."""
     args.num_items = data.num_items
@@ -598,8 +599,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     data, split = load_data(args)
     model, objective, optimizer = build(args, data, split, device)
-    # epoch: epochs finished; batch: batches done in the next one (> 0 after an interrupt), rng: its random state
-    state = {"epoch": 0, "step": 0, "batch": 0, "rng": None, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
+    state = fresh_state()
     if args.state_dict_path:
         path = checkpoint_file(args.state_dict_path, args.inference_only)
         restore(path, model, objective, optimizer, state, args.inference_only)
@@ -626,8 +626,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own): no traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run(main)

@@ -57,7 +57,7 @@ def child(argv, epochs, profile_steps=0):
     model, objective, optimizer = main.build(args, data, split, device)
     next(iter(batches.epoch(np.random.default_rng(0))))  # the first batch is ready: training could start
     startup = time.time() - launched
-    state = {"epoch": 0, "step": 0, "batch": 0, "rng": None}
+    state = main.fresh_state()
     writer = NullWriter()
     stop = main.GracefulStop()
     if profile_steps:
@@ -80,7 +80,6 @@ def child(argv, epochs, profile_steps=0):
 
 def print_profile(model, objective, optimizer, batches, args, device, steps):
     """torch.profiler over `steps` training steps: where a step's time goes, by operator."""
-    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
     model.train()

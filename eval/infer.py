@@ -18,7 +18,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import ArgumentParser, fail, make_writable_folder  # noqa: E402
+from cli import ArgumentParser, fail, first_line, make_writable_folder, run  # noqa: E402
 from dataset import (DataError, LeaveOneOut, atomic_write, left_padded, load_interactions,  # noqa: E402
                      ragged_positions)
 from eval.metrics import metrics_at_k  # noqa: E402
@@ -29,7 +29,7 @@ STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")
 
 def build_parser():
     p = ArgumentParser(description="Top-k retrieval with a trained SASRec checkpoint.", allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (holding config.json, id_map.json, best.pt)")
     p.add_argument("--weights", default="best.pt", help="checkpoint file inside --ckpt")
     p.add_argument("--out", help="output directory (default: <run dir>/infer)")
@@ -86,7 +86,7 @@ def load_run(args):
         model.load_state_dict(state["model"])
     except Exception as e:  # truncated file, not a checkpoint, other shape
         fail(f"--ckpt {paths[args.weights]}: not a loadable checkpoint for this config ({type(e).__name__}: "
-             f"{str(e).splitlines()[0] if str(e) else ''})")
+             f"{first_line(e)})")
     return config, id_map, model.eval()
 
 
@@ -333,8 +333,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # no traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run(main)

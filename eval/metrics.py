@@ -49,11 +49,14 @@ def full_ranks(scores, targets, exclude_rows=None, exclude_items=None):
 
 def model_scorer(model, data, maxlen, device, cosine=False):
     """score(ends, lengths) -> (B, N + 1) scores of users whose history is items[ends - lengths:ends]."""
+    with torch.no_grad():  # the item side once per evaluation, not once per user batch
+        items = model.item_embeddings(normalize=cosine)
+
     def score(ends, lengths):
         lengths = np.minimum(lengths, maxlen)
         seqs = torch.from_numpy(left_padded(data.items, ends, lengths, int(lengths.max()))).to(device)
         with torch.no_grad():
-            return model.score(seqs, normalize=cosine).float().cpu()
+            return (model.user_embeddings(seqs, normalize=cosine) @ items.T).float().cpu()
     return score
 
 
