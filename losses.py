@@ -174,7 +174,6 @@ class Objective(nn.Module):
         one sampled negative per position (bce, and infonce's pool); the other losses draw their own.
         """
         real = pos != 0
-        states = model.sequence_states(seq)[real]
         pos_ids = pos[real]
         if self.loss in SHARED_NEGATIVE_LOSSES:
             neg_ids = self.sample_negatives(self.num_negatives, pos.device)
@@ -182,7 +181,8 @@ class Objective(nn.Module):
             neg_ids = torch.arange(1, self.num_items + 1, device=pos.device)
         else:
             neg_ids = neg[real]
-        pos_emb, neg_emb = self.embed(model, pos_ids, neg_ids)
+        inputs, pos_emb, neg_emb = self.embed(model, seq, pos_ids, neg_ids)
+        states = model.sequence_states(seq, inputs)[real]
         queries = F.normalize(states, dim=-1) / self.temperature() if self.cosine else states
         pos_logits = (queries * pos_emb).sum(-1)
         if self.loss == "bce":
@@ -206,17 +206,19 @@ class Objective(nn.Module):
         logits = self.logit_sample(queries, pos_logits, neg_emb, neg_ids, pos_ids, stat_rows) if with_logits else None
         return loss, logits
 
-    def embed(self, model, pos_ids, neg_ids):
-        """Item vectors (unit length for cosine logits). One lookup for positives and negatives:
-        each embedding backward materialises a dense (N + 1, D) gradient."""
+    def embed(self, model, seq, pos_ids, neg_ids):
+        """Item vectors of the inputs, positives and negatives (the latter two unit length for cosine
+        logits), from one lookup: each lookup's backward writes a dense (N + 1, D) gradient."""
         if self.loss == "ce":  # the pool is the whole table: slice it rather than gather it
             table = model.item_embeddings()
-            pos_emb, neg_emb = table[pos_ids], table[1:]
+            inputs, pos_emb, neg_emb = table[seq], table[pos_ids], table[1:]
         else:
-            pos_emb, neg_emb = model.item_embeddings(torch.cat([pos_ids, neg_ids])).split([len(pos_ids), len(neg_ids)])
+            ids = torch.cat([seq.reshape(-1), pos_ids, neg_ids])
+            inputs, pos_emb, neg_emb = model.item_embeddings(ids).split([seq.numel(), len(pos_ids), len(neg_ids)])
+            inputs = inputs.view(*seq.shape, -1)
         if self.cosine:
             pos_emb, neg_emb = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
-        return pos_emb, neg_emb
+        return inputs, pos_emb, neg_emb
 
     def sample_negatives(self, n, device):
         """n item ids drawn with replacement from the sampler (torch's RNG: seeded per epoch, so resumable)."""

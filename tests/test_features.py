@@ -37,7 +37,7 @@ def test_multi_valued_pooling_ignores_padding_slots():
         side.feature_values0.copy_(torch.tensor([[0, 0, 0], [2, 3, 0], [2, 0, 0]]))
         side.feature_emb[0].weight[0] = 100.0  # were padding pooled, it would show
     side.fuse = torch.nn.Identity()
-    out = side(torch.tensor([1, 2]), id_emb=None)
+    out = side(torch.tensor([1, 2]), id_table=None)
     emb = side.feature_emb[0].weight
     torch.testing.assert_close(out[0], (emb[2] + emb[3]) / 2)  # the mean of two values, not of three slots
     torch.testing.assert_close(out[1], emb[2])

@@ -26,7 +26,7 @@ class FixedStates(nn.Module):
         self.item_emb = nn.Embedding.from_pretrained(torch.tensor(
             [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.0, -1.0]]))
 
-    def sequence_states(self, seq):
+    def sequence_states(self, seq, inputs=None):
         return self.states
 
     def item_embeddings(self, ids=None):
@@ -53,7 +53,7 @@ def test_infonce_hand_computed_2x3_ignores_padding():
     pos = torch.tensor([[0, 1, 2], [1, 3, 2]])
     neg = torch.tensor([[1, 2, 3], [4, 1, 2]])
     loss, (pos_logits, neg_logits) = objective("--use_infonce", "--temperature", "1")(
-        FixedStates(states), None, pos, neg, with_logits=True)
+        FixedStates(states), pos, pos, neg, with_logits=True)
     # Pool of negatives of real positions: items [2, 3, 4, 1, 2] -> cosines with +x: [0, -1, 0, 1, 0].
     # A pool entry equal to the row's positive is masked out.
     row_pos1 = -1 + math.log(E + 0 + 3 + 1 / E)   # positive item 1 (cos 1); pool minus the item-1 entry
@@ -64,7 +64,7 @@ def test_infonce_hand_computed_2x3_ignores_padding():
     assert pos_logits.tolist() == [1.0, 0.0, 1.0, -1.0, 0.0]
     assert sorted(neg_logits.tolist()) == [-1.0] * 4 + [0.0] * 11 + [1.0] * 3  # 25 pairs, 7 masked
     # temperature divides every logit
-    loss_half, _ = objective("--loss", "infonce", "--temperature", "0.5")(FixedStates(states), None, pos, neg)
+    loss_half, _ = objective("--loss", "infonce", "--temperature", "0.5")(FixedStates(states), pos, pos, neg)
     row_pos1 = -2 + math.log(E ** 2 + 3 + E ** -2)
     row_pos2 = math.log(2 + E ** -2 + E ** 2)
     row_pos3 = 2 + math.log(E ** -2 + 3 + E ** 2)
@@ -108,11 +108,11 @@ def test_chunked_softmax_matches_plain_autograd_reference():
 def test_full_ce_hand_computed():
     # dot-product logits of state +x against items 1..4: [1, 0, -3, 0]; the whole catalogue competes
     model, pos = one_row(1)
-    loss, (pos_logits, neg_logits) = objective("--loss", "ce")(model, None, pos, None, with_logits=True)
+    loss, (pos_logits, neg_logits) = objective("--loss", "ce")(model, pos, pos, None, with_logits=True)
     assert abs(loss.item() - (-1 + math.log(E + 1 + E ** -3 + 1))) < 1e-6
     assert pos_logits.tolist() == [1.0] and sorted(neg_logits.tolist()) == [-3.0, 0.0, 0.0]
     # cosine / T: logits [1, 0, -1, 0] / 0.5
-    loss, _ = objective("--loss", "ce", "--similarity", "cosine", "--temperature", "0.5")(model, None, pos, None)
+    loss, _ = objective("--loss", "ce", "--similarity", "cosine", "--temperature", "0.5")(model, pos, pos, None)
     assert abs(loss.item() - (-2 + math.log(E ** 2 + 2 + E ** -2))) < 1e-6
 
 
@@ -123,13 +123,13 @@ def test_sampled_softmax_logq_and_accidental_hits():
     torch.testing.assert_close(obj.log_expected_count(1)[1:], torch.log(3 * torch.tensor([.5, .25, .125, .125])))
     obj.sample_negatives = lambda n, device: torch.tensor([2, 3, 1])  # item 1 is the positive: masked
     model, pos = one_row(1)
-    loss, _ = obj(model, None, pos, None)
+    loss, _ = obj(model, pos, pos, None)
     # every logit is shifted by -log(3 q): positive 1 - log 1.5; negatives 0 - log .75, -3 - log .375
     p, n2, n3 = 1 - math.log(1.5), -math.log(0.75), -3 - math.log(0.375)
     assert abs(loss.item() - (-p + math.log(E ** p + E ** n2 + E ** n3))) < 1e-6
     # without logQ the raw logits compete
     obj.logq = False
-    assert abs(obj(model, None, pos, None)[0].item() - (-1 + math.log(E + 1 + E ** -3))) < 1e-6
+    assert abs(obj(model, pos, pos, None)[0].item() - (-1 + math.log(E + 1 + E ** -3))) < 1e-6
     # uniform sampling: the shift is the same constant log(3 / 4) for every item, so logQ changes nothing
     uni = objective("--loss", "sampled_softmax", "--num_negatives", "3")
     torch.testing.assert_close(uni.log_expected_count(1)[1:], torch.full((4,), math.log(3 / 4)))
@@ -142,7 +142,7 @@ def test_sampled_softmax_in_batch_positives_join_the_pool():
     obj = objective("--loss", "sampled_softmax", "--num_negatives", "1", "--in_batch_negatives",
                     "--no-logq_correction")
     obj.sample_negatives = lambda n, device: torch.tensor([4])
-    loss, _ = obj(FixedStates(states), None, pos, None)
+    loss, _ = obj(FixedStates(states), pos, pos, None)
     # pool [4, 1, 2]; each row's own positive is masked: row 1 sees items 4 and 2 (logits 0, 0),
     # row 2 sees items 4 and 1 (logits -1, 0)
     row1 = -1 + math.log(E + 1 + 1)
@@ -153,7 +153,7 @@ def test_sampled_softmax_in_batch_positives_join_the_pool():
 def test_hard_negatives_keep_the_highest_scoring():
     # CE logits for positive item 1: negatives [0, -3, 0]; K=1 keeps one 0
     model, pos = one_row(1)
-    loss, _ = objective("--loss", "ce", "--hard_negatives", "1")(model, None, pos, None)
+    loss, _ = objective("--loss", "ce", "--hard_negatives", "1")(model, pos, pos, None)
     assert abs(loss.item() - (-1 + math.log(E + 1))) < 1e-6
 
 
@@ -165,7 +165,7 @@ def test_gbce_beta_and_t0_equals_bce():
     for t, beta in ((0.0, 1.0), (0.5, gbce_beta(2, 4, 0.5))):
         obj = objective("--loss", "gbce", "--num_negatives", "2", "--gbce_t", str(t))
         obj.sample_negatives = lambda n, device: torch.tensor([1, 3])
-        loss, _ = obj(model, None, pos, None)
+        loss, _ = obj(model, pos, pos, None)
         expected = beta * math.log(1 + E ** -2) + math.log(1 + E) + math.log(1 + E ** -3)
         assert abs(loss.item() - expected) < 1e-6
         if t == 0.0:  # plain BCE on the same logits
@@ -176,7 +176,7 @@ def test_learnable_temperature_gets_gradient_and_stays_in_range():
     obj = objective("--use_infonce", "--learn_temperature", "--temperature", "0.1")
     assert [n for n, _ in obj.named_parameters()] == ["log_temperature"]
     states = torch.tensor([[[1.0, 0.0], [1.0, 0.2]]])
-    loss, _ = obj(FixedStates(states), None, torch.tensor([[1, 2]]), torch.tensor([[3, 4]]))
+    loss, _ = obj(FixedStates(states), torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), torch.tensor([[3, 4]]))
     loss.backward()
     assert obj.log_temperature.grad is not None and obj.log_temperature.grad.abs().item() > 0
     with torch.no_grad():
@@ -194,8 +194,8 @@ def test_l2_emb_adds_item_table_norm():
     states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     pos, neg = torch.tensor([[1, 2]]), torch.tensor([[3, 4]])
     model = FixedStates(states)
-    l0, _ = objective()(model, None, pos, neg)
-    l1, _ = objective("--l2_emb", "0.5")(model, None, pos, neg)
+    l0, _ = objective()(model, pos, pos, neg)
+    l1, _ = objective("--l2_emb", "0.5")(model, pos, pos, neg)
     assert abs((l1 - l0).item() - 0.5 * math.sqrt(1 + 4 + 9 + 1)) < 1e-6
 
 
