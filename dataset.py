@@ -414,17 +414,24 @@ class TrainBatches:
     Each batch is trimmed to its longest real sequence, and users are bucketed by length
     (sorted within windows of `bucket_batches` batches, then batch order shuffled), so the
     compute follows the number of real interactions, not users x maxlen.
+
+    Under DDP (`world` ranks) each step takes `world` neighbouring batches of that sorted order, one per
+    rank, so ranks get sequences of similar length and wait little for each other; the epoch's
+    remainder of fewer than `world` batches is left out (a different one every epoch).
     """
 
-    def __init__(self, split: LeaveOneOut, maxlen, batch_size, bucket_batches=32):
+    def __init__(self, split: LeaveOneOut, maxlen, batch_size, bucket_batches=32, rank=0, world=1):
         self.split, self.maxlen, self.batch_size, self.bucket_batches = split, maxlen, batch_size, bucket_batches
+        self.rank, self.world = rank, world
         self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
         self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
 
     def __len__(self):
-        return -(-len(self.users) // self.batch_size)
+        """Steps per epoch (batches per rank)."""
+        return -(-len(self.users) // self.batch_size) // self.world
 
     def epoch(self, rng):
+        """This rank's batches of one epoch; every rank draws the same users and order from `rng`."""
         users = rng.permutation(self.users)
         if self.bucket_batches > 1:
             window = self.batch_size * self.bucket_batches
@@ -432,8 +439,11 @@ class TrainBatches:
                 chunk = users[s:s + window]
                 users[s:s + window] = chunk[np.argsort(-self.seq_lengths[chunk], kind="stable")]
         batches = [users[s:s + self.batch_size] for s in range(0, len(users), self.batch_size)]
-        for b in rng.permutation(len(batches)):
-            yield self.make_batch(batches[b], rng)
+        order = rng.permutation(len(self))
+        if self.world > 1:  # each rank its own negatives (the shared rng has given every rank the same order)
+            rng = rng.spawn(self.world)[self.rank]
+        for step in order:
+            yield self.make_batch(batches[step * self.world + self.rank], rng)
 
     def make_batch(self, users, rng):
         split = self.split

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import distributed
+
 LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
 SOFTMAX_LOSSES = ("infonce", "sampled_softmax", "ce")
 SHARED_NEGATIVE_LOSSES = ("gbce", "sampled_softmax")  # draw --num_negatives per batch
@@ -70,6 +72,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # under --amp bf16 too: exp / sums in fp32
     def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows):
         need_grad = any(ctx.needs_input_grad[:3])
         grad_q, grad_pos, grad_pool = torch.zeros_like(queries), torch.zeros_like(pos_logits), torch.zeros_like(pool)
@@ -98,6 +101,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_total):
         grad_q, grad_pos, grad_pool = ctx.saved_tensors
         return grad_q * grad_total, grad_pos * grad_total, grad_pool * grad_total, None, None, None, None
@@ -144,6 +148,7 @@ class Objective(nn.Module):
         self.loss, self.cosine, self.l2_emb = args.loss, args.similarity == "cosine", args.l2_emb
         self.num_negatives, self.hard_negatives = args.num_negatives, args.hard_negatives
         self.in_batch, self.logq = args.in_batch_negatives, args.logq_correction
+        self.gather_negatives = args.gather_negatives
         self.num_items = len(item_counts) - 1
         self.beta = gbce_beta(args.num_negatives, self.num_items, args.gbce_t)
         log_t = torch.tensor(math.log(args.temperature))
@@ -192,13 +197,17 @@ class Objective(nn.Module):
             neg_logits = (queries @ neg_emb.T).masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
             loss = bce_loss(pos_logits, neg_logits, self.beta)
         else:
-            pool, pool_ids, pool_bias, pos_bias = neg_emb, neg_ids, None, 0.0
-            if self.loss == "sampled_softmax":
-                if self.in_batch:
-                    pool, pool_ids = torch.cat([neg_emb, pos_emb]), torch.cat([neg_ids, pos_ids])
-                if self.logq:
-                    log_q = self.log_expected_count(len(pos_ids))
-                    pool_bias, pos_bias = -log_q[pool_ids], -log_q[pos_ids]
+            pool, pool_ids, pos_bias = neg_emb, neg_ids, 0.0
+            if self.loss == "sampled_softmax" and self.in_batch:
+                pool, pool_ids = torch.cat([neg_emb, pos_emb]), torch.cat([neg_ids, pos_ids])
+            pool_bias = None
+            if self.gather_negatives and self.loss != "ce":  # every rank's pool (DDP); padding has bias -inf
+                pool, pool_ids, pool_bias = distributed.gather_pool(pool, pool_ids)
+            if self.loss == "sampled_softmax" and self.logq:
+                ranks = distributed.world_size() if self.gather_negatives else 1
+                log_q = self.log_expected_count(int((pool_ids != 0).sum()) - ranks * self.num_negatives, ranks)
+                pos_bias = -log_q[pos_ids]
+                pool_bias = -log_q[pool_ids] if pool_bias is None else pool_bias - log_q[pool_ids]
             loss = softmax_loss(queries, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
                                 self.hard_negatives)
         if self.l2_emb:
@@ -226,9 +235,10 @@ class Objective(nn.Module):
             return torch.multinomial(self.sampler, n, replacement=True)
         return torch.randint(1, self.num_items + 1, (n,), device=device)
 
-    def log_expected_count(self, batch_rows):
-        """log of how often each item is expected in the pool: N q_sampler (+ R q_popularity for in-batch)."""
-        expected = self.num_negatives * self.sampler
+    def log_expected_count(self, batch_rows, ranks=1):
+        """log of how often each item is expected in the pool: N q_sampler per rank whose negatives the
+        pool holds (+ R q_popularity for R in-batch positives)."""
+        expected = ranks * self.num_negatives * self.sampler
         if self.in_batch:
             expected = expected + batch_rows * self.popularity
         return torch.log(expected.clamp_min(1e-30))

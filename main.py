@@ -17,9 +17,12 @@ import tomllib
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import distributed
 from cli import ArgumentParser, fail, first_line, make_writable_folder, run
 from dataset import (FORMATS, ID_TYPES, DataError, LeaveOneOut, TrainBatches, atomic_write, load_interactions,
                      remove_stale_temp_files)
@@ -105,6 +108,14 @@ def build_parser():
     g.add_argument("--gbce_t", type=float, default=0.75, help="gbce: calibration t in [0, 1] (0 = plain BCE)")
     g.add_argument("--hard_negatives", type=int, default=0,
                    help="softmax losses: keep each row's K highest-scoring negatives (0: all)")
+    g.add_argument("--gather_negatives", action=argparse.BooleanOptionalAction, default=False,
+                   help="infonce / sampled_softmax under torchrun: the pool holds every rank's negatives "
+                        "(gradients flow back through the gather), N ranks -> an N times larger pool")
+    g = p.add_argument_group("GPU fast path (CUDA only: on CPU these are accepted and do nothing)")
+    g.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="bf16: autocast the forward pass to bfloat16 (losses are still computed in fp32)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training step; falls back to eager if compilation fails")
     g = p.add_argument_group("evaluation")
     g.add_argument("--keep_history", action="store_true", help="let already-seen items compete in the ranking")
     g.add_argument("--rare_below", type=int, default=0,
@@ -260,6 +271,8 @@ def write_json(path, obj):
 
 
 def save_checkpoint(path, model, objective, optimizer, state):
+    if not distributed.is_main():  # under torchrun every rank holds the same weights; rank 0 writes them
+        return
     atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "objective": objective.state_dict(),
                                                "optimizer": optimizer.state_dict(), **state}, tmp))
 
@@ -311,9 +324,10 @@ def resolve_device(name):
     return device
 
 
-def seed_epoch(seed, epoch):
-    """Every epoch draws from its own seeded streams, so a resumed run repeats the uninterrupted one exactly."""
-    torch.manual_seed(seed * 1_000_003 + epoch)
+def seed_epoch(seed, epoch, rank=0):
+    """Every epoch draws from its own seeded streams, so a resumed run repeats the uninterrupted one exactly.
+    Under torchrun the numpy stream (which users, in which order) is shared; torch's (dropout) is per rank."""
+    torch.manual_seed(seed * 1_000_003 + epoch + rank * 1_000_000_007)
     return np.random.default_rng([seed, epoch])
 
 
@@ -342,52 +356,110 @@ class GracefulStop:
 
 
 def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """This process's torch random state; under torchrun a list of every rank's (a collective call)."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return distributed.gather_objects(mine) if distributed.world_size() > 1 else mine
 
 
 def set_rng_state(saved):
+    if isinstance(saved, list):
+        if len(saved) != distributed.world_size():
+            fail(f"--state_dict_path: the checkpoint was interrupted mid-epoch with {len(saved)} processes; "
+                 f"resume it with the same number ({distributed.world_size()} now)")
+        saved = saved[distributed.rank()]
     torch.set_rng_state(saved["cpu"])
     if saved["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
-def train_epoch(model, objective, optimizer, batches, args, device, state, writer, stop):
+class TrainStep(nn.Module):
+    """Model + objective as one module whose forward returns the loss: what DDP wraps (DDP synchronises
+    the gradients of what its wrapped forward computed). `compiled`: torch.compile it, eager if that fails."""
+
+    def __init__(self, model, objective, compiled=False):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.compiled = torch.compile(self.loss) if compiled else None
+
+    def loss(self, seq, pos, neg, with_logits=False):
+        return self.objective(self.model, seq, pos, neg, with_logits=with_logits)
+
+    def forward(self, seq, pos, neg, with_logits=False):
+        if self.compiled is not None:
+            try:
+                return self.compiled(seq, pos, neg, with_logits)
+            except Exception as e:  # no compiler toolchain, unsupported op, ...: train on, uncompiled
+                print(f"warning: --compile failed ({type(e).__name__}: {first_line(e)}); continuing without it")
+                self.compiled = None
+        return self.loss(seq, pos, neg, with_logits)
+
+
+def make_step(model, objective, args, device):
+    """The training step module: TrainStep, DDP-wrapped under torchrun."""
+    step = TrainStep(model, objective, compiled=args.compile and device.type == "cuda")
+    if distributed.world_size() == 1:
+        return step
+    # The buffers (item side codes, sampler tables) are constants: nothing to broadcast every step.
+    return DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
+def to_device(array, device):
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":  # page-locked host memory: the copy runs asynchronously
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def train_epoch(step, optimizer, batches, args, device, state, writer, stop):
     """Epoch state['epoch'] + 1, from batch state['batch'] on (0, or where an interrupted run stopped).
 
-    Advances state['step'] and state['batch']; returns early, mid-epoch, once `stop` has a signal.
+    Advances state['step'] and state['batch']; returns early, mid-epoch, once `stop` has a signal (on
+    any rank: every rank then stops after the same step). Under torchrun each rank's loss is weighted by
+    its share of the step's rows, so the averaged gradient is that of one process on all ranks' batches.
     """
     epoch = state["epoch"] + 1
-    model.train()
-    batch_iter = batches.epoch(seed_epoch(args.seed, epoch))
+    world = distributed.world_size()
+    step.train()
+    objective = getattr(step, "module", step).objective
+    batch_iter = batches.epoch(seed_epoch(args.seed, epoch, distributed.rank()))
     if state["batch"]:  # replay the interrupted part's draws, so the rest of the epoch matches exactly
         for _ in range(state["batch"]):
             next(batch_iter)
         set_rng_state(state["rng"])
-    total_loss, total_rows, seen, start = 0.0, 0, 0, time.perf_counter()
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and args.amp == "bf16")
+    total_loss, total_rows, seen, start = 0.0, 0.0, 0, time.perf_counter()
     bar = tqdm(batch_iter, total=len(batches), initial=state["batch"], desc=f"epoch {epoch}", leave=False,
-               disable=not sys.stderr.isatty())
+               disable=not sys.stderr.isatty() or not distributed.is_main())
     for batch in bar:
-        seq, pos, neg = (torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in ("seq", "pos", "neg"))
+        seq, pos, neg = (to_device(batch[k], device) for k in ("seq", "pos", "neg"))
         log_now = (state["step"] + 1) % LOG_EVERY == 0
-        loss, logits = objective(model, seq, pos, neg, with_logits=log_now)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {state['step'] + 1}")
+        with autocast:
+            loss, logits = step(seq, pos, neg, with_logits=log_now)
+        rows = (pos != 0).sum()
+        # One small all-reduce per step: all ranks' rows, summed loss (a NaN anywhere stops every rank), signals.
+        totals = distributed.sum_all(torch.stack([rows.double(), loss.detach().double() * rows,
+                                                  torch.tensor(float(bool(stop.received)), device=device)]))
+        step_rows, step_loss, signals = totals.tolist()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"non-finite loss ({step_loss / step_rows}) at epoch {epoch}, "
+                                     f"step {state['step'] + 1}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if world == 1 else loss * (rows * world / step_rows)).backward()
         set_lr(optimizer, args, state["step"] / (args.num_epochs * len(batches)))
         optimizer.step()
         state["step"] += 1
         state["batch"] += 1
-        seen += len(batch["users"])
-        rows = int((pos != 0).sum())
-        total_loss += loss.item() * rows
-        total_rows += rows
+        seen += len(batch["users"]) * world
+        total_loss += step_loss
+        total_rows += step_rows
         if log_now:
-            log_logits(writer, state["step"], loss.item(), *logits, args.hist_every)
+            log_logits(writer, state["step"], step_loss / step_rows, *logits, args.hist_every)
             if args.similarity == "cosine":
                 writer.add_scalar("train/temperature", objective.temperature().item(), state["step"])
-            bar.set_postfix(loss=f"{loss.item():.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
-        if stop.received:
+            bar.set_postfix(loss=f"{step_loss / step_rows:.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if signals:
+            stop.received = stop.received or "signal on another rank"
             break
     seconds = time.perf_counter() - start
     return total_loss / max(total_rows, 1), seen / seconds, seconds
@@ -505,18 +577,40 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
+class NullWriter:
+    """SummaryWriter's stand-in on ranks other than 0 (and in benchmarks): logs nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    add_histogram = add_scalar
+
+
 def train(model, objective, optimizer, split, args, device, state):
-    """Epochs with validation every --eval_every, best/last checkpoints, early stopping on NDCG@10."""
-    batches = TrainBatches(split, args.maxlen, args.batch_size)
+    """Epochs with validation every --eval_every, best/last checkpoints, early stopping on NDCG@10.
+
+    Under torchrun every rank trains; rank 0 alone validates and writes logs, TensorBoard and checkpoints.
+    """
+    main_rank = distributed.is_main()
+    batches = TrainBatches(split, args.maxlen, args.batch_size, rank=distributed.rank(),
+                           world=distributed.world_size())
+    step = make_step(model, objective, args, device)
     last_path = os.path.join(args.ckpt_dir, "last.pt")
-    remove_stale_temp_files(args.ckpt_dir)
-    with SummaryWriter(args.tb_dir) as writer, open(os.path.join(args.log_dir, "train.log"), "a") as log, \
+    if main_rank:
+        remove_stale_temp_files(args.ckpt_dir)
+    log_path = os.path.join(args.log_dir, "train.log") if main_rank else os.devnull
+    with SummaryWriter(args.tb_dir) if main_rank else NullWriter() as writer, open(log_path, "a") as log, \
             GracefulStop() as stop:
         while state["epoch"] < args.num_epochs:
             epoch = state["epoch"] + 1
             try:
-                loss, seq_per_s, seconds = train_epoch(model, objective, optimizer, batches, args, device, state,
-                                                       writer, stop)
+                loss, seq_per_s, seconds = train_epoch(step, optimizer, batches, args, device, state, writer, stop)
             except FloatingPointError as e:  # nothing is saved: the checkpoints on disk predate the failure
                 fail(f"{e}; training stopped, checkpoints left as they were ({last_path})", code=1)
             if stop.received and state["batch"] < len(batches):
@@ -534,7 +628,8 @@ def train(model, objective, optimizer, split, args, device, state):
             if epoch % args.eval_every == 0 or epoch == args.num_epochs:
                 record["valid"], stop_early = validate(model, objective, optimizer, split, args, device, state,
                                                        writer)
-                line += f"  valid {format_metrics(record['valid'])}{'  *' if state['best_epoch'] == epoch else ''}"
+                if main_rank:
+                    line += f"  valid {format_metrics(record['valid'])}{'  *' if state['best_epoch'] == epoch else ''}"
             save_checkpoint(last_path, model, objective, optimizer, state)
             print(line, flush=True)
             log.write(json.dumps(record) + "\n")
@@ -547,7 +642,15 @@ def train(model, objective, optimizer, split, args, device, state):
 
 
 def validate(model, objective, optimizer, split, args, device, state, writer):
-    """Validation metrics; saves best.pt on a new best NDCG@10. Returns (metrics, whether to stop early)."""
+    """Validation metrics; saves best.pt on a new best NDCG@10. Returns (metrics, whether to stop early).
+    Under torchrun rank 0 evaluates (exactly as one process would) and tells the others whether to stop."""
+    if not distributed.is_main():
+        return {}, distributed.broadcast(None)
+    valid, stop = _validate(model, objective, optimizer, split, args, device, state, writer)
+    return valid, distributed.broadcast(stop)
+
+
+def _validate(model, objective, optimizer, split, args, device, state, writer):
     epoch = state["epoch"]
     valid = run_evaluation(model, split, args, device, "valid")
     for k, v in valid.items():
@@ -595,7 +698,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.data != "synthetic":
         args.data = os.path.abspath(args.data)  # the saved config must work from any directory
-    device = resolve_device(args.device)
+    device = distributed.init(resolve_device(args.device))
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 reports; errors still reach stderr
+    try:
+        run_job(args, device)
+    finally:
+        distributed.shutdown()
+
+
+def run_job(args, device):
+    if device.type != "cuda" and (args.amp != "none" or args.compile):
+        print(f"note: --amp {args.amp} / --compile act on CUDA only; on {device} they do nothing")
     torch.manual_seed(args.seed)
     data, split = load_data(args)
     model, objective, optimizer = build(args, data, split, device)
@@ -603,19 +717,28 @@ def main(argv=None):
     if args.state_dict_path:
         path = checkpoint_file(args.state_dict_path, args.inference_only)
         restore(path, model, objective, optimizer, state, args.inference_only)
-    output_dirs(args)
+    main_rank = distributed.is_main()
+    if main_rank:
+        output_dirs(args)
+    dirs = distributed.broadcast({k: getattr(args, k) for k in ("run_dir", "log_dir", "tb_dir", "ckpt_dir")})
+    vars(args).update(dirs)
     if args.inference_only:
-        final_report(model, split, args, device, {"checkpoint": path})
+        if main_rank:
+            final_report(model, split, args, device, {"checkpoint": path})
         return
-    check_not_overwriting(args)
-    write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
-    write_json(os.path.join(args.ckpt_dir, "id_map.json"),
-               {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
-    print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}, "
+    if main_rank:
+        check_not_overwriting(args)
+        write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
+        write_json(os.path.join(args.ckpt_dir, "id_map.json"),
+                   {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
+    processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+    print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}{processes}, "
           f"loss {describe_loss(args)}, run dir {args.run_dir}")
     start = time.perf_counter()
     train(model, objective, optimizer, split, args, device, state)
     train_minutes = (time.perf_counter() - start) / 60
+    if not main_rank:
+        return
     best_path = os.path.join(args.ckpt_dir, "best.pt")
     if os.path.exists(best_path):
         model.load_state_dict(load_checkpoint(best_path)["model"])

@@ -58,17 +58,18 @@ def child(argv, epochs, profile_steps=0):
     next(iter(batches.epoch(np.random.default_rng(0))))  # the first batch is ready: training could start
     startup = time.time() - launched
     state = main.fresh_state()
-    writer = NullWriter()
+    writer = main.NullWriter()
+    step = main.make_step(model, objective, args, device)
     stop = main.GracefulStop()
     if profile_steps:
         print_profile(model, objective, optimizer, batches, args, device, profile_steps)
     seconds = []
     for _ in range(epochs + 1):
-        _, _, s = main.train_epoch(model, objective, optimizer, batches, args, device, state, writer, stop)
+        _, _, s = main.train_epoch(step, optimizer, batches, args, device, state, writer, stop)
         state.update(epoch=state["epoch"] + 1, batch=0)
         seconds.append(s)
     with FlopCounterMode(display=False) as counter:
-        main.train_epoch(model, objective, optimizer, batches, args, device, state, writer, stop)
+        main.train_epoch(step, optimizer, batches, args, device, state, writer, stop)
     epoch_s = statistics.median(seconds[1:])
     flops = counter.get_total_flops()
     rate = matmul_gflops()
@@ -97,13 +98,6 @@ def print_profile(model, objective, optimizer, batches, args, device, steps):
             with record_function("## optimizer"):
                 optimizer.step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
-
-
-class NullWriter:
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    add_histogram = add_scalar
 
 
 def run_child(argv, epochs, profile=0):

@@ -1,0 +1,64 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a few DDP training steps through
+main.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
+and gather_pool results) to OUT/rank<r>.pt. Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distributed  # noqa: E402
+import main  # noqa: E402
+from dataset import TrainBatches  # noqa: E402
+
+STEPS = 3
+
+
+class FirstSteps:
+    """The first STEPS batches of a TrainBatches epoch, remembered for the single-process replay."""
+
+    def __init__(self, batches):
+        self.batches, self.seen = batches, []
+
+    def __len__(self):
+        return STEPS
+
+    def epoch(self, rng):
+        for _, batch in zip(range(STEPS), self.batches.epoch(rng)):
+            self.seen.append(batch)
+            yield batch
+
+
+def gather_checks():
+    """gather_pool on uneven (3 + rank rows) and even (4 rows) pools, and the gradient it sends back."""
+    r, world = distributed.rank(), distributed.world_size()
+    uneven = torch.full((3 + r, 2), float(r + 1), requires_grad=True)
+    pool, ids, bias = distributed.gather_pool(uneven, torch.arange(1, 4 + r))
+    weights = torch.arange(1.0, len(pool) + 1)[:, None] * (r + 1)  # rank r's loss: sum(weights * pool)
+    (weights * pool).sum().backward()
+    even_pool, _, even_bias = distributed.gather_pool(torch.ones(4, 2), torch.arange(1, 5))
+    return {"uneven_pool": pool.detach(), "uneven_ids": ids, "uneven_bias": bias, "uneven_grad": uneven.grad,
+            "even_rows": len(even_pool), "even_bias_is_none": even_bias is None, "world": world}
+
+
+def run(out, argv):
+    args = main.parse_args(argv)
+    device = distributed.init(torch.device("cpu"))
+    torch.manual_seed(args.seed)
+    data, split = main.load_data(args)
+    model, objective, optimizer = main.build(args, data, split, device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = FirstSteps(TrainBatches(split, args.maxlen, args.batch_size, rank=distributed.rank(),
+                                      world=distributed.world_size()))
+    step = main.make_step(model, objective, args, device)
+    state = main.fresh_state()
+    loss, _, _ = main.train_epoch(step, optimizer, batches, args, device, state, main.NullWriter(),
+                                  main.GracefulStop())
+    torch.save({"initial": initial, "final": model.state_dict(), "loss": loss,
+                "batches": [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches.seen],
+                **gather_checks()}, os.path.join(out, f"rank{distributed.rank()}.pt"))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], sys.argv[2:])

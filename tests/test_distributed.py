@@ -1,0 +1,102 @@
+"""torchrun (DDP, gloo on CPU) with 2 processes: synchronised weights, the same loss and update as one
+process on the union of the ranks' batches, gathered negatives, and main.py end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--data", "synthetic", "--loss", "infonce", "--gather_negatives", "--dropout_rate", "0", "--hidden_units", "16",
+         "--batch_size", "32", "--maxlen", "20", "--cache_dir", ""]
+
+
+def torchrun(*argv, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(os.path.join(ROOT, "tests", "ddp_worker.py"), str(out), *FLAGS)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+class Replay:
+    """The union of the ranks' batches, step by step, as one process would see them."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __len__(self):
+        return len(self.steps)
+
+    def epoch(self, rng):
+        return iter(self.steps)
+
+
+def union(batches):
+    width = max(b["seq"].shape[1] for b in batches)
+    pad = lambda x: np.pad(x.numpy(), ((0, 0), (width - x.shape[1], 0)))  # left padding
+    return {"users": np.concatenate([b["users"].numpy() for b in batches]),
+            **{k: np.concatenate([pad(b[k]) for b in batches]) for k in ("seq", "pos", "neg")}}
+
+
+def test_ranks_hold_identical_weights_after_steps(ranks):
+    for key, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][key]), key
+    assert not torch.equal(ranks[0]["final"]["item_emb.weight"], ranks[0]["initial"]["item_emb.weight"])
+    # each rank trained on its own users
+    assert not set(ranks[0]["batches"][0]["users"].tolist()) & set(ranks[1]["batches"][0]["users"].tolist())
+
+
+def test_ddp_matches_one_process_on_the_global_batch(ranks):
+    args = main.parse_args(FLAGS)
+    data, split = main.load_data(args)
+    model, objective, optimizer = main.build(args, data, split, torch.device("cpu"))
+    model.load_state_dict(ranks[0]["initial"])
+    steps = [union([ranks[0]["batches"][i], ranks[1]["batches"][i]]) for i in range(len(ranks[0]["batches"]))]
+    loss, _, _ = main.train_epoch(main.make_step(model, objective, args, torch.device("cpu")), optimizer,
+                                  Replay(steps), args, torch.device("cpu"), main.fresh_state(), main.NullWriter(),
+                                  main.GracefulStop())
+    assert loss == pytest.approx(ranks[0]["loss"], rel=1e-5)
+    d = args.hidden_units
+    for key, value in model.state_dict().items():
+        expected = ranks[0]["final"][key]
+        if key.endswith("attn.qkv.bias"):
+            # The key bias shifts every score of a query equally, so softmax attention gives it a zero
+            # gradient; what reaches it is rounding noise, which Adam scales up to full-size steps.
+            value, expected = torch.cat([value[:d], value[2 * d:]]), torch.cat([expected[:d], expected[2 * d:]])
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_gathered_pool_is_world_size_times_local_with_gradients(ranks):
+    r0, r1 = ranks
+    assert r0["world"] == 2 and r0["even_rows"] == 2 * 4 and r0["even_bias_is_none"]
+    # uneven pools (3 and 4 rows): padded to 4 each, the padding masked by -inf
+    assert r0["uneven_ids"].tolist() == [1, 2, 3, 0, 1, 2, 3, 4]
+    assert r0["uneven_bias"].tolist() == [0, 0, 0, float("-inf"), 0, 0, 0, 0]
+    assert r0["uneven_pool"][:, 0].tolist() == [1, 1, 1, 0, 2, 2, 2, 2]
+    # rank r's loss is sum((1..8) * (r + 1) * pool): a row's gradient sums both ranks' weights, (1 + 2) x position
+    assert r0["uneven_grad"][:, 0].tolist() == [3, 6, 9]
+    assert r1["uneven_grad"][:, 0].tolist() == [15, 18, 21, 24]
+
+
+def test_main_under_torchrun_rank0_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun("main.py", "--num_epochs", "2", "--eval_every", "1", "--run_dir", str(run_dir), *FLAGS)
+    assert proc.stdout.count("x 2 processes") == 1  # one rank reports
+    log = (run_dir / "logs" / "train.log").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]  # one writer
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test"]["users"] == 4000 and results["best_epoch"] >= 1
+    assert sorted(os.listdir(run_dir / "ckpt")) == ["best.pt", "config.json", "id_map.json", "last.pt"]
