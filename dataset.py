@@ -8,13 +8,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 FORMATS = ("lines", "pairs", "delimited")
-CACHE_VERSION = 2  # 2: canonical-integer ids ('007' stays a string)
+CACHE_VERSION = 3  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped
+CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids")
 USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
 ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
 TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "event_time", "unix_time")
@@ -273,7 +275,7 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
         if cache_dir:
             key = json.dumps([CACHE_VERSION, file_digest(path), data_format, user_col, item_col, time_col, id_type])
             stem = os.path.splitext(os.path.basename(path))[0]
-            cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+            cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
             if os.path.exists(cache_file):
                 return _read_cache(cache_file)
         if data_format == "lines":
@@ -289,20 +291,31 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
     return data
 
 
-def _read_cache(cache_file):
-    with np.load(cache_file, allow_pickle=False) as z:  # arrays only: a cache file can never run code
-        return Interactions(z["offsets"], z["items"], z["user_ids"], z["item_ids"])
+def _read_cache(cache_folder):
+    """The cached arrays, memory-mapped: a log far larger than RAM pays only for the pages a step touches.
+    Plain .npy (allow_pickle=False): a cache file can never run code."""
+    return Interactions(*(np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+                          for name in CACHE_ARRAYS))
 
 
-def _write_cache(cache_file, data):
-    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    def save(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, offsets=data.offsets, items=data.items, user_ids=data.user_ids, item_ids=data.item_ids)
+def _write_cache(cache_folder, data):
+    """Write the arrays into a temporary folder, then rename it into place: readers never see half a cache."""
+    parent = os.path.dirname(cache_folder)
+    tmp = os.path.join(parent, f".{os.path.basename(cache_folder)}.tmp{os.getpid()}")
     try:
-        atomic_write(cache_file, save)
-    except OSError as e:  # a read-only cache folder only costs the speed-up
-        print(f"warning: cannot write the data cache {cache_file} ({e.strerror}); continuing without it")
+        os.makedirs(tmp, exist_ok=True)
+        for name in CACHE_ARRAYS:
+            with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
+                np.save(f, getattr(data, name), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, cache_folder)
+    except OSError as e:  # a read-only cache folder only costs the speed-up; another process may have won
+        if not os.path.isdir(cache_folder):
+            print(f"warning: cannot write the data cache {cache_folder} ({e.strerror}); continuing without it")
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_synthetic(num_users=4000, num_items=3000, num_topics=40, seed=0):
@@ -378,9 +391,20 @@ class LeaveOneOut:
         self.eval_users = np.flatnonzero(lengths >= 3)
         self.num_short_users = int((lengths < 3).sum())
         self.train_lengths = np.where(lengths >= 3, lengths - 2, lengths)
-        rows, idx = ragged_positions(self.starts, self.train_lengths)
-        # Sorted (user, item) keys of training history: a vectorised membership test for negatives.
-        self.history_keys = np.unique(rows * (data.num_items + 1) + data.items[idx])
+        self.history_keys = self._history_keys()
+
+    def _history_keys(self, chunk=1 << 22):
+        """Sorted (user, item) keys of the training history: a vectorised membership test for negatives.
+        Built a block of users at a time, so the temporaries stay small however long the log is."""
+        keys = np.empty(int(self.train_lengths.sum()), np.int64)
+        bounds = np.searchsorted(np.cumsum(self.train_lengths), np.arange(chunk, len(keys), chunk))
+        filled = 0
+        for users in np.split(np.arange(self.data.num_users), bounds):
+            rows, idx = ragged_positions(self.starts[users], self.train_lengths[users])
+            block = np.sort((users[rows] * (self.data.num_items + 1)) + self.data.items[idx])
+            keys[filled:filled + len(block)] = block
+            filled += len(block)
+        return keys
 
     def eval_arrays(self, split):
         """For `split` in {'valid', 'test'}: users, history end (exclusive), history length, target item."""
@@ -391,11 +415,9 @@ class LeaveOneOut:
 
     def item_counts(self, split):
         """Interactions per item that precede `split`'s targets (training part, plus validation items for test)."""
-        rows, idx = ragged_positions(self.starts, self.train_lengths)
-        counts = np.bincount(self.data.items[idx], minlength=self.data.num_items + 1)
-        if split == "test":
-            _, _, _, valid_targets = self.eval_arrays("valid")
-            counts += np.bincount(valid_targets, minlength=self.data.num_items + 1)
+        counts = np.bincount(self.data.items, minlength=self.data.num_items + 1)
+        for held_out in ("test",) if split == "test" else ("test", "valid"):
+            counts -= np.bincount(self.eval_arrays(held_out)[3], minlength=self.data.num_items + 1)
         counts[0] = 0
         return counts
 
