@@ -16,7 +16,7 @@ import pandas as pd
 
 FORMATS = ("lines", "pairs", "delimited")
 CACHE_VERSION = 3  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped
-CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids")
+CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "item_totals")
 USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
 ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
 TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "event_time", "unix_time")
@@ -32,6 +32,9 @@ class Interactions:
     items: np.ndarray    # (I,) int32 item indices in 1..N
     user_ids: np.ndarray  # (U,) raw user ids as strings
     item_ids: np.ndarray  # (N,) raw item ids as strings; item_ids[i - 1] is item i
+    # Derived once and cached beside the rest (None: LeaveOneOut derives them):
+    history: np.ndarray = None      # (I,) int32: items, each user's training part sorted (membership tests)
+    item_totals: np.ndarray = None  # (N+1,) int64 interactions per item
 
     @property
     def num_users(self):
@@ -277,7 +280,9 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
             stem = os.path.splitext(os.path.basename(path))[0]
             cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
             if os.path.exists(cache_file):
-                return _read_cache(cache_file)
+                cached = _read_cache(cache_file)
+                if cached is not None:
+                    return cached
         if data_format == "lines":
             data = read_lines(path, id_type)
         elif data_format == "pairs":
@@ -293,9 +298,15 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
 
 def _read_cache(cache_folder):
     """The cached arrays, memory-mapped: a log far larger than RAM pays only for the pages a step touches.
-    Plain .npy (allow_pickle=False): a cache file can never run code."""
-    return Interactions(*(np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
-                          for name in CACHE_ARRAYS))
+    Plain .npy (allow_pickle=False): a cache file can never run code. An unreadable cache is removed
+    (None: the log is parsed again)."""
+    try:
+        return Interactions(*(np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+                              for name in CACHE_ARRAYS))
+    except (OSError, ValueError) as e:
+        print(f"warning: ignoring the unreadable data cache {cache_folder} ({type(e).__name__}: {e})")
+        shutil.rmtree(cache_folder, ignore_errors=True)
+        return None
 
 
 def _write_cache(cache_folder, data):
@@ -304,6 +315,8 @@ def _write_cache(cache_folder, data):
     tmp = os.path.join(parent, f".{os.path.basename(cache_folder)}.tmp{os.getpid()}")
     try:
         os.makedirs(tmp, exist_ok=True)
+        if data.history is None:
+            data.history, data.item_totals = sorted_history(data), np.bincount(data.items, minlength=data.num_items + 1)
         for name in CACHE_ARRAYS:
             with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
                 np.save(f, getattr(data, name), allow_pickle=False)
@@ -378,6 +391,28 @@ def left_padded(items, ends, lengths, width):
     return np.where(valid, items[np.where(valid, idx, 0)], 0).astype(np.int64)
 
 
+def train_lengths(lengths):
+    """Leave-one-out: a user with >= 3 items holds out the last two (validation, test); shorter ones hold out none."""
+    return np.where(lengths >= 3, lengths - 2, lengths)
+
+
+def sorted_history(data, chunk=1 << 22):
+    """A copy of `items` with each user's training part sorted, for binary-search membership tests.
+    Built a block of users at a time, so the temporaries stay small however long the log is."""
+    history = np.array(data.items, dtype=np.int32)
+    lengths = data.lengths
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(chunk, len(history), chunk))
+    for users in np.split(np.arange(data.num_users), bounds):
+        if not len(users):
+            continue
+        first = data.offsets[users[0]]
+        rows, idx = ragged_positions(data.offsets[users] - first, train_lengths(lengths[users]))
+        block = history[first:data.offsets[users[-1] + 1]]
+        keys = np.sort(rows * (data.num_items + 1) + block[idx])  # rows stay in order, items sort inside each
+        block[idx] = keys % (data.num_items + 1)
+    return history
+
+
 class LeaveOneOut:
     """Last item = test target, second-last = validation target, the rest trains.
 
@@ -390,21 +425,8 @@ class LeaveOneOut:
         self.starts = data.offsets[:-1]
         self.eval_users = np.flatnonzero(lengths >= 3)
         self.num_short_users = int((lengths < 3).sum())
-        self.train_lengths = np.where(lengths >= 3, lengths - 2, lengths)
-        self.history_keys = self._history_keys()
-
-    def _history_keys(self, chunk=1 << 22):
-        """Sorted (user, item) keys of the training history: a vectorised membership test for negatives.
-        Built a block of users at a time, so the temporaries stay small however long the log is."""
-        keys = np.empty(int(self.train_lengths.sum()), np.int64)
-        bounds = np.searchsorted(np.cumsum(self.train_lengths), np.arange(chunk, len(keys), chunk))
-        filled = 0
-        for users in np.split(np.arange(self.data.num_users), bounds):
-            rows, idx = ragged_positions(self.starts[users], self.train_lengths[users])
-            block = np.sort((users[rows] * (self.data.num_items + 1)) + self.data.items[idx])
-            keys[filled:filled + len(block)] = block
-            filled += len(block)
-        return keys
+        self.train_lengths = train_lengths(lengths)
+        self.history = data.history if data.history is not None else sorted_history(data)
 
     def eval_arrays(self, split):
         """For `split` in {'valid', 'test'}: users, history end (exclusive), history length, target item."""
@@ -415,17 +437,27 @@ class LeaveOneOut:
 
     def item_counts(self, split):
         """Interactions per item that precede `split`'s targets (training part, plus validation items for test)."""
-        counts = np.bincount(self.data.items, minlength=self.data.num_items + 1)
+        data = self.data
+        counts = np.array(data.item_totals if data.item_totals is not None
+                          else np.bincount(data.items, minlength=data.num_items + 1))
         for held_out in ("test",) if split == "test" else ("test", "valid"):
-            counts -= np.bincount(self.eval_arrays(held_out)[3], minlength=self.data.num_items + 1)
+            counts -= np.bincount(self.eval_arrays(held_out)[3], minlength=data.num_items + 1)
         counts[0] = 0
         return counts
 
     def in_history(self, users, items):
-        """Boolean mask: items[b, j] is in the training history of users[b]."""
-        keys = users[:, None] * (self.data.num_items + 1) + items
-        pos = np.minimum(np.searchsorted(self.history_keys, keys), len(self.history_keys) - 1)
-        return self.history_keys[pos] == keys
+        """Boolean mask: items[b, ...] is in the training history of users[b]. A vectorised binary search
+        inside each user's sorted history: it reads only these users' pages of a memory-mapped log."""
+        shape = users.shape + (1,) * (items.ndim - users.ndim)
+        lo = np.broadcast_to(self.starts[users].reshape(shape), items.shape)
+        lengths = self.train_lengths[users]
+        end = lo + lengths.reshape(shape)
+        hi, last = end, len(self.history) - 1
+        for _ in range(int(lengths.max(initial=0)).bit_length()):
+            mid = (lo + hi) >> 1
+            active, right = lo < hi, self.history[np.minimum(mid, last)] < items
+            lo, hi = np.where(active & right, mid + 1, lo), np.where(active & ~right, mid, hi)
+        return (lo < end) & (self.history[np.minimum(lo, last)] == items)
 
 
 # ----------------------------------------------------------------------------- training batches
@@ -482,9 +514,11 @@ class TrainBatches:
         """One uniform negative per real position, never padding and never in the user's history."""
         n = self.split.data.num_items
         neg = rng.integers(1, n + 1, size=real.shape)
-        for _ in range(max_rounds):
-            clash = self.split.in_history(users, neg) & real
-            if not clash.any():
+        clash = self.split.in_history(users, neg) & real
+        for _ in range(max_rounds):  # redraw the clashes only, and test only the redrawn ones
+            rows, cols = np.nonzero(clash)
+            if not len(rows):
                 break
-            neg[clash] = rng.integers(1, n + 1, size=int(clash.sum()))
+            neg[rows, cols] = redrawn = rng.integers(1, n + 1, size=len(rows))
+            clash[rows, cols] = self.split.in_history(users[rows], redrawn)
         return np.where(real, neg, 0)

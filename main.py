@@ -665,8 +665,14 @@ def _validate(model, objective, optimizer, split, args, device, state, writer):
 
 def interrupted(stop, state, epoch, num_batches, args):
     print(f"{stop.received}: stopped at epoch {epoch}, batch {state['batch']}/{num_batches} (step {state['step']}); "
-          f"checkpoint saved. Resume with: python main.py --state_dict_path {args.ckpt_dir}", flush=True)
+          f"checkpoint saved. Resume with: {launcher()} main.py --state_dict_path {args.ckpt_dir}", flush=True)
     sys.exit(130)
+
+
+def launcher():
+    """How this run was started, for the resume hint."""
+    world = distributed.world_size()
+    return f"torchrun --nproc_per_node={world}" if world > 1 else "python"
 
 
 def fresh_state():
