@@ -6,6 +6,7 @@ indices run 1..N with 0 reserved for padding.
 """
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import pandas as pd
 
 FORMATS = ("lines", "pairs", "delimited")
 CACHE_VERSION = 3  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped
-CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "item_totals")
+CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "split_counts")
 USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
 ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
 TIME_COLUMNS = ("timestamp", "time", "ts", "datetime", "date", "event_time", "unix_time")
@@ -33,8 +34,8 @@ class Interactions:
     user_ids: np.ndarray  # (U,) raw user ids as strings
     item_ids: np.ndarray  # (N,) raw item ids as strings; item_ids[i - 1] is item i
     # Derived once and cached beside the rest (None: LeaveOneOut derives them):
-    history: np.ndarray = None      # (I,) int32: items, each user's training part sorted (membership tests)
-    item_totals: np.ndarray = None  # (N+1,) int64 interactions per item
+    history: np.ndarray = None       # (I,) int32: items, each user's training part sorted (membership tests)
+    split_counts: np.ndarray = None  # (2, N+1) int64: interactions per item before validation / test targets
 
     @property
     def num_users(self):
@@ -301,12 +302,16 @@ def _read_cache(cache_folder):
     Plain .npy (allow_pickle=False): a cache file can never run code. An unreadable cache is removed
     (None: the log is parsed again)."""
     try:
-        return Interactions(*(np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
-                              for name in CACHE_ARRAYS))
+        arrays = [np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+                  for name in CACHE_ARRAYS]
     except (OSError, ValueError) as e:
         print(f"warning: ignoring the unreadable data cache {cache_folder} ({type(e).__name__}: {e})")
         shutil.rmtree(cache_folder, ignore_errors=True)
         return None
+    for array in arrays:  # batches read a few users' slices at random: no read-ahead of neighbouring pages
+        if isinstance(array, np.memmap) and hasattr(mmap, "MADV_RANDOM"):
+            array._mmap.madvise(mmap.MADV_RANDOM)
+    return Interactions(*arrays)
 
 
 def _write_cache(cache_folder, data):
@@ -316,7 +321,8 @@ def _write_cache(cache_folder, data):
     try:
         os.makedirs(tmp, exist_ok=True)
         if data.history is None:
-            data.history, data.item_totals = sorted_history(data), np.bincount(data.items, minlength=data.num_items + 1)
+            split = LeaveOneOut(data)
+            data.history, data.split_counts = split.history, np.stack([split.item_counts(w) for w in SPLITS])
         for name in CACHE_ARRAYS:
             with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
                 np.save(f, getattr(data, name), allow_pickle=False)
@@ -391,6 +397,9 @@ def left_padded(items, ends, lengths, width):
     return np.where(valid, items[np.where(valid, idx, 0)], 0).astype(np.int64)
 
 
+SPLITS = ("valid", "test")
+
+
 def train_lengths(lengths):
     """Leave-one-out: a user with >= 3 items holds out the last two (validation, test); shorter ones hold out none."""
     return np.where(lengths >= 3, lengths - 2, lengths)
@@ -438,8 +447,9 @@ class LeaveOneOut:
     def item_counts(self, split):
         """Interactions per item that precede `split`'s targets (training part, plus validation items for test)."""
         data = self.data
-        counts = np.array(data.item_totals if data.item_totals is not None
-                          else np.bincount(data.items, minlength=data.num_items + 1))
+        if data.split_counts is not None:  # from the cache: no pass over the log
+            return np.array(data.split_counts[SPLITS.index(split)])
+        counts = np.bincount(data.items, minlength=data.num_items + 1)
         for held_out in ("test",) if split == "test" else ("test", "valid"):
             counts -= np.bincount(self.eval_arrays(held_out)[3], minlength=data.num_items + 1)
         counts[0] = 0

@@ -63,9 +63,33 @@ def test_cache_reload_is_identical(tmp_path):
     again = load_interactions(path, cache_dir=str(tmp_path / "cache"))
     for name in ("offsets", "items", "user_ids", "item_ids"):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    assert isinstance(again.items, np.memmap) and not again.items.flags.writeable  # mapped, read-only
     with open(path, "a") as f:  # new content -> new key, never a stale cache
         f.write("3 1 2\n")
     assert load_interactions(path, cache_dir=str(tmp_path / "cache")).num_users == 3
+
+
+def test_cached_split_arrays_match_computed_ones_and_a_damaged_cache_is_rebuilt(tmp_path, capsys):
+    path = write(tmp_path, "log.txt", "1 5 3 4 1 2\n2 2 3\n3 4 4 1 5\n4 1\n")
+    fresh = load_interactions(path, id_type="int")  # parsed, no cache: LeaveOneOut derives the arrays
+    load_interactions(path, cache_dir=str(tmp_path / "cache"), id_type="int")
+    cached = load_interactions(path, cache_dir=str(tmp_path / "cache"), id_type="int")
+    a, b = LeaveOneOut(fresh), LeaveOneOut(cached)
+    assert fresh.history is None and cached.history is not None
+    np.testing.assert_array_equal(a.history, b.history)
+    # user 1 (5 3 4 1 2) trains on 5 3 4, sorted; user 3 (4 4 1 5) on 4 4; users 2 and 4 (< 3 items) on all
+    assert a.history.tolist() == [3, 4, 5, 1, 2, 2, 3, 4, 4, 1, 5, 1]
+    for split in ("valid", "test"):
+        np.testing.assert_array_equal(a.item_counts(split), b.item_counts(split))
+    assert a.item_counts("valid").tolist() == [0, 1, 1, 2, 3, 1] and a.item_counts("test").tolist() == [0, 3, 1, 2, 3, 1]
+    users, items = np.array([0, 2]), np.array([[5, 1, 2], [4, 5, 1]])
+    assert b.in_history(users, items).tolist() == [[True, False, False], [True, False, False]]
+    folder = tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
+    (folder / "history.npy").write_bytes(b"not an array")
+    again = load_interactions(path, cache_dir=str(tmp_path / "cache"), id_type="int")
+    assert "ignoring the unreadable data cache" in capsys.readouterr().out
+    np.testing.assert_array_equal(again.items, cached.items)
+    assert isinstance(load_interactions(path, cache_dir=str(tmp_path / "cache"), id_type="int").items, np.memmap)
 
 
 def test_beauty_reloads_from_cache_quickly(tmp_path):
