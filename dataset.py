@@ -57,39 +57,55 @@ ID_TYPES = ("auto", "int", "str")
 INTEGER_ID = r"-?(?:0|[1-9][0-9]{0,17})"
 
 
-def _integer_ids(values, lines, path, role, id_type):
-    """Whether a column's ids are integers (ordered numerically) or strings.
+CHUNK_ROWS = 1 << 21  # rows parsed at a time: ids become int64 (or fixed-width strings) chunk by chunk
+
+
+class _IdColumn:
+    """One id column, read a chunk at a time. Integer ids are kept as int64 and string ids as fixed-width
+    numpy strings, never as one Python object per interaction: a 20M-line log parses in a few GB, not tens.
 
     auto: a column whose ids are mostly integers is an integer column, so a stray non-integer in it
     (a corrupt line, a second header, another format pasted in) is an error, not a new item.
     """
-    if id_type == "str":
-        return False
-    is_int = pd.Series(values, dtype=object).str.fullmatch(INTEGER_ID).to_numpy(bool)
-    if is_int.all():
-        return True
-    if id_type == "int" or is_int.mean() > 0.5:
-        bad = int(np.flatnonzero(~is_int)[0])
-        raise DataError(f"{path}:{lines[bad]}: {role} id {values[bad]!r} is not an integer (expected integer ids"
-                        f"{', like most of this file' if id_type == 'auto' else ''}; --id_type str reads every id "
-                        f"as a string)")
-    return False
+
+    def __init__(self, path, role, id_type):
+        self.path, self.role, self.id_type = path, role, id_type
+        self.parts, self.rows, self.integers, self.first_bad = [], 0, 0, None
+
+    def add(self, values, lines):
+        values = np.asarray(values, dtype=object)
+        self.rows += len(values)
+        if self.id_type == "str":
+            self.parts.append(values.astype(str))
+            return
+        is_int = pd.Series(values, dtype=object).str.fullmatch(INTEGER_ID).to_numpy(bool)
+        self.integers += int(is_int.sum())
+        if is_int.all():
+            self.parts.append(values.astype(np.int64))
+            return
+        if self.first_bad is None:
+            bad = int(np.flatnonzero(~is_int)[0])
+            self.first_bad = (lines[bad], values[bad])
+        self.parts.append(values.astype(str))
+
+    def codes(self):
+        """Dense codes 0..K-1 per row (numeric order for an integer column, else string order) and the K raw ids."""
+        integer = self.integers == self.rows
+        if not integer and self.id_type != "str" and (self.id_type == "int" or self.integers > self.rows / 2):
+            line, value = self.first_bad
+            raise DataError(f"{self.path}:{line}: {self.role} id {value!r} is not an integer (expected integer ids"
+                            f"{', like most of this file' if self.id_type == 'auto' else ''}; --id_type str reads "
+                            f"every id as a string)")
+        raw = np.concatenate([part if integer else part.astype(str) for part in self.parts])
+        self.parts = []
+        uniques, codes = np.unique(raw, return_inverse=True)
+        return codes, uniques.astype(str)
 
 
-def _index(raw, integer):
-    """Map raw ids to dense codes 0..K-1 (numeric order for integer ids, else string order)."""
-    if integer:
-        uniques, codes = np.unique(raw.astype(np.int64), return_inverse=True)
-    else:
-        uniques, codes = np.unique(raw.astype(str), return_inverse=True)
-    return codes, uniques.astype(str)
-
-
-def _group(path, user_raw, item_raw, lines, id_type, order_key=None):
-    """Check ids, then group interactions by user (stable, so file order or `order_key` is chronology)."""
-    user_raw, item_raw = np.asarray(user_raw, dtype=object), np.asarray(item_raw, dtype=object)
-    user_codes, user_ids = _index(user_raw, _integer_ids(user_raw, lines, path, "user", id_type))
-    item_codes, item_ids = _index(item_raw, _integer_ids(item_raw, lines, path, "item", id_type))
+def _group(users, items, order_key=None):
+    """Group interactions by user (stable, so file order or `order_key` is chronology)."""
+    user_codes, user_ids = users.codes()
+    item_codes, item_ids = items.codes()
     if order_key is None:
         order = np.argsort(user_codes, kind="stable")
     else:
@@ -117,17 +133,22 @@ def read_lines(path, id_type="auto"):
             line_numbers.append(lineno)
     if not users:
         raise DataError(f"{path}: file has no interactions")
+    user_col, item_col = _IdColumn(path, "user", id_type), _IdColumn(path, "item", id_type)
     counts = np.array(counts)
-    return _group(path, np.repeat(np.array(users, dtype=object), counts), items, np.repeat(line_numbers, counts),
-                  id_type)
+    lines = np.repeat(line_numbers, counts)
+    user_col.add(np.repeat(np.array(users, dtype=object), counts), lines)
+    item_col.add(items, lines)
+    return _group(user_col, item_col)
 
 
 def read_pairs(path, id_type="auto"):
     """SASRec style: one interaction per line, `user item`, chronological within each user."""
     expected = "2 fields, 'user item'"
-    frame = _read_csv(path, expected, sep=r"\s+", header=None, names=["user", "item"])
-    frame, lines = _complete_rows(frame, path, expected, first_line=1)
-    return _group(path, frame["user"].to_numpy(), frame["item"].to_numpy(), lines, id_type)
+    users, items = _IdColumn(path, "user", id_type), _IdColumn(path, "item", id_type)
+    for frame, lines in _read_chunks(path, expected, 1, sep=r"\s+", header=None, names=["user", "item"]):
+        users.add(frame["user"].to_numpy(), lines)
+        items.add(frame["item"].to_numpy(), lines)
+    return _group(users, items)
 
 
 def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="auto"):
@@ -135,29 +156,49 @@ def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="a
     with open(path, encoding="utf-8") as f:
         header = f.readline()
     sep = "\t" if "\t" in header else ("," if "," in header else (";" if ";" in header else r"\s+"))
-    frame = _read_csv(path, "as many fields as the header", sep=sep, header=0)
-    names = {column_key(c): c for c in frame.columns}
+    try:
+        names = {column_key(c): c for c in pd.read_csv(path, sep=sep, header=0, nrows=0, dtype=str).columns}
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
     user = _pick_column(names, user_col, USER_COLUMNS, "user", path)
     item = _pick_column(names, item_col, ITEM_COLUMNS, "item", path)
     time = _pick_column(names, time_col, TIME_COLUMNS, "timestamp", path, required=False)
-    frame = frame[[c for c in (user, item, time) if c is not None]]
-    frame, lines = _complete_rows(frame, path, f"values in columns {list(frame.columns)}", first_line=2)
-    order_key = None
-    if time is not None:
-        order_key = pd.to_numeric(frame[time], errors="coerce")
-        if order_key.isna().any():
-            order_key = pd.to_datetime(frame[time], errors="coerce").astype("int64")
-            bad = np.flatnonzero(order_key.to_numpy() == np.iinfo(np.int64).min)
-            if len(bad):
-                raise DataError(f"{path}:{lines[bad[0]]}: column '{time}' expected a number or date, "
-                                f"got {frame[time].iloc[bad[0]]!r}")
-        order_key = order_key.to_numpy()
-    return _group(path, frame[user].to_numpy(), frame[item].to_numpy(), lines, id_type, order_key)
+    columns = [c for c in (user, item, time) if c is not None]
+    users, items, times = _IdColumn(path, "user", id_type), _IdColumn(path, "item", id_type), []
+    for frame, lines in _read_chunks(path, "as many fields as the header", 2, sep=sep, header=0, keep=columns,
+                                     described=f"values in columns {columns}"):
+        users.add(frame[user].to_numpy(), lines)
+        items.add(frame[item].to_numpy(), lines)
+        if time is not None:
+            times.append(_timestamps(frame[time], lines, path, time))
+    return _group(users, items, np.concatenate(times) if times else None)
 
 
-def _read_csv(path, expected, **kwargs):
+def _timestamps(values, lines, path, column):
+    """A time column as int64 / float: numbers, else dates (parsed per chunk; a bad cell names its line)."""
+    key = pd.to_numeric(values, errors="coerce")
+    if key.isna().any():
+        key = pd.to_datetime(values, errors="coerce").astype("int64")
+        bad = np.flatnonzero(key.to_numpy() == np.iinfo(np.int64).min)
+        if len(bad):
+            raise DataError(f"{path}:{lines[bad[0]]}: column '{column}' expected a number or date, "
+                            f"got {values.iloc[bad[0]]!r}")
+    return key.to_numpy()
+
+
+def _read_chunks(path, expected, first_line, keep=None, described=None, **kwargs):
+    """(rows, file line numbers) of complete rows, CHUNK_ROWS at a time; blank lines skipped; a row with a
+    missing field, or a line with too many, is an error naming its line."""
+    rows = 0
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False, **kwargs)
+        reader = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=False,
+                             chunksize=CHUNK_ROWS, **kwargs)
+        for frame in reader:
+            frame = frame[keep] if keep else frame
+            frame, lines = _complete_rows(frame, path, described or expected, first_line)
+            rows += len(frame)
+            if len(frame):
+                yield frame, lines
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except pd.errors.ParserError as e:  # pandas: "... Expected 2 fields in line 4, saw 3"
@@ -165,6 +206,8 @@ def _read_csv(path, expected, **kwargs):
         if found:
             raise DataError(f"{path}:{found[1]}: expected {expected}, saw {found[2]} fields") from None
         raise DataError(f"{path}: could not parse ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: file has no interactions")
 
 
 def _complete_rows(frame, path, expected, first_line):
@@ -174,8 +217,6 @@ def _complete_rows(frame, path, expected, first_line):
     blank = ~present.any(axis=1)
     if blank.any():
         frame, lines, present = frame[~blank], lines[~blank], present[~blank]
-    if len(frame) == 0:
-        raise DataError(f"{path}: file has no interactions")
     partial = ~present.all(axis=1)
     if partial.any():
         raise DataError(f"{path}:{lines[np.flatnonzero(partial)[0]]}: missing field, expected {expected}")

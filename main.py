@@ -716,6 +716,9 @@ def main(argv=None):
 def run_job(args, device):
     if device.type != "cuda" and (args.amp != "none" or args.compile):
         print(f"note: --amp {args.amp} / --compile act on CUDA only; on {device} they do nothing")
+    if args.gather_negatives and (distributed.world_size() == 1 or args.loss not in ("infonce", "sampled_softmax")):
+        print("note: --gather_negatives acts on infonce / sampled_softmax under torchrun with 2+ processes; "
+              "here it does nothing")
     torch.manual_seed(args.seed)
     data, split = load_data(args)
     model, objective, optimizer = build(args, data, split, device)

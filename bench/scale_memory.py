@@ -7,11 +7,13 @@ Writes the log as a `user_id,item_id,timestamp` CSV (a real log's shape) under -
 child processes and prints each one's peak resident memory (wait4's ru_maxrss) next to the file size:
   prepare  main.load_data: parse, index, write the cache (once per file)
   train    main.py's data path from the cache (memory-mapped arrays), the model, --steps training steps
-The numbers also show what importing torch costs (the `baseline` row: imports only).
+and two reference rows: `baseline` (the imports alone) and `train, small log` (the same model and steps on
+the embedded 58k-interaction synthetic log), so what the 20M log itself costs is the difference.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,13 +43,15 @@ def write_log(path, interactions, num_items, seed=0):
     os.replace(tmp, path)
 
 
-def child(mode, path, cache, steps):
+def child(mode, path, cache, steps, num_items):
     import torch
     sys.path.insert(0, ROOT)
     import main
     from dataset import TrainBatches
     if mode == "baseline":  # what the imports alone hold
         return {}
+    if mode == "train_small":  # same model size: the catalogue of the large log
+        path = "synthetic"
     args = main.parse_args(["--data", path, "--cache_dir", cache, "--device", "cpu", "--hidden_units", "64",
                             "--batch_size", "128"])
     start = time.perf_counter()
@@ -56,6 +60,8 @@ def child(mode, path, cache, steps):
            "interactions": int(data.offsets[-1])}
     if mode == "prepare":
         return out
+    if mode == "train_small":
+        data.item_ids = np.arange(1, num_items + 1).astype(str)
     model, objective, optimizer = main.build(args, data, split, torch.device("cpu"))
     batches = TrainBatches(split, args.maxlen, args.batch_size)
     step = main.make_step(model, objective, args, torch.device("cpu"))
@@ -73,9 +79,9 @@ def child(mode, path, cache, steps):
     return {**out, "train_steps": steps, "train_s": seconds, "seq_per_s": seq_per_s}
 
 
-def run_child(mode, path, cache, steps):
+def run_child(mode, path, cache, steps, num_items):
     proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--log", path, "--cache", cache,
-                             "--steps", str(steps)], stdout=subprocess.PIPE, text=True)
+                             "--steps", str(steps), "--items", str(num_items)], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status:
@@ -94,7 +100,7 @@ def main():
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.log, args.cache, args.steps)))
+        print(json.dumps(child(args.child, args.log, args.cache, args.steps, args.items)))
         return
     os.makedirs(args.work, exist_ok=True)
     path = os.path.join(args.work, f"synthetic_{args.interactions}.csv")
@@ -103,15 +109,18 @@ def main():
         write_log(path, args.interactions, args.items)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)
     cache = os.path.join(args.work, "cache")
+    shutil.rmtree(cache, ignore_errors=True)  # `prepare` measures parsing, not a cache hit
     size_mb = os.path.getsize(path) / 2 ** 20
     print(f"log: {path}, {size_mb:,.0f} MB, {args.interactions:,} interactions")
-    rows = [(mode, run_child(mode, path, cache, args.steps)) for mode in ("baseline", "prepare", "train")]
+    rows = [(mode, run_child(mode, path, cache, args.steps, args.items))
+            for mode in ("baseline", "prepare", "train", "train_small")]
     print("\n| process | peak RSS MB | peak RSS / file size | seconds | sequences / s |")
     print("|---|---|---|---|---|")
     for mode, r in rows:
         seconds = r.get("train_s", r.get("load_s"))
-        print(f"| {mode} | {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] / size_mb:.2f} | "
-              f"{'' if seconds is None else f'{seconds:.1f}'} | {r.get('seq_per_s', 0) or '':} |")
+        seq_s = f"{r['seq_per_s']:,.0f}" if "seq_per_s" in r else ""
+        print(f"| {mode.replace('_small', ', small log')} | {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] / size_mb:.2f} | "
+              f"{'' if seconds is None else f'{seconds:.1f}'} | {seq_s} |")
     print(json.dumps(dict(rows)))
 
 

@@ -158,3 +158,17 @@ def test_synthetic_is_deterministic():
     np.testing.assert_array_equal(a.items, b.items)
     assert a.num_items == 3000 and a.num_users == 4000
     assert not np.array_equal(a.items[:1000], make_synthetic(seed=6).items[:1000])
+
+
+def test_chunked_parsing_matches_one_chunk_and_names_lines_past_the_first_chunk(tmp_path, monkeypatch):
+    import dataset
+    rows = [f"{u},{i},{t}" for u, i, t in zip([3, 1, 2, 1, 3, 2, 1, 3, 2, 1] * 3, range(30, 0, -1), range(30))]
+    path = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    whole = load_interactions(path)
+    monkeypatch.setattr(dataset, "CHUNK_ROWS", 7)
+    chunked = load_interactions(path)
+    for name in ("offsets", "items", "user_ids", "item_ids"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(chunked, name))
+    rows[21] = "2,x9,21"  # file line 23: the header is line 1; the 4th chunk
+    with pytest.raises(DataError, match=r"log2.csv:23: item id 'x9' is not an integer"):
+        load_interactions(write(tmp_path, "log2.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n"))

@@ -108,3 +108,15 @@ def test_cosine_schedule_is_a_function_of_progress():
         assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
     set_lr(opt, constant, 0.7)
     assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_gpu_and_multiprocess_flags_on_one_cpu_process_do_nothing_and_say_so(tmp_path, capsys):
+    runs = []
+    for extra in ([], ["--amp", "bf16", "--compile", "--gather_negatives"]):
+        run = str(tmp_path / f"run{len(runs)}")
+        main(TINY + ["--use_infonce", "--num_epochs", "1", "--run_dir", run] + extra)
+        runs.append(torch.load(os.path.join(run, "ckpt", "last.pt"), weights_only=True)["model"])
+    out = capsys.readouterr().out
+    assert "--amp bf16 / --compile act on CUDA only" in out and "--gather_negatives acts on" in out
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0)
