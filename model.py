@@ -107,7 +107,9 @@ class ItemSide(nn.Module):
         self.feature_emb = nn.ModuleList(nn.Embedding(f["vocab_size"], hidden_units, padding_idx=0)
                                          for f in spec["features"])
         self.vector_proj = nn.ModuleList(nn.Linear(v["dim"], hidden_units) for v in spec["vectors"])
-        self.vector_default = nn.Parameter(torch.zeros(len(spec["vectors"]), hidden_units))
+        # (requires_grad only when there are vectors: an empty parameter would be "unused" to DDP)
+        self.vector_default = nn.Parameter(torch.zeros(len(spec["vectors"]), hidden_units),
+                                           requires_grad=bool(spec["vectors"]))
         for i, f in enumerate(spec["features"]):
             self.register_buffer(f"feature_values{i}", torch.zeros(num_items + 1, f["width"], dtype=torch.long))
         for j, v in enumerate(spec["vectors"]):
@@ -150,6 +152,7 @@ class SASRec(nn.Module):
         self.num_items, self.maxlen, self.hidden_units = num_items, maxlen, hidden_units
         self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
         self.item_side = ItemSide(num_items, hidden_units, side_spec, use_item_id) if has_side else None
+        self.item_emb.weight.requires_grad_(use_item_id)  # a content-only tower never reads the id table
         self.pos_emb = nn.Embedding(maxlen, hidden_units)
         self.emb_dropout = Dropout(dropout_rate)
         self.blocks = nn.ModuleList(Block(hidden_units, num_heads, dropout_rate, norm_first)

@@ -100,3 +100,13 @@ def test_main_under_torchrun_rank0_writes(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test"]["users"] == 4000 and results["best_epoch"] >= 1
     assert sorted(os.listdir(run_dir / "ckpt")) == ["best.pt", "config.json", "id_map.json", "last.pt"]
+
+
+@pytest.mark.parametrize("tower", [[], ["--no_item_id"]])
+def test_torchrun_with_item_side_information(tmp_path, tower):
+    # every trainable parameter must take part in the loss, or DDP stops at the second step
+    attrs = tmp_path / "items.csv"
+    attrs.write_text("item_id,topic\n" + "".join(f"{i},{i % 40}\n" for i in range(1, 3001)))
+    torchrun("main.py", "--num_epochs", "1", "--run_dir", str(tmp_path / "run"), "--item_features", str(attrs),
+             *FLAGS, *tower)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["test"]["users"] == 4000
