@@ -205,7 +205,8 @@ class Objective(nn.Module):
                 pool, pool_ids, pool_bias = distributed.gather_pool(pool, pool_ids)
             if self.loss == "sampled_softmax" and self.logq:
                 ranks = distributed.world_size() if self.gather_negatives else 1
-                log_q = self.log_expected_count(int((pool_ids != 0).sum()) - ranks * self.num_negatives, ranks)
+                in_batch_rows = int((pool_ids != 0).sum()) - ranks * self.num_negatives if self.in_batch else 0
+                log_q = self.log_expected_count(in_batch_rows, ranks)
                 pos_bias = -log_q[pos_ids]
                 pool_bias = -log_q[pool_ids] if pool_bias is None else pool_bias - log_q[pool_ids]
             loss = softmax_loss(queries, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,

@@ -713,6 +713,20 @@ def main(argv=None):
         distributed.shutdown()
 
 
+def on_rank0(check):
+    """Run `check` on rank 0 only; if it stops with an error (cli.fail), every rank exits with that status
+    rather than waiting in the next collective for a rank that is gone."""
+    status = None
+    if distributed.is_main():
+        try:
+            check()
+        except SystemExit as e:
+            status = e.code
+    status = distributed.broadcast(status)
+    if status is not None:
+        sys.exit(status)
+
+
 def run_job(args, device):
     if device.type != "cuda" and (args.amp != "none" or args.compile):
         print(f"note: --amp {args.amp} / --compile act on CUDA only; on {device} they do nothing")
@@ -727,8 +741,11 @@ def run_job(args, device):
         path = checkpoint_file(args.state_dict_path, args.inference_only)
         restore(path, model, objective, optimizer, state, args.inference_only)
     main_rank = distributed.is_main()
-    if main_rank:
+    def prepare_outputs():
         output_dirs(args)
+        if not args.inference_only:
+            check_not_overwriting(args)
+    on_rank0(prepare_outputs)
     dirs = distributed.broadcast({k: getattr(args, k) for k in ("run_dir", "log_dir", "tb_dir", "ckpt_dir")})
     vars(args).update(dirs)
     if args.inference_only:
@@ -736,7 +753,6 @@ def run_job(args, device):
             final_report(model, split, args, device, {"checkpoint": path})
         return
     if main_rank:
-        check_not_overwriting(args)
         write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
         write_json(os.path.join(args.ckpt_dir, "id_map.json"),
                    {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
