@@ -2,7 +2,7 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op for one process.
 Each rank trains on its own share of every epoch's batches (dataset.TrainBatches), DDP averages the
-gradients, and rank 0 alone evaluates and writes logs, TensorBoard and checkpoints.
+gradients, validation is sharded over the ranks, and rank 0 alone writes logs, TensorBoard and checkpoints.
 """
 import datetime
 import os
@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-# Rank 0 validates while the others wait in a collective: allow a long full-ranking evaluation.
+# Ranks wait in a collective while others validate or rank 0 writes checkpoints and the final report.
 TIMEOUT = datetime.timedelta(hours=2)
 
 

@@ -482,12 +482,13 @@ def log_logits(writer, step, loss, pos_logits, neg_logits, hist_every):
             writer.add_histogram(f"logits/{name}", x.cpu(), step)
 
 
-def run_evaluation(model, split, args, device, which):
+def run_evaluation(model, split, args, device, which, sharded=False):
+    """Metrics of `model` on `which`; `sharded`: split over the torchrun ranks, rank 0 gets them (others None)."""
     model.eval()
     # Rank as the loss trained the model to score: cosine or dot product.
     score = model_scorer(model, split.data, args.maxlen, device, cosine=args.similarity == "cosine")
     return evaluate(score, split, which, exclude_history=not args.keep_history, sampled=args.sampled_metrics,
-                    seed=args.seed, rare_below=args.rare_below)
+                    seed=args.seed, rare_below=args.rare_below, sharded=sharded)
 
 
 def describe_loss(args):
@@ -595,7 +596,7 @@ class NullWriter:
 def train(model, objective, optimizer, split, args, device, state):
     """Epochs with validation every --eval_every, best/last checkpoints, early stopping on NDCG@10.
 
-    Under torchrun every rank trains; rank 0 alone validates and writes logs, TensorBoard and checkpoints.
+    Under torchrun every rank trains and validates a share; rank 0 alone writes logs, TensorBoard and checkpoints.
     """
     main_rank = distributed.is_main()
     batches = TrainBatches(split, args.maxlen, args.batch_size, rank=distributed.rank(),
@@ -643,24 +644,20 @@ def train(model, objective, optimizer, split, args, device, state):
 
 def validate(model, objective, optimizer, split, args, device, state, writer):
     """Validation metrics; saves best.pt on a new best NDCG@10. Returns (metrics, whether to stop early).
-    Under torchrun rank 0 evaluates (exactly as one process would) and tells the others whether to stop."""
+    Under torchrun the ranks score shares of the users; rank 0 decides and tells the others whether to stop."""
+    valid = run_evaluation(model, split, args, device, "valid", sharded=True)
     if not distributed.is_main():
         return {}, distributed.broadcast(None)
-    valid, stop = _validate(model, objective, optimizer, split, args, device, state, writer)
-    return valid, distributed.broadcast(stop)
-
-
-def _validate(model, objective, optimizer, split, args, device, state, writer):
-    epoch = state["epoch"]
-    valid = run_evaluation(model, split, args, device, "valid")
+    epoch, stop = state["epoch"], False
     for k, v in valid.items():
         writer.add_scalar(f"valid/{k}", v, epoch)
     if valid["NDCG@10"] > state["best_ndcg"]:
         state.update(best_epoch=epoch, best_ndcg=valid["NDCG@10"], bad_evals=0)
         save_checkpoint(os.path.join(args.ckpt_dir, "best.pt"), model, objective, optimizer, state)
-        return valid, False
-    state["bad_evals"] += 1
-    return valid, state["bad_evals"] >= args.patience
+    else:
+        state["bad_evals"] += 1
+        stop = state["bad_evals"] >= args.patience
+    return valid, distributed.broadcast(stop)
 
 
 def interrupted(stop, state, epoch, num_batches, args):

@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+import distributed
 from dataset import LeaveOneOut, left_padded, ragged_positions
 
 HR_KS = (1, 5, 10, 20)
@@ -66,32 +67,45 @@ def popularity_scorer(counts):
     return lambda ends, lengths: scores.expand(len(ends), -1).clone()
 
 
-def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=False, seed=0, rare_below=0):
+def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=False, seed=0, rare_below=0,
+             sharded=False):
     """Metrics for `which` in {'valid', 'test'}: full ranking, plus sampled-metric variants if asked, plus
-    `rare_*` metrics over the users whose target was seen fewer than `rare_below` times before (cold items)."""
+    `rare_*` metrics over the users whose target was seen fewer than `rare_below` times before (cold items).
+
+    sharded: under torchrun each rank scores every N-th batch of users (the batches one process would
+    score, so the numbers are the same) and rank 0 gets the metrics; the other ranks get None.
+    """
     data = split.data
     users, ends, hist_len, targets = split.eval_arrays(which)
     batch = max(1, SCORE_BUDGET // (data.num_items + 1))
-    rng = np.random.default_rng(seed)
-    ranks, sampled_ranks = [], []
-    for s in range(0, len(users), batch):
+    starts = range(0, len(users), batch)
+    if sharded:
+        starts = starts[distributed.rank()::distributed.world_size()]
+    ranks, sampled_ranks = {}, {}
+    for s in starts:
         b_users, b_ends, b_len, b_tgt = users[s:s + batch], ends[s:s + batch], hist_len[s:s + batch], targets[s:s + batch]
         scores = score(b_ends, b_len)
-        if sampled:
-            sampled_ranks.append(_sampled_ranks(scores, split, b_users, b_tgt, rng))
+        if sampled:  # each batch its own negatives' stream, whichever process scores it
+            sampled_ranks[s] = _sampled_ranks(scores, split, b_users, b_tgt, np.random.default_rng([seed, s]))
         rows = items = None
         if exclude_history:
             rows, idx = ragged_positions(b_ends - b_len, b_len)
             rows, items = torch.from_numpy(rows), torch.from_numpy(data.items[idx].astype(np.int64))
-        ranks.append(full_ranks(scores, torch.from_numpy(b_tgt), rows, items).numpy())
-    ranks = np.concatenate(ranks)
+        ranks[s] = full_ranks(scores, torch.from_numpy(b_tgt), rows, items).numpy()
+    if sharded and distributed.world_size() > 1:
+        ranks, sampled_ranks = ({k: v for part in distributed.gather_objects(d) for k, v in part.items()}
+                                for d in (ranks, sampled_ranks))
+        if not distributed.is_main():
+            return None
+    ranks = np.concatenate([ranks[s] for s in sorted(ranks)])
     out = metrics_from_ranks(ranks)
     if rare_below:
         rare = split.item_counts(which)[targets] < rare_below
         out.update(metrics_from_ranks(ranks[rare], prefix="rare_") if rare.any() else {})
         out["rare_users"] = int(rare.sum())
     if sampled:
-        out.update(metrics_from_ranks(np.concatenate(sampled_ranks), prefix="sampled_"))
+        out.update(metrics_from_ranks(np.concatenate([sampled_ranks[s] for s in sorted(sampled_ranks)]),
+                                      prefix="sampled_"))
     out["users"] = int(len(users))
     return out
 

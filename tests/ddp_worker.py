@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a few DDP training steps through
 main.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
-and gather_pool results) to OUT/rank<r>.pt. Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
+a sharded validation, and gather_pool results) to OUT/rank<r>.pt. Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
 import os
 import sys
 
@@ -9,9 +9,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distributed  # noqa: E402
 import main  # noqa: E402
+from eval import metrics  # noqa: E402
 from dataset import TrainBatches  # noqa: E402
 
 STEPS = 3
+EVAL_BATCH = 500  # users per score batch in the sharded validation
 
 
 class FirstSteps:
@@ -54,7 +56,9 @@ def run(out, argv):
     state = main.fresh_state()
     loss, _, _ = main.train_epoch(step, optimizer, batches, args, device, state, main.NullWriter(),
                                   main.GracefulStop())
-    torch.save({"initial": initial, "final": model.state_dict(), "loss": loss,
+    metrics.SCORE_BUDGET = EVAL_BATCH * (data.num_items + 1)  # several score batches, so each rank gets some
+    valid = main.run_evaluation(model, split, args, device, "valid", sharded=True)
+    torch.save({"initial": initial, "final": model.state_dict(), "loss": loss, "valid": valid,
                 "batches": [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches.seen],
                 **gather_checks()}, os.path.join(out, f"rank{distributed.rank()}.pt"))
     distributed.shutdown()

@@ -13,7 +13,7 @@ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--data", "synthetic", "--loss", "infonce", "--gather_negatives", "--dropout_rate", "0", "--hidden_units", "16",
-         "--batch_size", "32", "--maxlen", "20", "--cache_dir", ""]
+         "--batch_size", "32", "--maxlen", "20", "--cache_dir", "", "--sampled_metrics", "--rare_below", "5"]
 
 
 def torchrun(*argv, timeout=240):
@@ -77,6 +77,18 @@ def test_ddp_matches_one_process_on_the_global_batch(ranks):
             # gradient; what reaches it is rounding noise, which Adam scales up to full-size steps.
             value, expected = torch.cat([value[:d], value[2 * d:]]), torch.cat([expected[:d], expected[2 * d:]])
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sharded_validation_equals_one_process(ranks, monkeypatch):
+    from eval import metrics
+    from ddp_worker import EVAL_BATCH
+    args = main.parse_args(FLAGS)
+    data, split = main.load_data(args)
+    model, _, _ = main.build(args, data, split, torch.device("cpu"))
+    model.load_state_dict(ranks[0]["final"])
+    monkeypatch.setattr(metrics, "SCORE_BUDGET", EVAL_BATCH * (data.num_items + 1))
+    assert ranks[1]["valid"] is None  # only rank 0 gets the metrics
+    assert ranks[0]["valid"] == main.run_evaluation(model, split, args, torch.device("cpu"), "valid")
 
 
 def test_gathered_pool_is_world_size_times_local_with_gradients(ranks):
