@@ -10,10 +10,12 @@ import mmap
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.api import guess_datetime_format
 
 FORMATS = ("lines", "pairs", "delimited")
 CACHE_VERSION = 3  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped
@@ -54,7 +56,7 @@ class Interactions:
 
 ID_TYPES = ("auto", "int", "str")
 # Canonical integers only ('007' stays a string, so raw ids round-trip); <= 18 digits fits int64.
-INTEGER_ID = r"-?(?:0|[1-9][0-9]{0,17})"
+INTEGER_ID = r"0|-?[1-9][0-9]{0,17}"  # not '-0': it would merge with '0'
 
 
 CHUNK_ROWS = 1 << 21  # rows parsed at a time: ids become int64 (or fixed-width strings) chunk by chunk
@@ -164,26 +166,45 @@ def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="a
     item = _pick_column(names, item_col, ITEM_COLUMNS, "item", path)
     time = _pick_column(names, time_col, TIME_COLUMNS, "timestamp", path, required=False)
     columns = [c for c in (user, item, time) if c is not None]
-    users, items, times = _IdColumn(path, "user", id_type), _IdColumn(path, "item", id_type), []
+    users, items = _IdColumn(path, "user", id_type), _IdColumn(path, "item", id_type)
+    times = _TimeColumn(path, time) if time is not None else None
     for frame, lines in _read_chunks(path, "as many fields as the header", 2, sep=sep, header=0, keep=columns,
                                      described=f"values in columns {columns}"):
         users.add(frame[user].to_numpy(), lines)
         items.add(frame[item].to_numpy(), lines)
-        if time is not None:
-            times.append(_timestamps(frame[time], lines, path, time))
-    return _group(users, items, np.concatenate(times) if times else None)
+        if times:
+            times.add(frame[time], lines)
+    return _group(users, items, times.keys() if times else None)
 
 
-def _timestamps(values, lines, path, column):
-    """A time column as int64 / float: numbers, else dates (parsed per chunk; a bad cell names its line)."""
-    key = pd.to_numeric(values, errors="coerce")
-    if key.isna().any():
-        key = pd.to_datetime(values, errors="coerce").astype("int64")
-        bad = np.flatnonzero(key.to_numpy() == np.iinfo(np.int64).min)
-        if len(bad):
-            raise DataError(f"{path}:{lines[bad[0]]}: column '{column}' expected a number or date, "
-                            f"got {values.iloc[bad[0]]!r}")
-    return key.to_numpy()
+class _TimeColumn:
+    """A time column as sort keys: numbers, or dates in one format. The first chunk decides which (and the
+    date format, as pandas infers it from the first value), so every chunk is read the same way; a cell
+    that does not fit is an error naming its line."""
+
+    def __init__(self, path, column):
+        self.path, self.column, self.parts, self.dates, self.format = path, column, [], None, None
+
+    def add(self, values, lines):
+        if self.dates is None:
+            self.dates = bool(pd.to_numeric(values, errors="coerce").isna().any())
+            self.format = guess_datetime_format(values.iloc[0]) if self.dates else None
+        if self.dates:
+            key = pd.to_datetime(values, format=self.format, errors="coerce").astype("int64")
+            bad = key.to_numpy() == np.iinfo(np.int64).min
+        else:
+            key = pd.to_numeric(values, errors="coerce")
+            bad = key.isna().to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            expected = f"a date like the first one ({self.format or 'format not recognised'})" if self.dates \
+                else "a number, like the first rows"
+            raise DataError(f"{self.path}:{lines[i]}: column '{self.column}' expected {expected}, "
+                            f"got {values.iloc[i]!r}")
+        self.parts.append(key.to_numpy())
+
+    def keys(self):
+        return np.concatenate(self.parts)
 
 
 def _read_chunks(path, expected, first_line, keep=None, described=None, **kwargs):
@@ -278,11 +299,12 @@ def atomic_write(path, write):
 
 
 def remove_stale_temp_files(folder):
-    """Temp files left by a killed process (atomic_write's '.<name>.tmp<pid>' whose pid is gone)."""
+    """Temp files and folders left by a killed process ('.<name>.tmp<pid>[-suffix]' whose pid is gone)."""
     for name in os.listdir(folder):
-        found = re.fullmatch(r"\..+\.tmp(\d+)", name)
+        found = re.fullmatch(r"\..+\.tmp(\d+)(-\w+)?", name)
         if found and not _pid_alive(int(found[1])):
-            os.remove(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def _pid_alive(pid):
@@ -340,14 +362,17 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
 
 def _read_cache(cache_folder):
     """The cached arrays, memory-mapped: a log far larger than RAM pays only for the pages a step touches.
-    Plain .npy (allow_pickle=False): a cache file can never run code. An unreadable cache is removed
-    (None: the log is parsed again)."""
+    Plain .npy (allow_pickle=False): a cache file can never run code. A damaged cache (an array missing
+    or not an array) is removed; either way None means: parse the log again."""
     try:
         arrays = [np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
                   for name in CACHE_ARRAYS]
-    except (OSError, ValueError) as e:
-        print(f"warning: ignoring the unreadable data cache {cache_folder} ({type(e).__name__}: {e})")
+    except (FileNotFoundError, ValueError, EOFError) as e:
+        print(f"warning: ignoring the damaged data cache {cache_folder} ({type(e).__name__}: {e})")
         shutil.rmtree(cache_folder, ignore_errors=True)
+        return None
+    except OSError as e:  # e.g. too many open files: the cache may be fine, leave it
+        print(f"warning: cannot read the data cache {cache_folder} ({e}); parsing the log instead")
         return None
     for array in arrays:  # batches read a few users' slices at random: no read-ahead of neighbouring pages
         if isinstance(array, np.memmap) and hasattr(mmap, "MADV_RANDOM"):
@@ -356,11 +381,14 @@ def _read_cache(cache_folder):
 
 
 def _write_cache(cache_folder, data):
-    """Write the arrays into a temporary folder, then rename it into place: readers never see half a cache."""
+    """Write the arrays into a temporary folder, then rename it into place: readers never see half a cache.
+    The folder is unique to this process (tempfile), and those of killed processes are removed."""
     parent = os.path.dirname(cache_folder)
-    tmp = os.path.join(parent, f".{os.path.basename(cache_folder)}.tmp{os.getpid()}")
+    tmp = None
     try:
-        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_temp_files(parent)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(cache_folder)}.tmp{os.getpid()}-", dir=parent)
         if data.history is None:
             split = LeaveOneOut(data)
             data.history, data.split_counts = split.history, np.stack([split.item_counts(w) for w in SPLITS])
@@ -374,7 +402,7 @@ def _write_cache(cache_folder, data):
         if not os.path.isdir(cache_folder):
             print(f"warning: cannot write the data cache {cache_folder} ({e.strerror}); continuing without it")
     finally:
-        if os.path.isdir(tmp):
+        if tmp and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

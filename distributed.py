@@ -52,6 +52,17 @@ def sum_all(values):
     return values
 
 
+def barrier():
+    dist.barrier()
+
+
+def any_rank(flag, device):
+    """Whether `flag` is set on any rank (just `flag` for one process)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    return bool(sum_all(torch.tensor([float(bool(flag))], dtype=torch.float64, device=device)).item())
+
+
 def broadcast(obj):
     """Rank 0's value of a picklable Python object (paths, flags), on every rank."""
     if not dist.is_initialized():

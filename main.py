@@ -362,10 +362,7 @@ def rng_state():
 
 
 def set_rng_state(saved):
-    if isinstance(saved, list):
-        if len(saved) != distributed.world_size():
-            fail(f"--state_dict_path: the checkpoint was interrupted mid-epoch with {len(saved)} processes; "
-                 f"resume it with the same number ({distributed.world_size()} now)")
+    if isinstance(saved, list):  # one per rank (torchrun); train_epoch has checked the process count
         saved = saved[distributed.rank()]
     torch.set_rng_state(saved["cpu"])
     if saved["cuda"] and torch.cuda.is_available():
@@ -380,18 +377,24 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
         self.compiled = torch.compile(self.loss) if compiled else None
+        self.compile_checked = False
 
     def loss(self, seq, pos, neg, with_logits=False):
         return self.objective(self.model, seq, pos, neg, with_logits=with_logits)
 
     def forward(self, seq, pos, neg, with_logits=False):
-        if self.compiled is not None:
-            try:
-                return self.compiled(seq, pos, neg, with_logits)
-            except Exception as e:  # no compiler toolchain, unsupported op, ...: train on, uncompiled
-                print(f"warning: --compile failed ({type(e).__name__}: {first_line(e)}); continuing without it")
-                self.compiled = None
-        return self.loss(seq, pos, neg, with_logits)
+        if self.compiled is None:
+            return self.loss(seq, pos, neg, with_logits)
+        if self.compile_checked:
+            return self.compiled(seq, pos, neg, with_logits)
+        try:  # compilation happens on the first call: only its failure falls back (no toolchain, unsupported op)
+            out = self.compiled(seq, pos, neg, with_logits)
+            self.compile_checked = True
+            return out
+        except Exception as e:
+            print(f"warning: --compile failed ({type(e).__name__}: {first_line(e)}); continuing without it")
+            self.compiled = None
+            return self.loss(seq, pos, neg, with_logits)
 
 
 def make_step(model, objective, args, device):
@@ -420,6 +423,9 @@ def train_epoch(step, optimizer, batches, args, device, state, writer, stop):
     """
     epoch = state["epoch"] + 1
     world = distributed.world_size()
+    if state["batch"] and state.get("world", 1) != world:
+        fail(f"--state_dict_path: the checkpoint was interrupted mid-epoch with {state.get('world', 1)} "
+             f"process(es); resume it with the same number ({world} now)")
     step.train()
     objective = getattr(step, "module", step).objective
     batch_iter = batches.epoch(seed_epoch(args.seed, epoch, distributed.rank()))
@@ -541,11 +547,17 @@ def final_report(model, split, args, device, summary):
 
 
 def load_data(args):
+    # Under torchrun rank 0 parses and caches the log first; the others then map its cache.
+    cache_first = bool(args.cache_dir) and args.data != "synthetic" and distributed.world_size() > 1
+    if cache_first and not distributed.is_main():
+        distributed.barrier()
     try:
         data = load_interactions(args.data, args.data_format, args.cache_dir or None,
                                  args.user_col, args.item_col, args.time_col, args.id_type)
     except DataError as e:
         fail(str(e))
+    if cache_first and distributed.is_main():
+        distributed.barrier()
     single = np.flatnonzero(data.lengths == 1)
     if len(single) and args.single_item_users == "error":
         fail(f"{args.data}: {len(single)} user(s) with a single interaction, e.g. user {str(data.user_ids[single[0]])!r}: "
@@ -601,6 +613,9 @@ def train(model, objective, optimizer, split, args, device, state):
     main_rank = distributed.is_main()
     batches = TrainBatches(split, args.maxlen, args.batch_size, rank=distributed.rank(),
                            world=distributed.world_size())
+    if len(batches) == 0:  # every rank computes the same: all stop here
+        fail(f"{args.data}: {len(batches.users)} trainable users make fewer batches of --batch_size "
+             f"{args.batch_size} than the {distributed.world_size()} processes (each needs one a step)")
     step = make_step(model, objective, args, device)
     last_path = os.path.join(args.ckpt_dir, "last.pt")
     if main_rank:
@@ -615,7 +630,7 @@ def train(model, objective, optimizer, split, args, device, state):
             except FloatingPointError as e:  # nothing is saved: the checkpoints on disk predate the failure
                 fail(f"{e}; training stopped, checkpoints left as they were ({last_path})", code=1)
             if stop.received and state["batch"] < len(batches):
-                state["rng"] = rng_state()
+                state["rng"], state["world"] = rng_state(), distributed.world_size()
                 save_checkpoint(last_path, model, objective, optimizer, state)
                 interrupted(stop, state, epoch, len(batches), args)
             state.update(epoch=epoch, batch=0, rng=None)
@@ -635,7 +650,8 @@ def train(model, objective, optimizer, split, args, device, state):
             print(line, flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if stop.received:
+            if distributed.any_rank(stop.received, device):  # decided together: no rank left in a collective
+                stop.received = stop.received or "signal on another rank"
                 interrupted(stop, state, epoch + 1, len(batches), args)
             if stop_early:
                 print(f"early stop: no better validation NDCG@10 for {args.patience} evaluations")
@@ -674,8 +690,9 @@ def launcher():
 
 def fresh_state():
     """Loop state saved in every checkpoint. epoch: epochs finished; batch: batches done in the next one (> 0
-    after an interrupt); rng: the random state at that batch."""
-    return {"epoch": 0, "step": 0, "batch": 0, "rng": None, "best_epoch": 0, "best_ndcg": -1.0, "bad_evals": 0}
+    after an interrupt); rng: the random state at that batch; world: the process count that state is for."""
+    return {"epoch": 0, "step": 0, "batch": 0, "rng": None, "world": 1, "best_epoch": 0, "best_ndcg": -1.0,
+            "bad_evals": 0}
 
 
 def build(args, data, split, device):

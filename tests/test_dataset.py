@@ -87,7 +87,7 @@ def test_cached_split_arrays_match_computed_ones_and_a_damaged_cache_is_rebuilt(
     folder = tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
     (folder / "history.npy").write_bytes(b"not an array")
     again = load_interactions(path, cache_dir=str(tmp_path / "cache"), id_type="int")
-    assert "ignoring the unreadable data cache" in capsys.readouterr().out
+    assert "ignoring the damaged data cache" in capsys.readouterr().out
     np.testing.assert_array_equal(again.items, cached.items)
     assert isinstance(load_interactions(path, cache_dir=str(tmp_path / "cache"), id_type="int").items, np.memmap)
 
@@ -172,3 +172,24 @@ def test_chunked_parsing_matches_one_chunk_and_names_lines_past_the_first_chunk(
     rows[21] = "2,x9,21"  # file line 23: the header is line 1; the 4th chunk
     with pytest.raises(DataError, match=r"log2.csv:23: item id 'x9' is not an integer"):
         load_interactions(write(tmp_path, "log2.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n"))
+
+
+def test_time_column_is_read_one_way_across_chunks(tmp_path, monkeypatch):
+    import dataset
+    monkeypatch.setattr(dataset, "CHUNK_ROWS", 3)
+    header = "user_id,item_id,timestamp\n"
+    # day-first dates: the first chunk reads as month-first (10/01 .. 12/01), so 13/01 cannot fit it
+    days = "".join(f"1,{i},{d}/01/2020\n" for i, d in zip(range(1, 7), range(10, 16)))
+    with pytest.raises(DataError, match=r"dates.csv:5: column 'timestamp' expected a date like the first one"):
+        load_interactions(write(tmp_path, "dates.csv", header + days))
+    mixed = "".join(f"1,{i},{1000 + i}\n" for i in range(1, 5)) + "1,5,2020-01-01\n"
+    with pytest.raises(DataError, match=r"mixed.csv:6: column 'timestamp' expected a number"):
+        load_interactions(write(tmp_path, "mixed.csv", header + mixed))
+    iso = "".join(f"{u},{i},2020-01-{d:02d}\n" for u, i, d in [(1, 5, 9), (1, 6, 2), (2, 7, 1), (1, 8, 5), (2, 9, 3)])
+    data = load_interactions(write(tmp_path, "iso.csv", header + iso))
+    assert data.item_ids[data.items - 1].tolist() == ["6", "8", "5", "7", "9"]  # user 1 by date, then user 2
+
+
+def test_minus_zero_is_a_string_id_not_zero(tmp_path):
+    data = load_interactions(write(tmp_path, "log.txt", "0 1\n0 2\n-0 3\n-0 1\na 1\na 2\n"), "pairs")
+    assert sorted(data.user_ids.tolist()) == ["-0", "0", "a"]

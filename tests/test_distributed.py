@@ -16,11 +16,11 @@ FLAGS = ["--data", "synthetic", "--loss", "infonce", "--gather_negatives", "--dr
          "--batch_size", "32", "--maxlen", "20", "--cache_dir", "", "--sampled_metrics", "--rare_below", "5"]
 
 
-def torchrun(*argv, timeout=240):
+def torchrun(*argv, timeout=240, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -122,3 +122,9 @@ def test_torchrun_with_item_side_information(tmp_path, tower):
     torchrun("main.py", "--num_epochs", "1", "--run_dir", str(tmp_path / "run"), "--item_features", str(attrs),
              *FLAGS, *tower)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["test"]["users"] == 4000
+
+
+def test_fewer_batches_than_processes_is_an_error_on_every_rank(tmp_path):
+    proc = torchrun("main.py", "--run_dir", str(tmp_path / "run"), *FLAGS, "--batch_size", "4000", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("make fewer batches of --batch_size 4000 than the 2 processes") == 2

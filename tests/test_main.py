@@ -120,3 +120,28 @@ def test_gpu_and_multiprocess_flags_on_one_cpu_process_do_nothing_and_say_so(tmp
     assert "--amp bf16 / --compile act on CUDA only" in out and "--gather_negatives acts on" in out
     for k in runs[0]:
         torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0)
+
+
+def test_resuming_a_mid_epoch_checkpoint_needs_the_same_process_count(capsys):
+    from main import fresh_state, train_epoch
+    args = parse_args(TINY)
+    state = {**fresh_state(), "batch": 3, "world": 2}
+    with pytest.raises(SystemExit) as e:
+        train_epoch(None, None, None, args, torch.device("cpu"), state, None, None)
+    assert e.value.code == 2 and "interrupted mid-epoch with 2 process(es)" in capsys.readouterr().err
+
+
+def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
+    from main import TrainStep
+
+    class Objective(torch.nn.Module):
+        def forward(self, model, seq, pos, neg, with_logits=False):
+            return seq.float().sum(), None
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    step = TrainStep(torch.nn.Linear(1, 1), Objective())
+    step.compiled = broken
+    assert step(torch.ones(2, 3), None, None)[0].item() == 6.0
+    assert "--compile failed (RuntimeError: no C++ compiler)" in capsys.readouterr().out and step.compiled is None
