@@ -2,8 +2,8 @@
 import hashlib
 import io
 import json
-import pickletools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -137,11 +137,12 @@ def payload(marker):
 
 
 def pickled_globals(checkpoint_bytes):
-    """'module name' of every global the checkpoint's pickle would import and call, found by disassembly
-    (torch.save writes pickle protocol 2, where each is one GLOBAL opcode)."""
+    """'module name' of every global the checkpoint's pickle would import and call, read from its bytes
+    without unpickling: torch.save writes pickle protocol 2, where each is a GLOBAL opcode, b'c' followed
+    by 'module\\nname\\n'."""
     with zipfile.ZipFile(io.BytesIO(checkpoint_bytes)) as z:
         data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-    return {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+    return {f"{m.decode()} {n.decode()}" for m, n in re.findall(rb"c([A-Za-z_][\w.]*)\n([A-Za-z_]\w*)\n", data)}
 
 
 CKPT_ERRORS = {"truncated": "not a readable checkpoint", "not a checkpoint": "not a readable checkpoint",
