@@ -182,7 +182,8 @@ class SASRec(nn.Module):
         keep = real.unsqueeze(-1).to(self.pos_emb.weight.dtype)
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
-        x = (self.item_vectors(seqs) if inputs is None else inputs) * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:]
+        items = self.item_vectors(seqs) if inputs is None else inputs
+        x = items * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:]
         x = self.emb_dropout(x) * keep
         causal = torch.ones(W, W, dtype=torch.bool, device=seqs.device).tril()
         # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).

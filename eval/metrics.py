@@ -92,11 +92,12 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
             rows, idx = ragged_positions(b_ends - b_len, b_len)
             rows, items = torch.from_numpy(rows), torch.from_numpy(data.items[idx].astype(np.int64))
         ranks[s] = full_ranks(scores, torch.from_numpy(b_tgt), rows, items).numpy()
-    if sharded and distributed.world_size() > 1:
-        ranks, sampled_ranks = ({k: v for part in distributed.gather_objects(d) for k, v in part.items()}
-                                for d in (ranks, sampled_ranks))
+    if sharded and distributed.world_size() > 1:  # one gather of every rank's (ranks, sampled ranks)
+        parts = distributed.gather_objects((ranks, sampled_ranks))
         if not distributed.is_main():
             return None
+        ranks = {k: v for full, _ in parts for k, v in full.items()}
+        sampled_ranks = {k: v for _, samp in parts for k, v in samp.items()}
     ranks = np.concatenate([ranks[s] for s in sorted(ranks)])
     out = metrics_from_ranks(ranks)
     if rare_below:
