@@ -74,31 +74,30 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # under --amp bf16 too: exp / sums in fp32
     def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows):
-        need_grad = any(ctx.needs_input_grad[:3])
-        grad_q, grad_pos, grad_pool = torch.zeros_like(queries), torch.zeros_like(pos_logits), torch.zeros_like(pool)
-        starts = list(range(0, len(queries), chunk_rows))
-        hit_bounds = torch.searchsorted(hit_rows, torch.tensor(starts + [len(queries)], device=hit_rows.device)).tolist()
-        total = queries.new_zeros(())
+        rows = len(queries)
+        # Per row: the shift (max logit), exp(positive - shift), 1 / sum of exps; per-row work is done once,
+        # after the loop, so a chunk costs few ops (the step is bound by per-op overhead at small sizes).
+        shift, pos_exp, inv = queries.new_empty(rows), queries.new_empty(rows), queries.new_empty(rows)
+        grad_q = torch.empty_like(queries)
+        grad_pool_t = pool.new_zeros(pool.shape[1], pool.shape[0])  # (D, P): q.T @ probs beats probs.T @ q
+        starts = range(0, rows, chunk_rows)
+        hit_bounds = torch.searchsorted(hit_rows, torch.tensor([*starts, rows], device=hit_rows.device)).tolist()
         for i, s in enumerate(starts):
-            e = min(s + chunk_rows, len(queries))
-            logits = queries[s:e] @ pool.T
-            if pool_bias is not None:
-                logits += pool_bias
+            e = min(s + chunk_rows, rows)
+            q = queries[s:e]
+            logits = q @ pool.T if pool_bias is None else torch.addmm(pool_bias, q, pool.T)
             a, b = hit_bounds[i], hit_bounds[i + 1]
             logits[hit_rows[a:b] - s, hit_cols[a:b]] = float("-inf")
-            pos = pos_logits[s:e]
-            shift = torch.maximum(logits.amax(dim=1), pos)
-            probs = logits.sub_(shift[:, None]).exp_()  # in place: the chunk's logits become exp(logit - shift)
-            pos_exp = (pos - shift).exp()
-            denom = probs.sum(dim=1) + pos_exp
-            total += (denom.log() + shift - pos).sum()
-            if need_grad:  # d loss / d logit = softmax probability = probs / denom (minus 1 for the positive);
-                inv = 1 / denom  # the 1 / denom scales the small (rows x D) factors, not the (rows x P) matrix
-                grad_pos[s:e] = pos_exp * inv - 1
-                grad_q[s:e] = (probs @ pool) * inv[:, None]
-                grad_pool.addmm_(probs.T, queries[s:e] * inv[:, None])
-        ctx.save_for_backward(grad_q, grad_pos, grad_pool)
-        return total
+            torch.maximum(logits.amax(dim=1), pos_logits[s:e], out=shift[s:e])
+            probs = logits.sub_(shift[s:e, None]).exp_()  # in place: the chunk's logits become exp(logit - shift)
+            torch.exp(pos_logits[s:e] - shift[s:e], out=pos_exp[s:e])
+            torch.reciprocal(probs.sum(dim=1) + pos_exp[s:e], out=inv[s:e])
+            # d loss / d logit = softmax probability = probs * inv (minus 1 for the positive); inv scales
+            # the small (rows x D) factors, not the (rows x P) matrix
+            torch.mm(probs, pool, out=grad_q[s:e])
+            grad_pool_t.addmm_(q.T * inv[s:e], probs)
+        ctx.save_for_backward(grad_q.mul_(inv[:, None]), pos_exp * inv - 1, grad_pool_t.T)
+        return (shift - pos_logits - inv.log()).sum()
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -128,11 +127,37 @@ def accidental_hits(pos_ids, pool_ids):
     return rows, order[first + torch.arange(len(rows), device=pos_ids.device)]
 
 
+class ScaledUnitRows(torch.autograd.Function):
+    """scale * x / |x| row-wise (F.normalize(x) * scale, same eps) with a hand-written backward:
+    grad_x = scale / |x| * (g - u (g . u)), u = x / |x|. Half the ops of autograd's, which matters
+    at this size: the step is bound by per-op overhead, and cosine losses normalise every step."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+        y = x * (scale / norm)
+        ctx.save_for_backward(y, norm, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, norm, scale = ctx.saved_tensors
+        dot = (grad * y).sum(-1, keepdim=True)  # g . y = scale (g . u)
+        grad_x = (grad - y * (dot / scale ** 2)) * (scale / norm) if ctx.needs_input_grad[0] else None
+        grad_scale = dot.sum() / scale if ctx.needs_input_grad[1] else None
+        return grad_x, grad_scale
+
+
+def scaled_unit_rows(x, scale=1.0):
+    """Rows of x scaled to length `scale` (a float or a 0-dim tensor, e.g. 1 / a learnt temperature)."""
+    return ScaledUnitRows.apply(x, torch.as_tensor(scale, dtype=x.dtype, device=x.device))
+
+
 def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
     """Masked in-batch InfoNCE on cosine logits / T from raw vectors (what Objective computes for
     --loss infonce; standalone for tests that bypass a model)."""
-    s = F.normalize(states, dim=-1) / temperature  # scale the (R, D) side, not the (R, P) logits
-    p, n = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
+    s = scaled_unit_rows(states, 1 / temperature)  # scale the (R, D) side, not the (R, P) logits
+    p, n = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
     return softmax_loss(s, (s * p).sum(-1), n, neg_ids, pos_ids, chunk_elems=chunk_elems)
 
 
@@ -188,7 +213,7 @@ class Objective(nn.Module):
             neg_ids = neg[real]
         inputs, pos_emb, neg_emb = self.embed(model, seq, pos_ids, neg_ids)
         states = model.sequence_states(seq, inputs)[real]
-        queries = F.normalize(states, dim=-1) / self.temperature() if self.cosine else states
+        queries = scaled_unit_rows(states, 1 / self.temperature()) if self.cosine else states
         pos_logits = (queries * pos_emb).sum(-1)
         if self.loss == "bce":
             neg_logits = (queries * neg_emb).sum(-1)
@@ -222,13 +247,15 @@ class Objective(nn.Module):
         if self.loss == "ce":  # the pool is the whole table: slice it rather than gather it
             table = model.item_embeddings()
             inputs, pos_emb, neg_emb = table[seq], table[pos_ids], table[1:]
-        else:
-            ids = torch.cat([seq.reshape(-1), pos_ids, neg_ids])
-            inputs, pos_emb, neg_emb = model.item_embeddings(ids).split([seq.numel(), len(pos_ids), len(neg_ids)])
-            inputs = inputs.view(*seq.shape, -1)
-        if self.cosine:
-            pos_emb, neg_emb = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
-        return inputs, pos_emb, neg_emb
+            if self.cosine:
+                pos_emb, neg_emb = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
+            return inputs, pos_emb, neg_emb
+        sizes = [len(pos_ids), len(neg_ids)]
+        inputs, targets = model.item_embeddings(torch.cat([seq.reshape(-1), pos_ids, neg_ids])).split(
+            [seq.numel(), sum(sizes)])
+        if self.cosine:  # positives and negatives in one call
+            targets = scaled_unit_rows(targets)
+        return inputs.view(*seq.shape, -1), *targets.split(sizes)
 
     def sample_negatives(self, n, device):
         """n item ids drawn with replacement from the sampler (torch's RNG: seeded per epoch, so resumable)."""

@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Self-attention + point-wise feed-forward, pre-norm or post-norm, padding kept at zero."""
+    """Self-attention + point-wise feed-forward, pre-norm or post-norm."""
 
     def __init__(self, hidden_units, num_heads, dropout_rate, norm_first):
         super().__init__()
@@ -83,14 +83,12 @@ class Block(nn.Module):
                                  nn.Linear(hidden_units, hidden_units))
         self.dropout = Dropout(dropout_rate)
 
-    def forward(self, x, attn_mask, keep):
+    def forward(self, x, attn_mask):
         if self.norm_first:
             x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask))
-            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
-        else:
-            x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
-            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x * keep
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
 class ItemSide(nn.Module):
@@ -179,18 +177,17 @@ class SASRec(nn.Module):
         if W > self.maxlen:
             raise ValueError(f"sequence width {W} exceeds maxlen {self.maxlen}")
         real = seqs != 0
-        keep = real.unsqueeze(-1).to(self.pos_emb.weight.dtype)
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
         items = self.item_vectors(seqs) if inputs is None else inputs
-        x = items * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:]
-        x = self.emb_dropout(x) * keep
+        x = self.emb_dropout(items * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:])
         causal = torch.ones(W, W, dtype=torch.bool, device=seqs.device).tril()
         # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).
+        # So padding never reaches a real position and is zeroed once, at the end, not in every block.
         attn_mask = (causal & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=seqs.device)
         for block in self.blocks:
-            x = block(x, attn_mask, keep)
-        return self.last_norm(x) * keep
+            x = block(x, attn_mask)
+        return self.last_norm(x) * real.unsqueeze(-1).to(x.dtype)
 
     forward = sequence_states
 
