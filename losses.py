@@ -237,25 +237,30 @@ class Objective(nn.Module):
             loss = softmax_loss(queries, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
                                 self.hard_negatives)
         if self.l2_emb:
-            loss = loss + self.l2_emb * model.item_emb.weight.norm()
+            loss = loss + self.l2_emb * sum(emb.weight.norm() for emb in (model.item_emb, model.out_emb) if emb)
         logits = self.logit_sample(queries, pos_logits, neg_emb, neg_ids, pos_ids, stat_rows) if with_logits else None
         return loss, logits
 
     def embed(self, model, seq, pos_ids, neg_ids):
         """Item vectors of the inputs, positives and negatives (the latter two unit length for cosine
         logits), from one lookup: each lookup's backward writes a dense (N + 1, D) gradient."""
+        tied = model.out_emb is None
         if self.loss == "ce":  # the pool is the whole table: slice it rather than gather it
             table = model.item_embeddings()
-            inputs, pos_emb, neg_emb = table[seq], table[pos_ids], table[1:]
+            inputs, pos_emb, neg_emb = table[seq] if tied else model.item_vectors(seq), table[pos_ids], table[1:]
             if self.cosine:
                 pos_emb, neg_emb = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
             return inputs, pos_emb, neg_emb
         sizes = [len(pos_ids), len(neg_ids)]
-        inputs, targets = model.item_embeddings(torch.cat([seq.reshape(-1), pos_ids, neg_ids])).split(
-            [seq.numel(), sum(sizes)])
+        if tied:
+            inputs, targets = model.item_embeddings(torch.cat([seq.reshape(-1), pos_ids, neg_ids])).split(
+                [seq.numel(), sum(sizes)])
+            inputs = inputs.view(*seq.shape, -1)
+        else:
+            inputs, targets = model.item_vectors(seq), model.item_embeddings(torch.cat([pos_ids, neg_ids]))
         if self.cosine:  # positives and negatives in one call
             targets = scaled_unit_rows(targets)
-        return inputs.view(*seq.shape, -1), *targets.split(sizes)
+        return inputs, *targets.split(sizes)
 
     def sample_negatives(self, n, device):
         """n item ids drawn with replacement from the sampler (torch's RNG: seeded per epoch, so resumable)."""

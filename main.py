@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 LOG_EVERY = 20  # training steps between TensorBoard points
 # Flags that fix the network's shape: a checkpoint can only be loaded into a model built with the same values.
-STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first")
+STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "output_emb")
 
 
 def build_parser():
@@ -73,6 +73,9 @@ def build_parser():
     g.add_argument("--dropout_rate", type=float, default=0.2)
     g.add_argument("--norm_first", action=argparse.BooleanOptionalAction, default=True,
                    help="pre-norm blocks (--no-norm_first: post-norm)")
+    g.add_argument("--output_emb", choices=("tied", "separate"), default="tied",
+                   help="item table the states are scored against: the input table (tied, as in SASRec) or one "
+                        "of its own (what lets gbce train, README)")
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--lr", type=float, default=0.001)
@@ -256,6 +259,9 @@ def parse_args(argv=None):
         setattr(args, flag, [os.path.abspath(resolve_data_path(p)) for p in ([paths] if isinstance(paths, str) else paths)])
     if args.no_item_id and not (args.item_features or args.item_emb):
         parser.error("--no_item_id needs --item_features or --item_emb (items would have no representation)")
+    if args.output_emb == "separate" and (args.item_features or args.item_emb):
+        parser.error("--output_emb separate is for id embeddings only: with --item_features / --item_emb the "
+                     "item tower scores the outputs")
     if args.inference_only and not args.state_dict_path:
         parser.error("--inference_only needs --state_dict_path")
     return args
@@ -704,7 +710,8 @@ def build(args, data, split, device):
         fail(str(e))
     args.item_side = side.spec()  # saved in config.json: eval/infer.py rebuilds the model from it
     model = SASRec(data.num_items, args.maxlen, args.hidden_units, args.num_blocks, args.num_heads,
-                   args.dropout_rate, args.norm_first, args.item_side, not args.no_item_id)
+                   args.dropout_rate, args.norm_first, args.item_side, not args.no_item_id,
+                   args.output_emb == "separate")
     if model.item_side is not None:
         model.item_side.load_arrays(side)
     model = model.to(device)

@@ -140,17 +140,22 @@ class ItemSide(nn.Module):
 
 class SASRec(nn.Module):
     def __init__(self, num_items, maxlen=50, hidden_units=50, num_blocks=2, num_heads=1, dropout_rate=0.2,
-                 norm_first=True, side_spec=None, use_item_id=True):
+                 norm_first=True, side_spec=None, use_item_id=True, separate_output=False):
         super().__init__()
         if hidden_units % num_heads:
             raise ValueError(f"--hidden_units ({hidden_units}) must be divisible by --num_heads ({num_heads})")
         has_side = bool(side_spec and (side_spec["features"] or side_spec["vectors"]))
         if not use_item_id and not has_side:
             raise ValueError("--no_item_id needs --item_features or --item_emb: items would have no representation")
+        if separate_output and has_side:
+            raise ValueError("--output_emb separate is for id embeddings only: with --item_features / --item_emb "
+                             "the item tower scores the outputs")
         self.num_items, self.maxlen, self.hidden_units = num_items, maxlen, hidden_units
         self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
         self.item_side = ItemSide(num_items, hidden_units, side_spec, use_item_id) if has_side else None
         self.item_emb.weight.requires_grad_(use_item_id)  # a content-only tower never reads the id table
+        # Output (scoring) table: the input table itself (tied, SASRec's default), or a table of its own.
+        self.out_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0) if separate_output else None
         self.pos_emb = nn.Embedding(maxlen, hidden_units)
         self.emb_dropout = Dropout(dropout_rate)
         self.blocks = nn.ModuleList(Block(hidden_units, num_heads, dropout_rate, norm_first)
@@ -160,11 +165,13 @@ class SASRec(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
         with torch.no_grad():  # xavier overwrote the padding rows
-            for emb in [self.item_emb, *(self.item_side.feature_emb if self.item_side else [])]:
+            for emb in [self.item_emb, self.out_emb, *(self.item_side.feature_emb if self.item_side else [])]:
+                if emb is None:
+                    continue
                 emb.weight[0].zero_()
 
     def item_vectors(self, ids):
-        """Item representations for ids of any shape: the id embedding, or the side-information tower."""
+        """Input item representations for ids of any shape: the id embedding, or the side-information tower."""
         if self.item_side is None:
             return gather_rows(self.item_emb.weight, ids)
         return self.item_side(ids, self.item_emb.weight)
@@ -197,8 +204,11 @@ class SASRec(nn.Module):
         return F.normalize(users, dim=-1) if normalize else users
 
     def item_embeddings(self, item_ids=None, normalize=False):
-        """Embeddings the states are scored against (shared with the input table); all items if ids is None."""
-        if item_ids is None:
+        """Embeddings the states are scored against (the input table unless the output has its own); all
+        items if ids is None."""
+        if self.out_emb is not None:
+            items = self.out_emb.weight if item_ids is None else gather_rows(self.out_emb.weight, item_ids)
+        elif item_ids is None:
             items = self.item_emb.weight if self.item_side is None else self.item_vectors(
                 torch.arange(self.num_items + 1, device=self.item_emb.weight.device))
         else:

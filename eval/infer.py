@@ -80,7 +80,8 @@ def load_run(args):
             fail(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
     model = SASRec(config["num_items"], config["maxlen"], config["hidden_units"], config["num_blocks"],
                    config["num_heads"], 0.0, config["norm_first"], config.get("item_side"),
-                   not config.get("no_item_id", False))  # side-information arrays come with the weights
+                   not config.get("no_item_id", False),  # side-information arrays come with the weights
+                   config.get("output_emb", "tied") == "separate")
     try:
         state = torch.load(paths[args.weights], map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])

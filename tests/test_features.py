@@ -84,3 +84,10 @@ def test_no_item_id_needs_side_information(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data", "synthetic", "--no_item_id"])
     assert e.value.code == 2 and "--no_item_id needs --item_features or --item_emb" in capsys.readouterr().err
+
+
+def test_separate_output_table_refuses_side_information(tmp_path, capsys):
+    attrs = write(tmp_path, "items.json", '{"1": ["a"]}')
+    with pytest.raises(SystemExit) as e:
+        main(["--data", "synthetic", "--output_emb", "separate", "--item_features", attrs])
+    assert e.value.code == 2 and "--output_emb separate is for id embeddings only" in capsys.readouterr().err

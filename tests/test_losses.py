@@ -25,6 +25,7 @@ class FixedStates(nn.Module):
         self.states = states
         self.item_emb = nn.Embedding.from_pretrained(torch.tensor(
             [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.0, -1.0]]))
+        self.out_emb = None  # tied: outputs scored against the input table
 
     def sequence_states(self, seq, inputs=None):
         return self.states

@@ -55,3 +55,36 @@ def test_cosine_scores_ignore_item_norms():
     torch.testing.assert_close(dot[0, 5], 10 * dot[0, 4])
     torch.testing.assert_close(cos[0, 5], cos[0, 4])
     assert cos.abs().max() <= 1 + 1e-6
+
+
+def test_separate_output_table_scores_outputs_and_inputs_keep_theirs():
+    """--output_emb separate: states are scored against a table of its own; the input table only feeds the
+    sequence. One gbce step sends the targets' gradient to the output table and the inputs' to the input one."""
+    import argparse
+    from losses import Objective
+    model = make_model(separate_output=True).train()
+    assert model.out_emb.weight.shape == (21, 8) and (model.out_emb.weight[0] == 0).all()
+    assert not torch.equal(model.out_emb.weight, model.item_emb.weight)
+    seqs = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]])
+    torch.testing.assert_close(model.item_embeddings(), model.out_emb.weight)
+    model.eval()
+    torch.testing.assert_close(model.score(seqs), model.user_embeddings(seqs) @ model.out_emb.weight.T)
+    model.train()
+    args = argparse.Namespace(loss="gbce", similarity="dot", l2_emb=0.0, num_negatives=4, hard_negatives=0,
+                              in_batch_negatives=False, logq_correction=False, gather_negatives=False, gbce_t=0.75,
+                              temperature=1.0, learn_temperature=False, neg_sampler="uniform")
+    pos = torch.tensor([[0, 0, 2, 3], [6, 7, 8, 9]])
+    torch.manual_seed(1)
+    loss, _ = Objective(args, [0] + [1] * 20)(model, seqs, pos, None)
+    loss.backward()
+    in_rows = model.item_emb.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    assert in_rows == [1, 2, 5, 6, 7, 8]  # exactly the items in the input sequences
+    assert model.out_emb.weight.grad[[2, 3, 6, 7, 8, 9]].abs().sum(1).gt(0).all()  # every positive
+    assert model.out_emb.weight.grad[0].abs().sum() == 0
+
+
+def test_separate_output_refuses_side_information():
+    import pytest
+    spec = {"features": [{"vocab_size": 3, "width": 1}], "vectors": []}
+    with pytest.raises(ValueError, match="--output_emb separate is for id embeddings only"):
+        make_model(separate_output=True, side_spec=spec)
