@@ -1,7 +1,7 @@
 """Training objectives over SASRec's sequence states, chosen by --loss.
 
 bce              one sampled negative per position (the SASRec paper)
-gbce             gBCE: N shared uniform negatives, positive term raised to beta (Petrov & Macdonald, RecSys 2023)
+gbce             gBCE: N uniform negatives per sequence, positive term raised to beta (Petrov & Macdonald, RecSys 2023)
 infonce          softmax over the batch's pool of sampled negatives (masked in-batch InfoNCE)
 sampled_softmax  softmax over N shared negatives (uniform or popularity), logQ-corrected, optionally
                  plus the batch's positives as extra negatives (mixed negative sampling, Yi et al. 2019)
@@ -22,7 +22,6 @@ import distributed
 
 LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
 SOFTMAX_LOSSES = ("infonce", "sampled_softmax", "ce")
-SHARED_NEGATIVE_LOSSES = ("gbce", "sampled_softmax")  # draw --num_negatives per batch
 SOFTMAX_CHUNK_ELEMS = 1 << 20  # logits per chunk (4 MB fp32): bounds memory, keeps a chunk in cache
 TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
 STAT_COLUMNS = 4096  # negative logits logged per row at most (the CE pool is the whole catalogue)
@@ -205,8 +204,11 @@ class Objective(nn.Module):
         """
         real = pos != 0
         pos_ids = pos[real]
-        if self.loss in SHARED_NEGATIVE_LOSSES:
+        if self.loss == "sampled_softmax":
             neg_ids = self.sample_negatives(self.num_negatives, pos.device)
+        elif self.loss == "gbce":  # (B, N): each sequence its own N, for all its positions. Negatives shared by
+            neg_ids = self.sample_negatives((len(seq), self.num_negatives), pos.device)  # the whole batch gave
+            # every row the same gradient noise (N terms against one positive), and gbce did not train (README)
         elif self.loss == "ce":
             neg_ids = torch.arange(1, self.num_items + 1, device=pos.device)
         else:
@@ -218,8 +220,10 @@ class Objective(nn.Module):
         if self.loss == "bce":
             neg_logits = (queries * neg_emb).sum(-1)
             loss = bce_loss(pos_logits, neg_logits)
-        elif self.loss == "gbce":
-            neg_logits = (queries @ neg_emb.T).masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+        elif self.loss == "gbce":  # (B, W, D) x (B, D, N) over the padded grid, then the real rows
+            grid = queries.new_zeros(*seq.shape, queries.shape[-1]).index_put((real,), queries)
+            hits = neg_ids[real.nonzero()[:, 0]] == pos_ids[:, None]
+            neg_logits = torch.bmm(grid, neg_emb.transpose(1, 2))[real].masked_fill(hits, float("-inf"))
             loss = bce_loss(pos_logits, neg_logits, self.beta)
         else:
             pool, pool_ids, pos_bias = neg_emb, neg_ids, 0.0
@@ -238,8 +242,11 @@ class Objective(nn.Module):
                                 self.hard_negatives)
         if self.l2_emb:
             loss = loss + self.l2_emb * sum(emb.weight.norm() for emb in (model.item_emb, model.out_emb) if emb)
-        logits = self.logit_sample(queries, pos_logits, neg_emb, neg_ids, pos_ids, stat_rows) if with_logits else None
-        return loss, logits
+        if not with_logits:
+            return loss, None
+        if self.loss == "gbce":
+            return loss, (pos_logits.detach(), neg_logits[:stat_rows][neg_logits[:stat_rows].isfinite()].detach())
+        return loss, self.logit_sample(queries, pos_logits, neg_emb, neg_ids, pos_ids, stat_rows)
 
     def embed(self, model, seq, pos_ids, neg_ids):
         """Item vectors of the inputs, positives and negatives (the latter two unit length for cosine
@@ -251,7 +258,8 @@ class Objective(nn.Module):
             if self.cosine:
                 pos_emb, neg_emb = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
             return inputs, pos_emb, neg_emb
-        sizes = [len(pos_ids), len(neg_ids)]
+        sizes, shape = [len(pos_ids), neg_ids.numel()], neg_ids.shape  # gbce's negatives are (B, N)
+        neg_ids = neg_ids.reshape(-1)
         if tied:
             inputs, targets = model.item_embeddings(torch.cat([seq.reshape(-1), pos_ids, neg_ids])).split(
                 [seq.numel(), sum(sizes)])
@@ -260,13 +268,16 @@ class Objective(nn.Module):
             inputs, targets = model.item_vectors(seq), model.item_embeddings(torch.cat([pos_ids, neg_ids]))
         if self.cosine:  # positives and negatives in one call
             targets = scaled_unit_rows(targets)
-        return inputs, *targets.split(sizes)
+        pos_emb, neg_emb = targets.split(sizes)
+        return inputs, pos_emb, neg_emb.view(*shape, -1)
 
-    def sample_negatives(self, n, device):
-        """n item ids drawn with replacement from the sampler (torch's RNG: seeded per epoch, so resumable)."""
+    def sample_negatives(self, shape, device):
+        """Item ids of `shape` (an int or a tuple) drawn with replacement from the sampler (torch's RNG:
+        seeded per epoch, so resumable)."""
+        shape = (shape,) if isinstance(shape, int) else shape
         if self.popularity_sampler:
-            return torch.multinomial(self.sampler, n, replacement=True)
-        return torch.randint(1, self.num_items + 1, (n,), device=device)
+            return torch.multinomial(self.sampler, math.prod(shape), replacement=True).view(shape)
+        return torch.randint(1, self.num_items + 1, shape, device=device)
 
     def log_expected_count(self, batch_rows, ranks=1):
         """log of how often each item is expected in the pool: N q_sampler per rank whose negatives the

@@ -184,12 +184,32 @@ def test_gbce_beta_and_t0_equals_bce():
     model, pos = one_row(2, state=(1.0, 1.0))  # positive logit 2; negatives 1 -> 1, 3 -> -3
     for t, beta in ((0.0, 1.0), (0.5, gbce_beta(2, 4, 0.5))):
         obj = objective("--loss", "gbce", "--num_negatives", "2", "--gbce_t", str(t))
-        obj.sample_negatives = lambda n, device: torch.tensor([1, 3])
+        obj.sample_negatives = lambda shape, device: torch.tensor([[1, 3]])  # (sequences, N)
         loss, _ = obj(model, pos, pos, None)
         expected = beta * math.log(1 + E ** -2) + math.log(1 + E) + math.log(1 + E ** -3)
         assert abs(loss.item() - expected) < 1e-6
         if t == 0.0:  # plain BCE on the same logits
             torch.testing.assert_close(loss, bce_loss(torch.tensor([2.0]), torch.tensor([[1.0, -3.0]])))
+
+
+def test_gbce_negatives_are_per_sequence_and_hits_masked_in_their_own_sequence():
+    """Two sequences, two real positions each, each sequence its own 2 negatives (items 1..4: +x, +2y, -3x, -y).
+    Sequence 0 (states +x, +y; positives 1, 2) draws [2, 3]: item 2 is the second row's positive, masked
+    there only. Sequence 1 (states +y, -x; positives 4, 3) draws [4, 4]: both masked for its first row."""
+    states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [-1.0, 0.0]]])
+    pos = torch.tensor([[1, 2], [4, 3]])
+    obj = objective("--loss", "gbce", "--num_negatives", "2", "--gbce_t", "0")
+    drawn = []
+    obj.sample_negatives = lambda shape, device: drawn.append(shape) or torch.tensor([[2, 3], [4, 4]])
+    loss, (pos_logits, neg_logits) = obj(FixedStates(states), pos, pos, None, with_logits=True)
+    assert drawn == [(2, 2)]
+    sp = lambda x: math.log(1 + E ** x)  # softplus
+    rows = [sp(-1) + sp(0) + sp(-3),     # state +x: positive 1 -> 1; negatives 2 -> 0, 3 -> -3
+            sp(-2) + sp(0),              # state +y: positive 2 -> 2; negative 2 masked, 3 -> 0
+            sp(1),                       # state +y: positive 4 -> -1; both negatives (4) masked
+            sp(-3) + 2 * sp(0)]          # state -x: positive 3 -> 3; negatives 4 -> 0, 0
+    assert abs(loss.item() - sum(rows) / 4) < 1e-6
+    assert pos_logits.tolist() == [1.0, 2.0, -1.0, 3.0] and sorted(neg_logits.tolist()) == [-3.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_learnable_temperature_gets_gradient_and_stays_in_range():
