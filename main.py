@@ -75,7 +75,7 @@ def build_parser():
                    help="pre-norm blocks (--no-norm_first: post-norm)")
     g.add_argument("--output_emb", choices=("tied", "separate"), default="tied",
                    help="item table the states are scored against: the input table (tied, as in SASRec) or one "
-                        "of its own (what lets gbce train, README)")
+                        "of its own (trains faster; README)")
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--lr", type=float, default=0.001)
