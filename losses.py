@@ -241,7 +241,7 @@ class Objective(nn.Module):
             loss = softmax_loss(queries, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
                                 self.hard_negatives)
         if self.l2_emb:
-            loss = loss + self.l2_emb * sum(emb.weight.norm() for emb in (model.item_emb, model.out_emb) if emb)
+            loss = loss + self.l2_emb * sum(e.weight.norm() for e in (model.item_emb, model.out_emb) if e is not None)
         if not with_logits:
             return loss, None
         if self.loss == "gbce":
