@@ -73,7 +73,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # under --amp bf16 too: exp / sums in fp32
     def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows):
-        rows = len(queries)
+        rows, need_grad = len(queries), any(ctx.needs_input_grad[:3])
         # Per row: the shift (max logit), exp(positive - shift), 1 / sum of exps; per-row work is done once,
         # after the loop, so a chunk costs few ops (the step is bound by per-op overhead at small sizes).
         shift, pos_exp, inv = queries.new_empty(rows), queries.new_empty(rows), queries.new_empty(rows)
@@ -91,10 +91,9 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
             probs = logits.sub_(shift[s:e, None]).exp_()  # in place: the chunk's logits become exp(logit - shift)
             torch.exp(pos_logits[s:e] - shift[s:e], out=pos_exp[s:e])
             torch.reciprocal(probs.sum(dim=1) + pos_exp[s:e], out=inv[s:e])
-            # d loss / d logit = softmax probability = probs * inv (minus 1 for the positive); inv scales
-            # the small (rows x D) factors, not the (rows x P) matrix
-            torch.mm(probs, pool, out=grad_q[s:e])
-            grad_pool_t.addmm_(q.T * inv[s:e], probs)
+            if need_grad:  # d loss / d logit = softmax probability = probs * inv (minus 1 for the positive);
+                torch.mm(probs, pool, out=grad_q[s:e])  # inv scales the small (rows x D) factors, not the
+                grad_pool_t.addmm_(q.T * inv[s:e], probs)  # (rows x P) matrix
         ctx.save_for_backward(grad_q.mul_(inv[:, None]), pos_exp * inv - 1, grad_pool_t.T)
         return (shift - pos_logits - inv.log()).sum()
 
@@ -206,9 +205,10 @@ class Objective(nn.Module):
         pos_ids = pos[real]
         if self.loss == "sampled_softmax":
             neg_ids = self.sample_negatives(self.num_negatives, pos.device)
-        elif self.loss == "gbce":  # (B, N): each sequence its own N, for all its positions. Negatives shared by
-            neg_ids = self.sample_negatives((len(seq), self.num_negatives), pos.device)  # the whole batch gave
-            # every row the same gradient noise (N terms against one positive), and gbce did not train (README)
+        elif self.loss == "gbce":
+            # (B, N): each sequence its own N, for all its positions. Negatives shared by the whole batch gave
+            # every row the same gradient noise (N terms against one positive), and gbce did not train (README).
+            neg_ids = self.sample_negatives((len(seq), self.num_negatives), pos.device)
         elif self.loss == "ce":
             neg_ids = torch.arange(1, self.num_items + 1, device=pos.device)
         else:
