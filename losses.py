@@ -84,7 +84,9 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
         for i, s in enumerate(starts):
             e = min(s + chunk_rows, rows)
             q = queries[s:e]
-            logits = q @ pool.T if pool_bias is None else torch.addmm(pool_bias, q, pool.T)
+            logits = q @ pool.T
+            if pool_bias is not None:
+                logits += pool_bias
             a, b = hit_bounds[i], hit_bounds[i + 1]
             logits[hit_rows[a:b] - s, hit_cols[a:b]] = float("-inf")
             torch.maximum(logits.amax(dim=1), pos_logits[s:e], out=shift[s:e])
@@ -184,7 +186,7 @@ class Objective(nn.Module):
         counts = torch.as_tensor(item_counts, dtype=torch.float64) + 1
         counts[0] = 0
         popularity = counts / counts.sum()  # how often an item is some row's positive
-        self.popularity_sampler = args.neg_sampler == "popularity"
+        self.popularity_sampler = args.neg_sampler == "popularity" and self.loss == "sampled_softmax"  # gbce: uniform
         sampler = popularity if self.popularity_sampler else (counts > 0) / self.num_items
         self.register_buffer("popularity", popularity.float(), persistent=False)
         self.register_buffer("sampler", sampler.float(), persistent=False)

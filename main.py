@@ -101,7 +101,7 @@ def build_parser():
     g.add_argument("--learn_temperature", action=argparse.BooleanOptionalAction, default=False,
                    help=f"learn the temperature (log-parameterised, clamped to {list(TEMPERATURE_RANGE)}), "
                         "starting from --temperature")
-    g.add_argument("--num_negatives", type=int, default=256, help="sampled_softmax / gbce: negatives per batch")
+    g.add_argument("--num_negatives", type=int, default=256, help="negatives per batch (sampled_softmax) or per sequence (gbce)")
     g.add_argument("--neg_sampler", choices=("uniform", "popularity"), default="uniform",
                    help="sampled_softmax: how negatives are drawn (gbce is always uniform)")
     g.add_argument("--logq_correction", action=argparse.BooleanOptionalAction, default=True,

@@ -19,13 +19,14 @@ def test_causality_future_items_do_not_change_earlier_states():
 
 
 def test_padding_is_zero_and_does_not_leak():
-    model = make_model()
-    short = torch.tensor([[3, 4, 5]])
-    padded = torch.tensor([[0, 0, 0, 3, 4, 5]])
-    states = model(padded)
-    assert (states[:, :3] == 0).all()
-    # extra left padding (a wider batch) leaves the real positions' states unchanged
-    torch.testing.assert_close(states[:, 3:], model(short), rtol=1e-5, atol=1e-6)
+    for norm_first in (True, False):  # padding is zeroed only at the output: no block may let it leak
+        model = make_model(norm_first=norm_first)
+        short = torch.tensor([[3, 4, 5]])
+        padded = torch.tensor([[0, 0, 0, 3, 4, 5]])
+        states = model(padded)
+        assert (states[:, :3] == 0).all()
+        # extra left padding (a wider batch) leaves the real positions' states unchanged
+        torch.testing.assert_close(states[:, 3:], model(short), rtol=1e-5, atol=1e-6)
 
 
 def test_user_and_item_embeddings():
