@@ -772,6 +772,7 @@ def run_job(args, device):
     if args.inference_only:
         if main_rank:
             final_report(model, split, args, device, {"checkpoint": path})
+        distributed.barrier()  # as below: every rank leaves together
         return
     if main_rank:
         write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
@@ -783,15 +784,17 @@ def run_job(args, device):
     start = time.perf_counter()
     train(model, objective, optimizer, split, args, device, state)
     train_minutes = (time.perf_counter() - start) / 60
-    if not main_rank:
-        return
-    best_path = os.path.join(args.ckpt_dir, "best.pt")
-    if os.path.exists(best_path):
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-    print(f"best validation NDCG@10 {state['best_ndcg']:.4f} at epoch {state['best_epoch']}; "
-          f"training took {train_minutes:.1f} min")
-    final_report(model, split, args, device, {"best_epoch": state["best_epoch"], "train_minutes": train_minutes,
-                                              "checkpoint": best_path})
+    if main_rank:
+        best_path = os.path.join(args.ckpt_dir, "best.pt")
+        if os.path.exists(best_path):
+            model.load_state_dict(load_checkpoint(best_path)["model"])
+        print(f"best validation NDCG@10 {state['best_ndcg']:.4f} at epoch {state['best_epoch']}; "
+              f"training took {train_minutes:.1f} min")
+        final_report(model, split, args, device, {"best_epoch": state["best_epoch"],
+                                                  "train_minutes": train_minutes, "checkpoint": best_path})
+    # Every rank leaves the process group together: a rank tearing gloo down while rank 0 still reports
+    # aborted now and then ("terminate called without an active exception", exit -6).
+    distributed.barrier()
 
 
 if __name__ == "__main__":
