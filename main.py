@@ -730,6 +730,9 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 reports; errors still reach stderr
     try:
         run_job(args, device)
+        # Every rank leaves the process group together, after rank 0's report: a rank tearing gloo down
+        # while rank 0 still worked aborted now and then ("terminate called without an active exception").
+        distributed.barrier()
     finally:
         distributed.shutdown()
 
@@ -772,7 +775,6 @@ def run_job(args, device):
     if args.inference_only:
         if main_rank:
             final_report(model, split, args, device, {"checkpoint": path})
-        distributed.barrier()  # as below: every rank leaves together
         return
     if main_rank:
         write_json(os.path.join(args.ckpt_dir, "config.json"), vars(args))
@@ -792,9 +794,6 @@ def run_job(args, device):
               f"training took {train_minutes:.1f} min")
         final_report(model, split, args, device, {"best_epoch": state["best_epoch"],
                                                   "train_minutes": train_minutes, "checkpoint": best_path})
-    # Every rank leaves the process group together: a rank tearing gloo down while rank 0 still reports
-    # aborted now and then ("terminate called without an active exception", exit -6).
-    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -166,9 +166,8 @@ class SASRec(nn.Module):
                 nn.init.xavier_normal_(p)
         with torch.no_grad():  # xavier overwrote the padding rows
             for emb in [self.item_emb, self.out_emb, *(self.item_side.feature_emb if self.item_side else [])]:
-                if emb is None:
-                    continue
-                emb.weight[0].zero_()
+                if emb is not None:
+                    emb.weight[0].zero_()
 
     def item_vectors(self, ids):
         """Input item representations for ids of any shape: the id embedding, or the side-information tower."""

@@ -1,5 +1,8 @@
+import pytest
 import torch
 
+from losses import Objective
+from main import parse_args
 from model import SASRec
 
 
@@ -61,8 +64,6 @@ def test_cosine_scores_ignore_item_norms():
 def test_separate_output_table_scores_outputs_and_inputs_keep_theirs():
     """--output_emb separate: states are scored against a table of its own; the input table only feeds the
     sequence. One gbce step sends the targets' gradient to the output table and the inputs' to the input one."""
-    import argparse
-    from losses import Objective
     model = make_model(separate_output=True).train()
     assert model.out_emb.weight.shape == (21, 8) and (model.out_emb.weight[0] == 0).all()
     assert not torch.equal(model.out_emb.weight, model.item_emb.weight)
@@ -71,9 +72,7 @@ def test_separate_output_table_scores_outputs_and_inputs_keep_theirs():
     model.eval()
     torch.testing.assert_close(model.score(seqs), model.user_embeddings(seqs) @ model.out_emb.weight.T)
     model.train()
-    args = argparse.Namespace(loss="gbce", similarity="dot", l2_emb=0.0, num_negatives=4, hard_negatives=0,
-                              in_batch_negatives=False, logq_correction=False, gather_negatives=False, gbce_t=0.75,
-                              temperature=1.0, learn_temperature=False, neg_sampler="uniform")
+    args = parse_args(["--loss", "gbce", "--num_negatives", "4"])
     pos = torch.tensor([[0, 0, 2, 3], [6, 7, 8, 9]])
     torch.manual_seed(1)
     loss, _ = Objective(args, [0] + [1] * 20)(model, seqs, pos, None)
@@ -85,7 +84,6 @@ def test_separate_output_table_scores_outputs_and_inputs_keep_theirs():
 
 
 def test_separate_output_refuses_side_information():
-    import pytest
     spec = {"features": [{"vocab_size": 3, "width": 1}], "vectors": []}
     with pytest.raises(ValueError, match="--output_emb separate is for id embeddings only"):
         make_model(separate_output=True, side_spec=spec)
