@@ -204,7 +204,8 @@ class Objective(nn.Module):
         one sampled negative per position (bce, and infonce's pool); the other losses draw their own.
         """
         real = pos != 0
-        pos_ids = pos[real]
+        rows = real.view(-1).nonzero().squeeze(1)  # flat (B x W) indices of the real positions
+        pos_ids = pos.view(-1)[rows]
         if self.loss == "sampled_softmax":
             neg_ids = self.sample_negatives(self.num_negatives, pos.device)
         elif self.loss == "gbce":
@@ -214,9 +215,10 @@ class Objective(nn.Module):
         elif self.loss == "ce":
             neg_ids = torch.arange(1, self.num_items + 1, device=pos.device)
         else:
-            neg_ids = neg[real]
+            neg_ids = neg.view(-1)[rows]
         inputs, pos_emb, neg_emb = self.embed(model, seq, pos_ids, neg_ids)
-        states = model.sequence_states(seq, inputs)[real]
+        # index_select, not states[real]: a boolean index's backward (index_put) took 3x as long on CPU
+        states = model.sequence_states(seq, inputs).flatten(0, 1).index_select(0, rows)
         queries = scaled_unit_rows(states, 1 / self.temperature()) if self.cosine else states
         pos_logits = (queries * pos_emb).sum(-1)
         if self.loss == "bce":
@@ -224,7 +226,7 @@ class Objective(nn.Module):
             loss = bce_loss(pos_logits, neg_logits)
         elif self.loss == "gbce":  # (B, W, D) x (B, D, N) over the padded grid, then the real rows
             grid = queries.new_zeros(*seq.shape, queries.shape[-1]).index_put((real,), queries)
-            hits = neg_ids[real.nonzero()[:, 0]] == pos_ids[:, None]
+            hits = neg_ids[rows // seq.shape[1]] == pos_ids[:, None]
             neg_logits = torch.bmm(grid, neg_emb.transpose(1, 2))[real].masked_fill(hits, float("-inf"))
             loss = bce_loss(pos_logits, neg_logits, self.beta)
         else:
