@@ -47,6 +47,7 @@ def child(argv, epochs, profile_steps=0):
     sys.path.insert(0, ROOT)
     import main
     from dataset import TrainBatches
+    main.keep_freed_memory()  # as main.main() does
     imported = time.time()
     args = main.parse_args(argv)
     device = main.resolve_device(args.device)
