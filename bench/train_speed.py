@@ -2,6 +2,7 @@
 
     python bench/train_speed.py                                   # Beauty, BCE and InfoNCE, pmixer's settings
     python bench/train_speed.py --pmixer ~/SASRec.pytorch/python  # + pmixer/SASRec.pytorch on the same data
+    python bench/train_speed.py --pmixer ~/SASRec.pytorch/python --rounds 3   # in turn, 3 times: steadier ratios
     python bench/train_speed.py --losses infonce -- --hidden_units 256   # anything after -- goes to main.py
 
 Settings default to the reference PyTorch SASRec's (pmixer/SASRec.pytorch): maxlen 50, hidden 50,
@@ -141,6 +142,9 @@ def run_pmixer(path, data, epochs, settings):
             "peak_rss_mb": usage.ru_maxrss / 1024, "users_per_s": log.num_users / epoch_s}
 
 
+PMIXER = "pmixer/SASRec.pytorch, bce"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "Beauty.txt"))
@@ -148,6 +152,9 @@ def main():
     p.add_argument("--epochs", type=int, default=5, help="timed epochs (after one warm-up epoch)")
     p.add_argument("--pmixer", help="folder of pmixer/SASRec.pytorch's python/main.py, to run beside")
     p.add_argument("--pmixer_epochs", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn, and "
+                   "report medians; the ratio to pmixer is taken within each round, so the machine's drift "
+                   "between runs largely cancels")
     p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N steps per run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, extra = p.parse_known_args()
@@ -155,30 +162,35 @@ def main():
     if args.child:
         return child(extra, args.epochs, args.profile)
     base = ["--data", args.data, "--device", "cpu", "--dropout_rate", "0.2", *PMIXER_SETTINGS, *extra]
-    rows = []
-    for loss in args.losses:
-        r = run_child(base + ["--loss", loss], args.epochs, args.profile)
-        rows.append((f"this repo, {loss}", r))
-        print(json.dumps(r), flush=True)
-    if args.pmixer:
-        r = run_pmixer(args.pmixer, args.data, args.pmixer_epochs, PMIXER_SETTINGS)
-        rows.append(("pmixer/SASRec.pytorch, bce", r))
-        print(json.dumps(r), flush=True)
-    print_table(rows)
+    runs = {f"this repo, {loss}": base + ["--loss", loss] for loss in args.losses}
+    results = {name: [] for name in [*runs, *([PMIXER] if args.pmixer else [])]}
+    for round_ in range(args.rounds):
+        for name, argv in runs.items():
+            results[name].append(run_child(argv, args.epochs, args.profile if round_ == 0 else 0))
+            print(json.dumps(results[name][-1]), flush=True)
+        if args.pmixer:
+            results[PMIXER].append(run_pmixer(args.pmixer, args.data, args.pmixer_epochs, PMIXER_SETTINGS))
+            print(json.dumps(results[PMIXER][-1]), flush=True)
+    print_table(results)
 
 
-def print_table(rows):
-    ref = next((r["epoch_s"] for name, r in rows if name.startswith("pmixer")), None)
+def print_table(results):
+    """One row per configuration: medians over rounds; the ratio is the median of the rounds' ratios."""
+    reference = results.get(PMIXER)
     print("\n| run | s / epoch | users / s | start-up s | data load + split s | peak RSS MB | GFLOP / epoch | "
           "achieved GFLOP/s | matmul GFLOP/s | pmixer s / epoch over this |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows:
+    for name, rounds in results.items():
         def cell(key, fmt):
-            return format(r[key], fmt) if key in r else ""
-        ratio = f"{ref / r['epoch_s']:.1f}x" if ref and not name.startswith("pmixer") else ""
-        print(f"| {name} | {r['epoch_s']:.2f} | {r['users_per_s']:,.0f} | {r['startup_s']:.1f} | {cell('data_s', '.2f')} "
-              f"| {cell('peak_rss_mb', ',.0f')} | {cell('gflop_per_epoch', '.1f')} | {cell('achieved_gflops', '.1f')} "
-              f"| {cell('matmul_gflops', '.0f')} | {ratio} |")
+            return format(statistics.median(r[key] for r in rounds), fmt) if key in rounds[0] else ""
+        ratio = ""
+        if reference and name != PMIXER:
+            ratios = [ref["epoch_s"] / r["epoch_s"] for ref, r in zip(reference, rounds)]
+            ratio = f"{statistics.median(ratios):.1f}x" + (
+                f" ({', '.join(f'{x:.1f}' for x in ratios)})" if len(ratios) > 1 else "")
+        print(f"| {name} | {cell('epoch_s', '.2f')} | {cell('users_per_s', ',.0f')} | {cell('startup_s', '.1f')} "
+              f"| {cell('data_s', '.3f')} | {cell('peak_rss_mb', ',.0f')} | {cell('gflop_per_epoch', '.1f')} "
+              f"| {cell('achieved_gflops', '.1f')} | {cell('matmul_gflops', '.0f')} | {ratio} |")
 
 
 if __name__ == "__main__":
