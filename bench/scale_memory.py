@@ -48,6 +48,7 @@ def child(mode, path, cache, steps, num_items):
     sys.path.insert(0, ROOT)
     import main
     from dataset import TrainBatches
+    main.keep_freed_memory()  # as main.main() does
     if mode == "baseline":  # what the imports alone hold
         return {}
     if mode == "train_small":  # same model size: the catalogue of the large log
@@ -99,6 +100,8 @@ def main():
     p.add_argument("--log", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child == "write":
+        return write_log(args.log, args.interactions, args.items)
     if args.child:
         print(json.dumps(child(args.child, args.log, args.cache, args.steps, args.items)))
         return
@@ -106,7 +109,9 @@ def main():
     path = os.path.join(args.work, f"synthetic_{args.interactions}.csv")
     if not os.path.exists(path):
         start = time.perf_counter()
-        write_log(path, args.interactions, args.items)
+        # In a child: a forked child's peak RSS (wait4) starts from its parent's, so the parent must stay small.
+        subprocess.run([sys.executable, __file__, "--child", "write", "--log", path, "--interactions",
+                        str(args.interactions), "--items", str(args.items)], check=True)
         print(f"wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)
     cache = os.path.join(args.work, "cache")
     shutil.rmtree(cache, ignore_errors=True)  # `prepare` measures parsing, not a cache hit
