@@ -225,9 +225,10 @@ class Objective(nn.Module):
             neg_logits = (queries * neg_emb).sum(-1)
             loss = bce_loss(pos_logits, neg_logits)
         elif self.loss == "gbce":  # (B, W, D) x (B, D, N) over the padded grid, then the real rows
-            grid = queries.new_zeros(*seq.shape, queries.shape[-1]).index_put((real,), queries)
+            grid = queries.new_zeros(seq.numel(), queries.shape[-1]).index_copy(0, rows, queries).view(*seq.shape, -1)
             hits = neg_ids[rows // seq.shape[1]] == pos_ids[:, None]
-            neg_logits = torch.bmm(grid, neg_emb.transpose(1, 2))[real].masked_fill(hits, float("-inf"))
+            neg_logits = torch.bmm(grid, neg_emb.transpose(1, 2)).flatten(0, 1).index_select(0, rows)
+            neg_logits = neg_logits.masked_fill(hits, float("-inf"))
             loss = bce_loss(pos_logits, neg_logits, self.beta)
         else:
             pool, pool_ids, pos_bias = neg_emb, neg_ids, 0.0
