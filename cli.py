@@ -1,13 +1,18 @@
-"""Command-line plumbing shared by main.py and eval/infer.py: every error is one line and exit status 2."""
+"""Errors as exceptions, turned into one line on stderr and an exit status in one place (`exits`)."""
 import argparse
+import functools
 import os
 import sys
 
 
-def fail(message, code=2):
-    """One line on stderr and a non-zero exit: 2 for bad input (argparse's convention), 1 for a failed run."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+class UsageError(Exception):
+    """Bad input: a flag, config key, data file or checkpoint. Exit status 2 (argparse's convention)."""
+    code = 2
+
+
+class RunError(Exception):
+    """A run that started and failed (e.g. a non-finite loss). Exit status 1."""
+    code = 1
 
 
 def first_line(error):
@@ -16,28 +21,35 @@ def first_line(error):
     return text.splitlines()[0] if text else ""
 
 
-def run(entry):
-    """Run a command's main(); Ctrl-C outside the training loop (which saves and exits itself) prints no traceback."""
-    try:
-        entry()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+def exits(entry):
+    """Decorate a command's main(): UsageError / RunError become `error: <message>` and their exit status;
+    Ctrl-C outside the training loop (which saves and exits itself) prints no traceback."""
+    @functools.wraps(entry)
+    def wrapper(*args, **kwargs):
+        try:
+            return entry(*args, **kwargs)
+        except (UsageError, RunError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.code)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+    return wrapper
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`error: ...`) instead of the whole usage block."""
+    """argparse whose errors are a UsageError (one line) instead of the whole usage block."""
 
     def error(self, message):
-        fail(f"{message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def make_writable_folder(folder, flag):
-    """Create `folder` and prove a file can be written there, or fail naming `flag`."""
+    """Create `folder` and prove a file can be written there, or raise naming `flag`."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write_test{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        fail(f"{flag} {folder}: not a writable folder ({e.strerror})")
+        raise UsageError(f"{flag} {folder}: not a writable folder ({e.strerror})") from None

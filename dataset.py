@@ -6,16 +6,19 @@ indices run 1..N with 0 reserved for padding.
 """
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
+import torch
 from pandas.tseries.api import guess_datetime_format
+
+from files import remove_stale_temp_files
 
 FORMATS = ("lines", "pairs", "delimited")
 CACHE_VERSION = 3  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped
@@ -279,44 +282,6 @@ def detect_format(path):
 
 # ----------------------------------------------------------------------------- loading + cache
 
-def atomic_write(path, write):
-    """write(tmp_path), flush it to disk, then rename onto `path`.
-
-    A crash or kill -9 at any moment leaves either the old file or the new one, never half of one.
-    """
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temp_files(folder):
-    """Temp files and folders left by a killed process ('.<name>.tmp<pid>[-suffix]' whose pid is gone)."""
-    for name in os.listdir(folder):
-        found = re.fullmatch(r"\..+\.tmp(\d+)(-\w+)?", name)
-        if found and not _pid_alive(int(found[1])):
-            path = os.path.join(folder, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: it does)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def file_digest(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -374,9 +339,6 @@ def _read_cache(cache_folder):
     except OSError as e:  # e.g. too many open files: the cache may be fine, leave it
         print(f"warning: cannot read the data cache {cache_folder} ({e}); parsing the log instead")
         return None
-    for array in arrays:  # batches read a few users' slices at random: no read-ahead of neighbouring pages
-        if isinstance(array, np.memmap) and hasattr(mmap, "MADV_RANDOM"):
-            array._mmap.madvise(mmap.MADV_RANDOM)
     return Interactions(*arrays)
 
 
@@ -541,8 +503,31 @@ class LeaveOneOut:
 
 # ----------------------------------------------------------------------------- training batches
 
+@dataclass
+class Batch:
+    """One training step's named tensors, (B, W) left-padded; only positions with positives != 0 count."""
+    inputs: torch.Tensor     # (B, W) item ids of the history
+    positives: torch.Tensor  # (B, W) the next item at each position (0: padding)
+    users: torch.Tensor      # (B,) user indices
+    rows: torch.Tensor       # (R,) flat index of each real position in the (B x W) grid (found on the host)
+    negatives: Optional[torch.Tensor] = None  # (B, W) one sampled negative per real position, if the loss asks
+
+    def to(self, device):
+        """A copy on `device`; on CUDA through page-locked memory, so the copies run asynchronously."""
+        def move(t):
+            if t is None or t.device == device:
+                return t
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+        return Batch(*(move(getattr(self, f)) for f in ("inputs", "positives", "users", "rows", "negatives")))
+
+    @property
+    def num_users(self):
+        return len(self.users)
+
+
 class TrainBatches:
-    """Vectorised training batches: left-padded inputs, next-item positives, sampled negatives.
+    """Vectorised training batches: left-padded inputs and next-item positives (and, with a `sampler`,
+    one negative per real position drawn outside the user's training history).
 
     Each batch is trimmed to its longest real sequence, and users are bucketed by length
     (sorted within windows of `bucket_batches` batches, then batch order shuffled), so the
@@ -553,9 +538,9 @@ class TrainBatches:
     remainder of fewer than `world` batches is left out (a different one every epoch).
     """
 
-    def __init__(self, split: LeaveOneOut, maxlen, batch_size, bucket_batches=32, rank=0, world=1):
+    def __init__(self, split: "LeaveOneOut", maxlen, batch_size, bucket_batches=32, rank=0, world=1, sampler=None):
         self.split, self.maxlen, self.batch_size, self.bucket_batches = split, maxlen, batch_size, bucket_batches
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.sampler = rank, world, sampler
         self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
         self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
 
@@ -586,18 +571,8 @@ class TrainBatches:
         items = split.data.items
         seq = left_padded(items, ends - 1, lengths, width)
         pos = left_padded(items, ends, lengths, width)
-        neg = self.sample_negatives(users, pos != 0, rng)
-        return {"users": users, "seq": seq, "pos": pos, "neg": neg}
-
-    def sample_negatives(self, users, real, rng, max_rounds=50):
-        """One uniform negative per real position, never padding and never in the user's history."""
-        n = self.split.data.num_items
-        neg = rng.integers(1, n + 1, size=real.shape)
-        clash = self.split.in_history(users, neg) & real
-        for _ in range(max_rounds):  # redraw the clashes only, and test only the redrawn ones
-            rows, cols = np.nonzero(clash)
-            if not len(rows):
-                break
-            neg[rows, cols] = redrawn = rng.integers(1, n + 1, size=len(rows))
-            clash[rows, cols] = self.split.in_history(users[rows], redrawn)
-        return np.where(real, neg, 0)
+        neg = None
+        if self.sampler is not None:
+            neg = torch.from_numpy(self.sampler.draw_host(users, (width,), rng, where=pos != 0))
+        rows = torch.from_numpy(np.flatnonzero(pos != 0))
+        return Batch(torch.from_numpy(seq), torch.from_numpy(pos), torch.from_numpy(users), rows, neg)

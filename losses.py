@@ -1,4 +1,4 @@
-"""Training objectives over SASRec's sequence states, chosen by --loss.
+"""Training losses over the states of a batch's real positions, one class each, chosen by --loss.
 
 bce              one sampled negative per position (the SASRec paper)
 gbce             gBCE: N uniform negatives per sequence, positive term raised to beta (Petrov & Macdonald, RecSys 2023)
@@ -7,11 +7,17 @@ sampled_softmax  softmax over N shared negatives (uniform or popularity), logQ-c
                  plus the batch's positives as extra negatives (mixed negative sampling, Yi et al. 2019)
 ce               full softmax over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023)
 
-Every softmax loss is one function, `softmax_loss`: cross-entropy of the positive (index 0) against
-a pool of negatives, where pool entries equal to the row's positive (accidental hits) are masked.
-It runs in row chunks with recomputation, so memory is O(chunk x pool), never O(rows x pool).
+Every loss is called as `loss(states, pos_ids, tower, negatives, with_logits)`:
+    states (R, D)   states of the R real positions      pos_ids (R,)   their next items
+    tower           model.ItemTower: ids -> vectors     negatives      samplers.BatchNegatives
+and returns a LossOutput (the scalar loss; with_logits: detached positive / negative logits to log).
+The softmax losses share `softmax_loss`: cross-entropy of the positive (index 0) against a pool of
+negatives, where pool entries equal to the row's positive (accidental hits) are masked, in row chunks,
+so memory is O(chunk x pool), never O(rows x pool).
 """
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,12 +25,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import distributed
+from config import LOSSES, TEMPERATURE_RANGE
 
-LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
-SOFTMAX_LOSSES = ("infonce", "sampled_softmax", "ce")
 SOFTMAX_CHUNK_ELEMS = 1 << 20  # logits per chunk (4 MB fp32): bounds memory, keeps a chunk in cache
-TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
-STAT_COLUMNS = 4096  # negative logits logged per row at most (the CE pool is the whole catalogue)
+STAT_ROWS, STAT_COLUMNS = 256, 4096  # logits logged at most (the CE pool is the whole catalogue)
 
 
 # ----------------------------------------------------------------------------- loss functions
@@ -127,177 +131,206 @@ def accidental_hits(pos_ids, pool_ids):
     return rows, order[first + torch.arange(len(rows), device=pos_ids.device)]
 
 
-class ScaledUnitRows(torch.autograd.Function):
-    """scale * x / |x| row-wise (F.normalize(x) * scale, same eps) with a hand-written backward:
-    grad_x = scale / |x| * (g - u (g . u)), u = x / |x|. Half the ops of autograd's, which matters
-    at this size: the step is bound by per-op overhead, and cosine losses normalise every step."""
 
-    @staticmethod
-    def forward(ctx, x, scale):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
-        y = x * (scale / norm)
-        ctx.save_for_backward(y, norm, scale)
-        return y
+# ----------------------------------------------------------------------------- logits
 
-    @staticmethod
-    def backward(ctx, grad):
-        y, norm, scale = ctx.saved_tensors
-        dot = (grad * y).sum(-1, keepdim=True)  # g . y = scale (g . u)
-        grad_x = (grad - y * (dot / scale ** 2)) * (scale / norm) if ctx.needs_input_grad[0] else None
-        grad_scale = dot.sum() / scale if ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale
+class Similarity(nn.Module):
+    """How states and item vectors become logits: dot products, or cosines / temperature. A learnt
+    temperature is log-parameterised and clamped to TEMPERATURE_RANGE; a fixed one is a buffer."""
 
-
-def scaled_unit_rows(x, scale=1.0):
-    """Rows of x scaled to length `scale` (a float or a 0-dim tensor, e.g. 1 / a learnt temperature)."""
-    return ScaledUnitRows.apply(x, torch.as_tensor(scale, dtype=x.dtype, device=x.device))
-
-
-def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
-    """Masked in-batch InfoNCE on cosine logits / T from raw vectors (what Objective computes for
-    --loss infonce; standalone for tests that bypass a model)."""
-    s = scaled_unit_rows(states, 1 / temperature)  # scale the (R, D) side, not the (R, P) logits
-    p, n = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
-    return softmax_loss(s, (s * p).sum(-1), n, neg_ids, pos_ids, chunk_elems=chunk_elems)
-
-
-# ----------------------------------------------------------------------------- the objective
-
-class Objective(nn.Module):
-    """The loss chosen by --loss, with its logit scale (dot product, or cosine / temperature, the
-    temperature fixed or learnt) and its negative sampler. A module so a learnt temperature is
-    optimised and checkpointed with the model."""
-
-    def __init__(self, args, item_counts):
+    def __init__(self, cosine, temperature=1.0, learn=False):
         super().__init__()
-        self.loss, self.cosine, self.l2_emb = args.loss, args.similarity == "cosine", args.l2_emb
-        self.num_negatives, self.hard_negatives = args.num_negatives, args.hard_negatives
-        self.in_batch, self.logq = args.in_batch_negatives, args.logq_correction
-        self.gather_negatives = args.gather_negatives
-        self.num_items = len(item_counts) - 1
-        self.beta = gbce_beta(args.num_negatives, self.num_items, args.gbce_t)
-        log_t = torch.tensor(math.log(args.temperature))
-        if args.learn_temperature:
+        self.cosine, self.learn = cosine, learn
+        log_t = torch.tensor(math.log(temperature))
+        if learn:
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t, persistent=False)
-        self.learn_temperature = args.learn_temperature
-        # Item 0 is padding. Add-one smoothing keeps every log-probability finite.
-        counts = torch.as_tensor(item_counts, dtype=torch.float64) + 1
-        counts[0] = 0
-        popularity = counts / counts.sum()  # how often an item is some row's positive
-        self.popularity_sampler = args.neg_sampler == "popularity" and self.loss == "sampled_softmax"  # gbce: uniform
-        sampler = popularity if self.popularity_sampler else (counts > 0) / self.num_items
-        self.register_buffer("popularity", popularity.float(), persistent=False)
-        self.register_buffer("sampler", sampler.float(), persistent=False)
 
     def temperature(self):
-        if not self.learn_temperature:
+        if not self.learn:
             return self.log_temperature.exp()
         lo, hi = TEMPERATURE_RANGE
         return self.log_temperature.clamp(math.log(lo), math.log(hi)).exp()
 
-    def forward(self, model, seq, pos, neg, with_logits=False, stat_rows=256):
-        """Loss of one batch, plus detached (positive, negative) logits for logging if `with_logits`.
+    def queries(self, states):
+        """(R, D) states -> query vectors: a row's logits are query . item vector."""
+        return F.normalize(states, dim=-1) / self.temperature() if self.cosine else states
 
-        seq, pos, neg: (B, W) left-padded item ids; only positions with pos != 0 count. `neg` holds
-        one sampled negative per position (bce, and infonce's pool); the other losses draw their own.
-        """
-        real = pos != 0
-        rows = real.view(-1).nonzero().squeeze(1)  # flat (B x W) indices of the real positions
-        pos_ids = pos.view(-1)[rows]
-        if self.loss == "sampled_softmax":
-            neg_ids = self.sample_negatives(self.num_negatives, pos.device)
-        elif self.loss == "gbce":
-            # (B, N): each sequence its own N, for all its positions. Negatives shared by the whole batch gave
-            # every row the same gradient noise (N terms against one positive), and gbce did not train (README).
-            neg_ids = self.sample_negatives((len(seq), self.num_negatives), pos.device)
-        elif self.loss == "ce":
-            neg_ids = torch.arange(1, self.num_items + 1, device=pos.device)
-        else:
-            neg_ids = neg.view(-1)[rows]
-        inputs, pos_emb, neg_emb = self.embed(model, seq, pos_ids, neg_ids)
-        # index_select, not states[real]: a boolean index's backward (index_put) took 3x as long on CPU
-        states = model.sequence_states(seq, inputs).flatten(0, 1).index_select(0, rows)
-        queries = scaled_unit_rows(states, 1 / self.temperature()) if self.cosine else states
-        pos_logits = (queries * pos_emb).sum(-1)
-        if self.loss == "bce":
-            neg_logits = (queries * neg_emb).sum(-1)
-            loss = bce_loss(pos_logits, neg_logits)
-        elif self.loss == "gbce":  # (B, W, D) x (B, D, N) over the padded grid, then the real rows
-            grid = queries.new_zeros(seq.numel(), queries.shape[-1]).index_copy(0, rows, queries).view(*seq.shape, -1)
-            hits = neg_ids[rows // seq.shape[1]] == pos_ids[:, None]
-            neg_logits = torch.bmm(grid, neg_emb.transpose(1, 2)).flatten(0, 1).index_select(0, rows)
-            neg_logits = neg_logits.masked_fill(hits, float("-inf"))
-            loss = bce_loss(pos_logits, neg_logits, self.beta)
-        else:
-            pool, pool_ids, pos_bias = neg_emb, neg_ids, 0.0
-            if self.loss == "sampled_softmax" and self.in_batch:
-                pool, pool_ids = torch.cat([neg_emb, pos_emb]), torch.cat([neg_ids, pos_ids])
-            pool_bias = None
-            if self.gather_negatives and self.loss != "ce":  # every rank's pool (DDP); padding has bias -inf
-                pool, pool_ids, pool_bias = distributed.gather_pool(pool, pool_ids)
-            if self.loss == "sampled_softmax" and self.logq:
-                ranks = distributed.world_size() if self.gather_negatives else 1
-                in_batch_rows = int((pool_ids != 0).sum()) - ranks * self.num_negatives if self.in_batch else 0
-                log_q = self.log_expected_count(in_batch_rows, ranks)
-                pos_bias = -log_q[pos_ids]
-                pool_bias = -log_q[pool_ids] if pool_bias is None else pool_bias - log_q[pool_ids]
-            loss = softmax_loss(queries, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
-                                self.hard_negatives)
-        if self.l2_emb:
-            loss = loss + self.l2_emb * sum(e.weight.norm() for e in (model.item_emb, model.out_emb) if e is not None)
-        if not with_logits:
-            return loss, None
-        if self.loss == "gbce":
-            return loss, (pos_logits.detach(), neg_logits[:stat_rows][neg_logits[:stat_rows].isfinite()].detach())
-        return loss, self.logit_sample(queries, pos_logits, neg_emb, neg_ids, pos_ids, stat_rows)
+    def items(self, vectors):
+        return F.normalize(vectors, dim=-1) if self.cosine else vectors
 
-    def embed(self, model, seq, pos_ids, neg_ids):
-        """Item vectors of the inputs, positives and negatives (the latter two unit length for cosine
-        logits), from one lookup: each lookup's backward writes a dense (N + 1, D) gradient."""
-        tied = model.out_emb is None
-        if self.loss == "ce":  # the pool is the whole table: slice it rather than gather it
-            table = model.item_embeddings()
-            inputs, pos_emb, neg_emb = table[seq] if tied else model.item_vectors(seq), table[pos_ids], table[1:]
-            if self.cosine:
-                pos_emb, neg_emb = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
-            return inputs, pos_emb, neg_emb
-        sizes, shape = [len(pos_ids), neg_ids.numel()], neg_ids.shape  # gbce's negatives are (B, N)
-        neg_ids = neg_ids.reshape(-1)
-        if tied:
-            inputs, targets = model.item_embeddings(torch.cat([seq.reshape(-1), pos_ids, neg_ids])).split(
-                [seq.numel(), sum(sizes)])
-            inputs = inputs.view(*seq.shape, -1)
-        else:
-            inputs, targets = model.item_vectors(seq), model.item_embeddings(torch.cat([pos_ids, neg_ids]))
-        if self.cosine:  # positives and negatives in one call
-            targets = scaled_unit_rows(targets)
-        pos_emb, neg_emb = targets.split(sizes)
-        return inputs, pos_emb, neg_emb.view(*shape, -1)
 
-    def sample_negatives(self, shape, device):
-        """Item ids of `shape` (an int or a tuple) drawn with replacement from the sampler (torch's RNG:
-        seeded per epoch, so resumable)."""
-        shape = (shape,) if isinstance(shape, int) else shape
-        if self.popularity_sampler:
-            return torch.multinomial(self.sampler, math.prod(shape), replacement=True).view(shape)
-        return torch.randint(1, self.num_items + 1, shape, device=device)
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    pos_logits: Optional[torch.Tensor] = None  # detached, (R,)
+    neg_logits: Optional[torch.Tensor] = None  # detached, unmasked negatives of up to STAT_ROWS rows
 
-    def log_expected_count(self, batch_rows, ranks=1):
+
+def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
+    """Masked in-batch InfoNCE on cosine logits / T from raw vectors: what InfoNCE computes, for tests."""
+    s = F.normalize(states, dim=-1) / temperature
+    p, n = F.normalize(pos_emb, dim=-1), F.normalize(neg_emb, dim=-1)
+    return softmax_loss(s, (s * p).sum(-1), n, neg_ids, pos_ids, chunk_elems=chunk_elems)
+
+
+class Loss(nn.Module):
+    """Base of the losses: holds the similarity. `per_position_negatives`: batches must carry one sampled
+    negative per real position (drawn with the batch, outside the user's history)."""
+    per_position_negatives = False
+
+    def __init__(self, similarity):
+        super().__init__()
+        self.similarity = similarity
+
+    def targets(self, tower, ids):
+        """Item vectors of `ids` (any shape) as the logits use them, from one lookup."""
+        return self.similarity.items(tower(ids))
+
+
+class BCE(Loss):
+    per_position_negatives = True
+
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+        q = self.similarity.queries(states)
+        pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
+        pos_logits, neg_logits = (q * pos).sum(-1), (q * neg).sum(-1)
+        out = LossOutput(bce_loss(pos_logits, neg_logits))
+        if with_logits:
+            out.pos_logits, out.neg_logits = pos_logits.detach(), neg_logits[:STAT_ROWS].detach()
+        return out
+
+
+class GBCE(Loss):
+    """gBCE over N uniform negatives per sequence (every position of a sequence shares them); negatives
+    shared by the whole batch gave every row the same gradient noise, and gbce did not train."""
+
+    def __init__(self, similarity, num_negatives, num_items, t):
+        super().__init__(similarity)
+        self.num_negatives, self.beta = num_negatives, gbce_beta(num_negatives, num_items, t)
+
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+        (B, W), rows = negatives.shape, negatives.rows
+        neg_ids = negatives.draw((B, self.num_negatives), states.device)
+        q = self.similarity.queries(states)
+        pos, neg = self.targets(tower, torch.cat([pos_ids, neg_ids.view(-1)])).split(
+            [len(pos_ids), neg_ids.numel()])
+        pos_logits = (q * pos).sum(-1)
+        # (B, W, D) x (B, D, N) over the padded grid, then the real rows: no (R, N, D) gather
+        grid = q.new_zeros(B * W, q.shape[-1]).index_copy(0, rows, q).view(B, W, -1)
+        neg_logits = torch.bmm(grid, neg.view(B, self.num_negatives, -1).transpose(1, 2)).flatten(0, 1)
+        hits = neg_ids[negatives.sequence_of_row] == pos_ids[:, None]
+        neg_logits = neg_logits.index_select(0, rows).masked_fill(hits, float("-inf"))
+        out = LossOutput(bce_loss(pos_logits, neg_logits, self.beta))
+        if with_logits:
+            sample = neg_logits[:STAT_ROWS].detach()
+            out.pos_logits, out.neg_logits = pos_logits.detach(), sample[sample.isfinite()]
+        return out
+
+
+class SoftmaxLoss(Loss):
+    """Cross-entropy of each positive against a pool; subclasses say what the pool is."""
+
+    def __init__(self, similarity, hard_negatives=0, gather_negatives=False):
+        super().__init__(similarity)
+        self.hard_negatives, self.gather_negatives = hard_negatives, gather_negatives
+
+    def pool(self, pos_ids, tower, negatives, device):
+        """(pos vectors (R, D), pool vectors (P, D), pool ids (P,), pos bias, pool bias (P,) or None)."""
+        raise NotImplementedError
+
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+        q = self.similarity.queries(states)
+        pos, pool, pool_ids, pos_bias, pool_bias = self.pool(pos_ids, tower, negatives, states.device)
+        pos_logits = (q * pos).sum(-1)
+        out = LossOutput(softmax_loss(q, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
+                                      self.hard_negatives))
+        if with_logits:  # in the loss's units, before any logQ correction
+            with torch.no_grad():
+                sample = q[:STAT_ROWS] @ pool[:STAT_COLUMNS].T
+                keep = pool_ids[None, :STAT_COLUMNS] != pos_ids[:STAT_ROWS, None]
+                out.pos_logits, out.neg_logits = pos_logits.detach(), sample[keep]
+        return out
+
+    def gathered(self, pool, pool_ids):
+        """Every rank's pool under torchrun with --gather_negatives (padding has bias -inf), else this one's."""
+        if self.gather_negatives:
+            return distributed.gather_pool(pool, pool_ids)
+        return pool, pool_ids, None
+
+
+class InfoNCE(SoftmaxLoss):
+    """The pool is the batch's per-position negatives (each drawn outside its own user's history)."""
+    per_position_negatives = True
+
+    def pool(self, pos_ids, tower, negatives, device):
+        pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
+        pool, pool_ids, pool_bias = self.gathered(neg, negatives.per_position)
+        return pos, pool, pool_ids, 0.0, pool_bias
+
+
+class SampledSoftmax(SoftmaxLoss):
+    """N negatives shared by the batch, drawn by the sampler (uniform or popularity), optionally plus the
+    batch's positives (in-batch), every logit shifted by -log(expected count in the pool) (logQ)."""
+
+    def __init__(self, similarity, num_negatives, popularity, in_batch=False, logq=True, hard_negatives=0,
+                 gather_negatives=False):
+        super().__init__(similarity, hard_negatives, gather_negatives)
+        self.num_negatives, self.in_batch, self.logq = num_negatives, in_batch, logq
+        self.register_buffer("popularity", torch.as_tensor(popularity, dtype=torch.float32), persistent=False)
+
+    def pool(self, pos_ids, tower, negatives, device):
+        neg_ids = negatives.draw(self.num_negatives, device)
+        pos, neg = self.targets(tower, torch.cat([pos_ids, neg_ids])).split([len(pos_ids), len(neg_ids)])
+        pool, pool_ids = (torch.cat([neg, pos]), torch.cat([neg_ids, pos_ids])) if self.in_batch else (neg, neg_ids)
+        pool, pool_ids, pool_bias = self.gathered(pool, pool_ids)
+        if not self.logq:
+            return pos, pool, pool_ids, 0.0, pool_bias
+        ranks = distributed.world_size() if self.gather_negatives else 1
+        in_batch_rows = int((pool_ids != 0).sum()) - ranks * self.num_negatives if self.in_batch else 0
+        log_q = self.log_expected_count(negatives.sampler, in_batch_rows, ranks)
+        pool_bias = -log_q[pool_ids] if pool_bias is None else pool_bias - log_q[pool_ids]
+        return pos, pool, pool_ids, -log_q[pos_ids], pool_bias
+
+    def log_expected_count(self, sampler, batch_rows, ranks=1):
         """log of how often each item is expected in the pool: N q_sampler per rank whose negatives the
         pool holds (+ R q_popularity for R in-batch positives)."""
-        expected = ranks * self.num_negatives * self.sampler
+        expected = sampler.expected_counts(ranks * self.num_negatives, self.popularity.device)
         if self.in_batch:
             expected = expected + batch_rows * self.popularity
         return torch.log(expected.clamp_min(1e-30))
 
-    @torch.no_grad()
-    def logit_sample(self, queries, pos_logits, neg_emb, neg_ids, pos_ids, rows):
-        """All positive logits and the unmasked negative logits of the first `rows` rows, in the loss's
-        units (before any logQ correction), so every loss logs comparable statistics."""
-        if self.loss == "bce":
-            return pos_logits.detach(), (queries[:rows] * neg_emb[:rows]).sum(-1)
-        neg_emb, neg_ids = neg_emb[:STAT_COLUMNS], neg_ids[:STAT_COLUMNS]
-        neg_logits = (queries[:rows] @ neg_emb.T)[neg_ids[None, :] != pos_ids[:rows, None]]
-        return pos_logits.detach(), neg_logits
+
+class FullCE(SoftmaxLoss):
+    """The pool is the whole catalogue: the tower's table sliced, not gathered."""
+
+    def pool(self, pos_ids, tower, negatives, device):
+        table = self.similarity.items(tower.all_items())
+        return table[pos_ids], table[1:], torch.arange(1, len(table), device=device), 0.0, None
+
+
+def build_loss(config, item_counts):
+    """The loss module of a LossConfig; item_counts: (N + 1,) training interactions per item."""
+    similarity = Similarity(config.similarity == "cosine", config.temperature, config.learn_temperature)
+    num_items = len(item_counts) - 1
+    if config.loss == "bce":
+        return BCE(similarity)
+    if config.loss == "gbce":
+        return GBCE(similarity, config.num_negatives, num_items, config.gbce_t)
+    softmax = dict(hard_negatives=config.hard_negatives, gather_negatives=config.gather_negatives)
+    if config.loss == "infonce":
+        return InfoNCE(similarity, **softmax)
+    if config.loss == "sampled_softmax":
+        return SampledSoftmax(similarity, config.num_negatives, popularity(item_counts), config.in_batch_negatives,
+                              config.logq_correction, **softmax)
+    if config.loss == "ce":
+        return FullCE(similarity, config.hard_negatives)
+    raise ValueError(f"unknown loss {config.loss!r}; expected one of {LOSSES}")
+
+
+def popularity(item_counts):
+    """(N + 1,) add-one smoothed share of the positives per item (padding 0): every log-probability finite."""
+    counts = torch.as_tensor(item_counts, dtype=torch.float64) + 1
+    counts[0] = 0
+    return (counts / counts.sum()).float()

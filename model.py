@@ -1,56 +1,18 @@
-"""SASRec: a causal transformer over left-padded item sequences (Kang & McAuley, 2018)."""
+"""SASRec: a causal transformer over left-padded item sequences (Kang & McAuley, 2018).
+
+    model = SASRec(ModelConfig(num_items=N, ...))
+    states = model.encode(batch)            # (B, W, D); padding positions exactly zero
+    tower = model.target_tower              # every item vector the states are scored against
+    scores = model.full_sort_predict(seqs)  # (B, N + 1) against the whole catalogue
+"""
+import dataclasses
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class Dropout(nn.Module):
-    """Inverted dropout. On CPU the mask is built in numpy from raw PCG64 output (seeded from torch's
-    generator, so runs stay reproducible): one byte per element, compared and scaled in numpy, then one
-    float multiply in torch. torch's CPU bernoulli took 1.6 ms for a (128, 20, 50) batch and its
-    uint8/bool elementwise ops ~0.1 ms each; this takes ~0.1 ms in all (bench/train_speed.py)."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type == "cpu":  # p in steps of 1/256; the scale uses the exact keep rate
-            drop = round(256 * self.p)
-            bits = np.random.PCG64(int(torch.randint(0, 2 ** 62, (1,)))).random_raw(-(-x.numel() // 8))
-            byte = bits.view(np.uint8)[:x.numel()].reshape(x.shape)
-            keep = np.multiply(byte >= drop, np.float32(256 / (256 - drop)), dtype=np.float32)
-            return x * torch.from_numpy(keep).to(x.dtype)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * (keep * (1.0 / (1.0 - self.p)))
-
-
-class RowGather(torch.autograd.Function):
-    """table[ids] whose backward is zeros + index_add_ with the padding row (0) left at zero: what
-    nn.Embedding(padding_idx=0) computes, in half the time on CPU (embedding_dense_backward sorts)."""
-
-    @staticmethod
-    def forward(ctx, table, ids):
-        ctx.save_for_backward(ids)
-        ctx.table_shape = table.shape
-        return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        ids, = ctx.saved_tensors
-        grad_table = grad.new_zeros(ctx.table_shape).index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
-        grad_table[0] = 0
-        return grad_table, None
-
-
-def gather_rows(table, ids):
-    """Rows of an embedding table (row 0 = padding, never trained) for ids of any shape."""
-    return RowGather.apply(table, ids)
+from config import ModelConfig, model_config_from_dict
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,9 +41,9 @@ class Block(nn.Module):
         self.attn_norm = nn.LayerNorm(hidden_units, eps=1e-8)
         self.attn = CausalSelfAttention(hidden_units, num_heads)
         self.ffn_norm = nn.LayerNorm(hidden_units, eps=1e-8)
-        self.ffn = nn.Sequential(nn.Linear(hidden_units, hidden_units), nn.ReLU(), Dropout(dropout_rate),
+        self.ffn = nn.Sequential(nn.Linear(hidden_units, hidden_units), nn.ReLU(), nn.Dropout(dropout_rate),
                                  nn.Linear(hidden_units, hidden_units))
-        self.dropout = Dropout(dropout_rate)
+        self.dropout = nn.Dropout(dropout_rate)
 
     def forward(self, x, attn_mask):
         if self.norm_first:
@@ -91,30 +53,35 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
-class ItemSide(nn.Module):
-    """Item side information fused with the id embedding, as the competition basemodel builds items:
-    concatenate [id embedding, one pooled embedding per attribute feature, each pretrained vector projected
-    to hidden_units], then a dense layer to hidden_units. Multi-valued features are averaged over their
-    values (padding slots masked); items without a pretrained vector get a learned default. The per-item
-    value codes and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
-    `spec` is features.ItemSideInfo.spec(); `use_id=False` gives a pure-content item tower."""
+class ItemTower(nn.Module):
+    """Every item vector comes from here: sequence inputs, loss targets, retrieval candidates.
 
-    def __init__(self, num_items, hidden_units, spec, use_id=True):
+    Without side information an item is its id embedding. With it, as the competition basemodel builds
+    items: [id embedding, one pooled embedding per attribute feature, each pretrained vector projected to
+    hidden_units] concatenated, then a dense layer. Multi-valued features are averaged over their values
+    (padding slots masked); items without a pretrained vector get a learned default. The per-item codes
+    and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
+    `side_spec` is features.ItemSideInfo.spec(); `use_id=False` gives a pure-content tower."""
+
+    def __init__(self, num_items, hidden_units, side_spec=None, use_id=True):
         super().__init__()
-        self.use_id = use_id
+        features = (side_spec or {}).get("features", [])
+        vectors = (side_spec or {}).get("vectors", [])
+        if not use_id and not (features or vectors):
+            raise ValueError("--no_item_id needs --item_features or --item_emb: items would have no representation")
+        self.num_items = num_items
+        self.id_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0) if use_id else None
         self.feature_emb = nn.ModuleList(nn.Embedding(f["vocab_size"], hidden_units, padding_idx=0)
-                                         for f in spec["features"])
-        self.vector_proj = nn.ModuleList(nn.Linear(v["dim"], hidden_units) for v in spec["vectors"])
-        # (requires_grad only when there are vectors: an empty parameter would be "unused" to DDP)
-        self.vector_default = nn.Parameter(torch.zeros(len(spec["vectors"]), hidden_units),
-                                           requires_grad=bool(spec["vectors"]))
-        for i, f in enumerate(spec["features"]):
+                                         for f in features)
+        self.vector_proj = nn.ModuleList(nn.Linear(v["dim"], hidden_units) for v in vectors)
+        self.vector_default = nn.Parameter(torch.zeros(len(vectors), hidden_units)) if vectors else None
+        for i, f in enumerate(features):
             self.register_buffer(f"feature_values{i}", torch.zeros(num_items + 1, f["width"], dtype=torch.long))
-        for j, v in enumerate(spec["vectors"]):
+        for j, v in enumerate(vectors):
             self.register_buffer(f"vectors{j}", torch.zeros(num_items + 1, v["dim"]))
             self.register_buffer(f"has_vector{j}", torch.zeros(num_items + 1, dtype=torch.bool))
-        parts = int(use_id) + len(spec["features"]) + len(spec["vectors"])
-        self.fuse = nn.Linear(parts * hidden_units, hidden_units)
+        parts = int(use_id) + len(features) + len(vectors)
+        self.fuse = nn.Linear(parts * hidden_units, hidden_units) if features or vectors else None
 
     def load_arrays(self, info):
         """Copy a features.ItemSideInfo's arrays into the buffers."""
@@ -125,68 +92,91 @@ class ItemSide(nn.Module):
                 getattr(self, f"vectors{j}").copy_(torch.from_numpy(v.vectors))
                 getattr(self, f"has_vector{j}").copy_(torch.from_numpy(v.present))
 
-    def forward(self, ids, id_table):
-        parts = [gather_rows(id_table, ids)] if self.use_id else []
+    def forward(self, ids):
+        """(...) item ids -> (..., D) vectors; id 0 (padding) gives zeros."""
+        if self.fuse is None:
+            return self.id_emb(ids)
+        parts = [self.id_emb(ids)] if self.id_emb is not None else []
         for i, emb in enumerate(self.feature_emb):
             codes = getattr(self, f"feature_values{i}")[ids]  # (..., width); code 0 = an empty slot
             filled = (codes != 0).unsqueeze(-1)
-            parts.append((gather_rows(emb.weight, codes) * filled).sum(-2) / filled.sum(-2).clamp_min(1))
+            parts.append((emb(codes) * filled).sum(-2) / filled.sum(-2).clamp_min(1))
         for j, proj in enumerate(self.vector_proj):
             projected = proj(getattr(self, f"vectors{j}")[ids])
             parts.append(torch.where(getattr(self, f"has_vector{j}")[ids].unsqueeze(-1), projected,
                                      self.vector_default[j]))
         return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
 
+    def all_items(self):
+        """(N + 1, D): every item's vector, row 0 the padding's."""
+        if self.fuse is None:
+            return self.id_emb.weight
+        return self(torch.arange(self.num_items + 1, device=self.fuse.weight.device))
+
+    def id_tables(self):
+        """The id embedding tables (what --l2_emb penalises)."""
+        return [self.id_emb.weight] if self.id_emb is not None else []
+
 
 class SASRec(nn.Module):
-    def __init__(self, num_items, maxlen=50, hidden_units=50, num_blocks=2, num_heads=1, dropout_rate=0.2,
-                 norm_first=True, side_spec=None, use_item_id=True, separate_output=False):
+    """The contract: encode(batch) -> states; target_tower scores them; user_embeddings / score /
+    full_sort_predict for evaluation and retrieval; from_checkpoint rebuilds a trained model."""
+
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        if hidden_units % num_heads:
-            raise ValueError(f"--hidden_units ({hidden_units}) must be divisible by --num_heads ({num_heads})")
-        has_side = bool(side_spec and (side_spec["features"] or side_spec["vectors"]))
-        if not use_item_id and not has_side:
-            raise ValueError("--no_item_id needs --item_features or --item_emb: items would have no representation")
-        if separate_output and has_side:
+        c = self.config = config
+        if c.hidden_units % c.num_heads:
+            raise ValueError(f"--hidden_units ({c.hidden_units}) must be divisible by --num_heads ({c.num_heads})")
+        has_side = bool(c.item_side and (c.item_side["features"] or c.item_side["vectors"]))
+        if c.output_emb == "separate" and has_side:
             raise ValueError("--output_emb separate is for id embeddings only: with --item_features / --item_emb "
                              "the item tower scores the outputs")
-        self.num_items, self.maxlen, self.hidden_units = num_items, maxlen, hidden_units
-        self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
-        self.item_side = ItemSide(num_items, hidden_units, side_spec, use_item_id) if has_side else None
-        self.item_emb.weight.requires_grad_(use_item_id)  # a content-only tower never reads the id table
-        # Output (scoring) table: the input table itself (tied, SASRec's default), or a table of its own.
-        self.out_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0) if separate_output else None
-        self.pos_emb = nn.Embedding(maxlen, hidden_units)
-        self.emb_dropout = Dropout(dropout_rate)
-        self.blocks = nn.ModuleList(Block(hidden_units, num_heads, dropout_rate, norm_first)
-                                    for _ in range(num_blocks))
-        self.last_norm = nn.LayerNorm(hidden_units, eps=1e-8)
-        for name, p in self.named_parameters():
+        self.item_tower = ItemTower(c.num_items, c.hidden_units, c.item_side, not c.no_item_id)
+        # Scoring table: the input tower itself (tied, SASRec's default), or an id table of its own.
+        self.output_tower = ItemTower(c.num_items, c.hidden_units) if c.output_emb == "separate" else None
+        self.pos_emb = nn.Embedding(c.maxlen, c.hidden_units)
+        self.emb_dropout = nn.Dropout(c.dropout_rate)
+        self.blocks = nn.ModuleList(Block(c.hidden_units, c.num_heads, c.dropout_rate, c.norm_first)
+                                    for _ in range(c.num_blocks))
+        self.last_norm = nn.LayerNorm(c.hidden_units, eps=1e-8)
+        for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
         with torch.no_grad():  # xavier overwrote the padding rows
-            for emb in [self.item_emb, self.out_emb, *(self.item_side.feature_emb if self.item_side else [])]:
-                if emb is not None:
-                    emb.weight[0].zero_()
+            for module in self.modules():
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
 
-    def item_vectors(self, ids):
-        """Input item representations for ids of any shape: the id embedding, or the side-information tower."""
-        if self.item_side is None:
-            return gather_rows(self.item_emb.weight, ids)
-        return self.item_side(ids, self.item_emb.weight)
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """The model a checkpoint (checkpoint.load's dict) describes, with its weights, in eval mode.
+        Raises ValueError / RuntimeError when the weights do not fit the saved config."""
+        model = cls(dataclasses.replace(model_config_from_dict(checkpoint["model_config"]), dropout_rate=0.0))
+        model.load_state_dict(checkpoint["model"])
+        return model.eval()
 
-    def sequence_states(self, seqs, inputs=None):
-        """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero.
+    @property
+    def target_tower(self):
+        """The tower the states are scored against (losses, evaluation, retrieval)."""
+        return self.output_tower if self.output_tower is not None else self.item_tower
 
-        `inputs`: the ids' item vectors when the caller has them already (one lookup per step)."""
+    def id_tables(self):
+        return self.item_tower.id_tables() + (self.output_tower.id_tables() if self.output_tower else [])
+
+    def encode(self, batch):
+        """A dataset.Batch -> (B, W, D) states of its inputs."""
+        return self.sequence_states(batch.inputs)
+
+    def sequence_states(self, seqs):
+        """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero."""
         B, W = seqs.shape
-        if W > self.maxlen:
-            raise ValueError(f"sequence width {W} exceeds maxlen {self.maxlen}")
+        maxlen, hidden = self.config.maxlen, self.config.hidden_units
+        if W > maxlen:
+            raise ValueError(f"sequence width {W} exceeds maxlen {maxlen}")
         real = seqs != 0
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
-        items = self.item_vectors(seqs) if inputs is None else inputs
-        x = self.emb_dropout(items * math.sqrt(self.hidden_units) + self.pos_emb.weight[self.maxlen - W:])
+        x = self.emb_dropout(self.item_tower(seqs) * math.sqrt(hidden) + self.pos_emb.weight[maxlen - W:])
         causal = torch.ones(W, W, dtype=torch.bool, device=seqs.device).tril()
         # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).
         # So padding never reaches a real position and is zeroed once, at the end, not in every block.
@@ -203,20 +193,14 @@ class SASRec(nn.Module):
         return F.normalize(users, dim=-1) if normalize else users
 
     def item_embeddings(self, item_ids=None, normalize=False):
-        """Embeddings the states are scored against (the input table unless the output has its own); all
-        items if ids is None."""
-        if self.out_emb is not None:
-            items = self.out_emb.weight if item_ids is None else gather_rows(self.out_emb.weight, item_ids)
-        elif item_ids is None:
-            items = self.item_emb.weight if self.item_side is None else self.item_vectors(
-                torch.arange(self.num_items + 1, device=self.item_emb.weight.device))
-        else:
-            items = self.item_vectors(item_ids)
+        """Vectors the states are scored against, for `item_ids`, or all N + 1 rows (row 0 padding) if None."""
+        tower = self.target_tower
+        items = tower.all_items() if item_ids is None else tower(item_ids)
         return F.normalize(items, dim=-1) if normalize else items
 
     def score(self, seqs, item_ids=None, normalize=False):
         """Scores of each user against items: (B, N + 1), or (B, K) for (K,) ids.
-
-        Dot products, or cosines with `normalize` (how an InfoNCE model was trained to rank).
-        """
+        Dot products, or cosines with `normalize` (how a cosine-trained model ranks)."""
         return self.user_embeddings(seqs, normalize) @ self.item_embeddings(item_ids, normalize).T
+
+    full_sort_predict = score

@@ -19,21 +19,25 @@ def one_step(args):
     import numpy as np
     import torch
     import losses
-    from main import parse_args
+    from config import ModelConfig, build_config
+    from dataset import Batch
     from model import SASRec
+    from samplers import NegativeSampler
+    from train import TrainStep
 
     torch.manual_seed(0)
-    model = SASRec(args.num_items, args.maxlen, args.hidden_units, args.num_blocks, 1, 0.2)
-    seq = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
-    pos = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
-    neg = torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen))
+    model = SASRec(ModelConfig(num_items=args.num_items, maxlen=args.maxlen, hidden_units=args.hidden_units,
+                               num_blocks=args.num_blocks))
+    seq, pos, neg = (torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen)) for _ in range(3))
     rows = args.batch_size * args.maxlen
     losses.SOFTMAX_CHUNK_ELEMS = args.chunk_elems or rows * rows
-    objective = losses.Objective(parse_args(["--use_infonce", "--temperature", "0.1"]),
-                                 np.ones(args.num_items + 1, np.int64))
+    loss_fn = losses.build_loss(build_config(["--use_infonce", "--temperature", "0.1"]).loss,
+                                np.ones(args.num_items + 1, np.int64))
+    step = TrainStep(model, loss_fn, NegativeSampler(args.num_items))
+    batch = Batch(seq, pos, torch.arange(args.batch_size), torch.arange(rows), neg)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    loss, _ = objective(model, seq, pos, neg)
+    loss = step(batch).loss
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

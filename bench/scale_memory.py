@@ -47,26 +47,27 @@ def child(mode, path, cache, steps, num_items):
     import torch
     sys.path.insert(0, ROOT)
     import main
+    import train
+    from config import build_config
     from dataset import TrainBatches
-    main.keep_freed_memory()  # as main.main() does
     if mode == "baseline":  # what the imports alone hold
         return {}
     if mode == "train_small":  # same model size: the catalogue of the large log
         path = "synthetic"
-    args = main.parse_args(["--data", path, "--cache_dir", cache, "--device", "cpu", "--hidden_units", "64",
+    config = build_config(["--data", path, "--cache_dir", cache, "--device", "cpu", "--hidden_units", "64",
                             "--batch_size", "128"])
     start = time.perf_counter()
-    data, split = main.load_data(args)
+    data, split = main.load_data(config)
     out = {"load_s": time.perf_counter() - start, "users": data.num_users, "items": data.num_items,
            "interactions": int(data.offsets[-1])}
     if mode == "prepare":
         return out
     if mode == "train_small":
         data.item_ids = np.arange(1, num_items + 1).astype(str)
-    model, objective, optimizer = main.build(args, data, split, torch.device("cpu"))
-    batches = TrainBatches(split, args.maxlen, args.batch_size)
-    step = main.make_step(model, objective, args, torch.device("cpu"))
-    state = main.fresh_state()
+    config, side = main.complete_config(config, data)
+    model, loss, sampler, optimizer = main.build(config, side, split, torch.device("cpu"))
+    batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, sampler=sampler)
+    step = train.make_step(model, loss, sampler, config, torch.device("cpu"))
 
     class FirstSteps:
         def __len__(self):
@@ -75,8 +76,8 @@ def child(mode, path, cache, steps, num_items):
         def epoch(self, rng):
             return (b for _, b in zip(range(steps), batches.epoch(rng)))
 
-    _, seq_per_s, seconds = main.train_epoch(step, optimizer, FirstSteps(), args, torch.device("cpu"), state,
-                                             main.NullWriter(), main.GracefulStop())
+    _, seq_per_s, seconds = train.train_epoch(step, optimizer, FirstSteps(), config, torch.device("cpu"),
+                                              train.LoopState(), train.NullWriter(), train.GracefulStop())
     return {**out, "train_steps": steps, "train_s": seconds, "seq_per_s": seq_per_s}
 
 

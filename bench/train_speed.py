@@ -47,53 +47,52 @@ def child(argv, epochs, profile_steps=0):
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, ROOT)
     import main
+    import train
+    from config import build_config
     from dataset import TrainBatches
-    main.keep_freed_memory()  # as main.main() does
     imported = time.time()
-    args = main.parse_args(argv)
-    device = main.resolve_device(args.device)
+    config = build_config(argv)
+    device = main.resolve_device(config.train.device)
     t = time.perf_counter()
-    data, split = main.load_data(args)
-    batches = TrainBatches(split, args.maxlen, args.batch_size)
+    data, split = main.load_data(config)
     data_seconds = time.perf_counter() - t
-    model, objective, optimizer = main.build(args, data, split, device)
+    config, side = main.complete_config(config, data)
+    model, loss, sampler, optimizer = main.build(config, side, split, device)
+    batches = TrainBatches(split, config.model.maxlen, config.train.batch_size,
+                           sampler=sampler if loss.per_position_negatives else None)
     next(iter(batches.epoch(np.random.default_rng(0))))  # the first batch is ready: training could start
     startup = time.time() - launched
-    state = main.fresh_state()
-    writer = main.NullWriter()
-    step = main.make_step(model, objective, args, device)
-    stop = main.GracefulStop()
+    state, writer, stop = train.LoopState(), train.NullWriter(), train.GracefulStop()
+    step = train.make_step(model, loss, sampler, config, device)
     if profile_steps:
-        print_profile(model, objective, optimizer, batches, args, device, profile_steps)
+        print_profile(step, optimizer, batches, device, profile_steps)
     seconds = []
     for _ in range(epochs + 1):
-        _, _, s = main.train_epoch(step, optimizer, batches, args, device, state, writer, stop)
-        state.update(epoch=state["epoch"] + 1, batch=0)
+        _, _, s = train.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
+        state.epoch, state.batch = state.epoch + 1, 0
         seconds.append(s)
     with FlopCounterMode(display=False) as counter:
-        main.train_epoch(step, optimizer, batches, args, device, state, writer, stop)
+        train.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
     epoch_s = statistics.median(seconds[1:])
     flops = counter.get_total_flops()
     rate = matmul_gflops()
-    print(json.dumps({"loss": args.loss, "epoch_s": epoch_s, "epochs_s": seconds, "users_per_s":
+    print(json.dumps({"loss": config.loss.loss, "epoch_s": epoch_s, "epochs_s": seconds, "users_per_s":
                       len(batches.users) / epoch_s, "startup_s": startup, "import_s": imported - launched,
                       "data_s": data_seconds, "gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / 1e9 / epoch_s,
                       "matmul_gflops": rate, "threads": torch.get_num_threads()}))
 
 
-def print_profile(model, objective, optimizer, batches, args, device, steps):
+def print_profile(step, optimizer, batches, device, steps):
     """torch.profiler over `steps` training steps: where a step's time goes, by operator."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
-    model.train()
+    step.train()
     batch_iter = batches.epoch(np.random.default_rng(1))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             with record_function("## batch (numpy)"):
-                batch = next(batch_iter)
-                seq, pos, neg = (torch.from_numpy(batch[k]).to(device) for k in ("seq", "pos", "neg"))
+                batch = next(batch_iter).to(device)
             with record_function("## forward + loss"):
-                loss, _ = objective(model, seq, pos, neg)
+                loss = step(batch).loss
             with record_function("## backward"):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -18,10 +18,12 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import ArgumentParser, fail, first_line, make_writable_folder, run  # noqa: E402
-from dataset import (DataError, LeaveOneOut, atomic_write, left_padded, load_interactions,  # noqa: E402
-                     ragged_positions)
-from eval.metrics import metrics_at_k  # noqa: E402
+import checkpoint  # noqa: E402
+from cli import ArgumentParser, UsageError, exits, first_line, make_writable_folder  # noqa: E402
+from config import STRUCTURE_KEYS  # noqa: E402
+from dataset import DataError, LeaveOneOut, left_padded, load_interactions, ragged_positions  # noqa: E402
+from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k  # noqa: E402
+from files import atomic_write  # noqa: E402
 from model import SASRec  # noqa: E402
 
 STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")
@@ -64,31 +66,34 @@ def build_parser():
 # ----------------------------------------------------------------------------- model + data
 
 def load_run(args):
-    """Saved config, id map and model weights of a checkpoint directory."""
+    """Saved config, id map and model of a checkpoint directory; the model is rebuilt from the checkpoint alone."""
     paths = {name: os.path.join(args.ckpt, name) for name in ("config.json", "id_map.json", args.weights)}
     for name, path in paths.items():
         if not os.path.isfile(path):
-            fail(f"--ckpt {args.ckpt}: missing {name} (expected a checkpoint directory written by main.py)")
+            raise UsageError(f"--ckpt {args.ckpt}: missing {name} (expected a checkpoint directory written by main.py)")
     try:
-        config = json.load(open(paths["config.json"]))
-        id_map = json.load(open(paths["id_map.json"]))
+        with open(paths["config.json"]) as f:
+            config = json.load(f)
+        with open(paths["id_map.json"]) as f:
+            id_map = json.load(f)
     except (ValueError, OSError) as e:
-        fail(f"--ckpt {args.ckpt}: unreadable config.json / id_map.json ({e})")
+        raise UsageError(f"--ckpt {args.ckpt}: unreadable config.json / id_map.json ({e})") from None
     for flag in STRUCTURE_FLAGS:
         given = getattr(args, flag)
         if given is not None and given != config[flag]:
-            fail(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
-    model = SASRec(config["num_items"], config["maxlen"], config["hidden_units"], config["num_blocks"],
-                   config["num_heads"], 0.0, config["norm_first"], config.get("item_side"),
-                   not config.get("no_item_id", False),  # side-information arrays come with the weights
-                   config.get("output_emb", "tied") == "separate")
+            raise UsageError(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
+    ckpt = checkpoint.load(paths[args.weights], "--ckpt")
+    saved = ckpt["model_config"]
+    for key in STRUCTURE_KEYS:
+        if key in config and config[key] != saved.get(key):
+            raise UsageError(f"--ckpt {paths[args.weights]}: its {key} = {saved.get(key)} contradicts config.json's "
+                             f"({config[key]})")
     try:
-        state = torch.load(paths[args.weights], map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-    except Exception as e:  # truncated file, not a checkpoint, other shape
-        fail(f"--ckpt {paths[args.weights]}: not a loadable checkpoint for this config ({type(e).__name__}: "
-             f"{first_line(e)})")
-    return config, id_map, model.eval()
+        model = SASRec.from_checkpoint(ckpt)
+    except Exception as e:  # weights of another shape than the saved model config
+        raise UsageError(f"--ckpt {paths[args.weights]}: not a loadable checkpoint for this config "
+                         f"({type(e).__name__}: {first_line(e)})") from None
+    return config, id_map, model
 
 
 def training_histories(config, id_map, args):
@@ -98,7 +103,7 @@ def training_histories(config, id_map, args):
                              config.get("user_col"), config.get("item_col"), config.get("time_col"),
                              config.get("id_type", "auto"))
     if data.item_ids.tolist() != id_map["items"]:
-        fail(f"--data {path}: its items differ from the checkpoint's id_map.json (was the log changed?)")
+        raise UsageError(f"--data {path}: its items differ from the checkpoint's id_map.json (was the log changed?)")
     if args.split == "next":
         lengths = data.lengths
         return data.user_ids, data.items, data.offsets[1:], lengths, None
@@ -118,7 +123,7 @@ def query_histories(id_map, args):
         examples = sorted(set(raw_items[unknown].tolist()))
         user = data.user_ids[np.searchsorted(data.offsets, np.flatnonzero(unknown)[0], side="right") - 1]
         if not args.skip_unknown:
-            fail(f"--queries {args.queries}: item {examples[0]!r} (user {str(user)!r}) is not in the checkpoint's id map "
+            raise UsageError(f"--queries {args.queries}: item {examples[0]!r} (user {str(user)!r}) is not in the checkpoint's id map "
                  f"of {len(index)} items; {len(examples)} unknown item ids in all (--skip_unknown drops them)")
         print(f"{args.queries}: {int(unknown.sum())} interactions with {len(examples)} item ids unknown to the "
               f"checkpoint skipped (e.g. {examples[:5]})")
@@ -130,7 +135,7 @@ def query_histories(id_map, args):
         print(f"{args.queries}: {int(empty.sum())} users with no known item skipped "
               f"(e.g. {data.user_ids[empty][:5].tolist()})")
     if empty.all():
-        fail(f"--queries {args.queries}: no sequence has an item the checkpoint knows")
+        raise UsageError(f"--queries {args.queries}: no sequence has an item the checkpoint knows")
     ends = np.cumsum(lengths)
     keep = ~empty
     return data.user_ids[keep], items, ends[keep], lengths[keep], None
@@ -144,19 +149,19 @@ def candidate_items(id_map, args):
         with open(args.candidates, encoding="utf-8") as f:
             rows = [(lineno, r) for lineno, line in enumerate(f, 1) for r in line.split()]
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"--candidates {args.candidates}: cannot read as text ({getattr(e, 'strerror', None) or e})")
+        raise UsageError(f"--candidates {args.candidates}: cannot read as text ({getattr(e, 'strerror', None) or e})")
     index = {r: i + 1 for i, r in enumerate(id_map["items"])}
     raw = [r for _, r in rows]
     unknown = sorted({r for r in raw if r not in index})
     if unknown and not args.skip_unknown:
         lineno, first = next((n, r) for n, r in rows if r not in index)
-        fail(f"--candidates {args.candidates}:{lineno}: item {first!r} is not in the checkpoint's id map of "
+        raise UsageError(f"--candidates {args.candidates}:{lineno}: item {first!r} is not in the checkpoint's id map of "
              f"{len(index)} items; {len(unknown)} unknown item ids in all (--skip_unknown drops them)")
     if unknown:
         print(f"{args.candidates}: {len(unknown)} item ids unknown to the checkpoint skipped (e.g. {unknown[:5]})")
     found = np.unique([index[r] for r in raw if r in index]).astype(np.int64)
     if len(found) == 0:
-        fail(f"--candidates {args.candidates}: no known item id")
+        raise UsageError(f"--candidates {args.candidates}: no known item id")
     return found
 
 
@@ -164,9 +169,13 @@ def candidate_items(id_map, args):
 
 @torch.no_grad()
 def embed_users(model, items, ends, lengths, normalize, batch_size, device):
+    """User vectors, at most `batch_size` users at a time and fewer when long histories would exceed the
+    memory budget (attention grows with the square of the width)."""
+    maxlen = model.config.maxlen
+    batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max(initial=1)))))
     out = []
     for s in tqdm(range(0, len(ends), batch_size), desc="users", disable=not sys.stderr.isatty()):
-        b_len = np.minimum(lengths[s:s + batch_size], model.maxlen)
+        b_len = np.minimum(lengths[s:s + batch_size], maxlen)
         seqs = torch.from_numpy(left_padded(items, ends[s:s + batch_size], b_len, int(b_len.max()))).to(device)
         out.append(model.user_embeddings(seqs, normalize).float().cpu().numpy())
     return np.concatenate(out)
@@ -200,7 +209,7 @@ def build_index(vectors, kind, faiss_device="auto", nlist=0, nprobe=32, hnsw_m=3
         index.hnsw.efSearch = ef_search
     use_gpu = faiss_device == "gpu" or (faiss_device == "auto" and faiss_gpu_available())
     if use_gpu and not faiss_gpu_available():
-        fail("--faiss_device gpu: this FAISS build has no GPU support or no CUDA device is visible "
+        raise UsageError("--faiss_device gpu: this FAISS build has no GPU support or no CUDA device is visible "
              "(install faiss-gpu on a CUDA machine, or use --faiss_device cpu)")
     if use_gpu and kind == "hnsw":
         if verbose:
@@ -291,10 +300,11 @@ def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user
         atomic_write(os.path.join(out, "metrics.json"), save_json(metrics))
 
 
+@exits
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.k < 1:
-        fail(f"--k must be >= 1, got {args.k}")
+        raise UsageError(f"--k must be >= 1, got {args.k}")
     config, id_map, model = load_run(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -307,7 +317,7 @@ def main(argv=None):
         else:
             user_ids, items, ends, lengths, targets = training_histories(config, id_map, args)
     except DataError as e:
-        fail(str(e))
+        raise UsageError(str(e))
     cands = candidate_items(id_map, args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "infer")
     make_writable_folder(out, "--out")
@@ -334,4 +344,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -4,12 +4,25 @@ import torch
 
 import distributed
 from dataset import LeaveOneOut, left_padded, ragged_positions
+from samplers import NegativeSampler
 
 HR_KS = (1, 5, 10, 20)
 NDCG_KS = (5, 10, 20)
 SAMPLED_NEGATIVES = 100
 MISS = 1 << 40  # rank of a target that cannot be recommended
-SCORE_BUDGET = 1 << 25  # scores held at once (users x items), 128 MB fp32
+MEMORY_BUDGET = 1 << 25  # floats an evaluation batch holds at once (scores + encoding), 128 MB fp32
+
+
+def encode_floats(model_config, width):
+    """Floats that encoding one user's history of `width` items holds at once: attention (heads x W x W,
+    about three copies: mask, weights, softmax) and activations (W x a few times D)."""
+    w = min(width, model_config.maxlen)
+    return w * (3 * model_config.num_heads * w + 8 * model_config.hidden_units)
+
+
+def users_per_batch(num_items, encode_per_user=0):
+    """Users scored at once: their (N + 1) scores and their encoding within MEMORY_BUDGET floats."""
+    return max(1, MEMORY_BUDGET // (num_items + 1 + encode_per_user))
 
 
 def metrics_from_ranks(ranks, prefix=""):
@@ -68,16 +81,18 @@ def popularity_scorer(counts):
 
 
 def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=False, seed=0, rare_below=0,
-             sharded=False):
+             sharded=False, encode_cost=None):
     """Metrics for `which` in {'valid', 'test'}: full ranking, plus sampled-metric variants if asked, plus
     `rare_*` metrics over the users whose target was seen fewer than `rare_below` times before (cold items).
 
     sharded: under torchrun each rank scores every N-th batch of users (the batches one process would
     score, so the numbers are the same) and rank 0 gets the metrics; the other ranks get None.
+    encode_cost(width): floats that encoding one user's history of that width holds (attention and
+    activations); users per batch are sized so that scores and encoding stay within MEMORY_BUDGET.
     """
     data = split.data
     users, ends, hist_len, targets = split.eval_arrays(which)
-    batch = max(1, SCORE_BUDGET // (data.num_items + 1))
+    batch = users_per_batch(data.num_items, encode_cost(int(hist_len.max(initial=1))) if encode_cost else 0)
     starts = range(0, len(users), batch)
     if sharded:
         starts = starts[distributed.rank()::distributed.world_size()]
@@ -113,12 +128,7 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
 
 def _sampled_ranks(scores, split, users, targets, rng):
     """SASRec-paper protocol: rank the target among 100 random items the user has not trained on."""
-    n = split.data.num_items
-    neg = rng.integers(1, n + 1, size=(len(users), SAMPLED_NEGATIVES))
-    for _ in range(50):
-        clash = split.in_history(users, neg) | (neg == targets[:, None])
-        if not clash.any():
-            break
-        neg[clash] = rng.integers(1, n + 1, size=int(clash.sum()))
+    sampler = NegativeSampler(split.data.num_items, history=split)
+    neg = sampler.draw_host(users, (SAMPLED_NEGATIVES,), rng, avoid=targets)
     target_scores = scores[torch.arange(len(users)), torch.from_numpy(targets)]
     return (scores.gather(1, torch.from_numpy(neg)) >= target_scores[:, None]).sum(1).numpy()

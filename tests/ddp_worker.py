@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a few DDP training steps through
-main.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
+train.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
 a sharded validation, and gather_pool results) to OUT/rank<r>.pt. Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
 import os
 import sys
@@ -9,8 +9,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distributed  # noqa: E402
 import main  # noqa: E402
-from eval import metrics  # noqa: E402
+import train  # noqa: E402
+from config import build_config  # noqa: E402
 from dataset import TrainBatches  # noqa: E402
+from eval import metrics  # noqa: E402
 
 STEPS = 3
 EVAL_BATCH = 500  # users per score batch in the sharded validation
@@ -44,22 +46,21 @@ def gather_checks():
 
 
 def run(out, argv):
-    args = main.parse_args(argv)
+    config = build_config(argv)
     device = distributed.init(torch.device("cpu"))
-    torch.manual_seed(args.seed)
-    data, split = main.load_data(args)
-    model, objective, optimizer = main.build(args, data, split, device)
+    torch.manual_seed(config.train.seed)
+    config, data, split, model, loss_fn, sampler, optimizer = main.prepare(config, device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = FirstSteps(TrainBatches(split, args.maxlen, args.batch_size, rank=distributed.rank(),
-                                      world=distributed.world_size()))
-    step = main.make_step(model, objective, args, device)
-    state = main.fresh_state()
-    loss, _, _ = main.train_epoch(step, optimizer, batches, args, device, state, main.NullWriter(),
-                                  main.GracefulStop())
-    metrics.SCORE_BUDGET = EVAL_BATCH * (data.num_items + 1)  # several score batches, so each rank gets some
-    valid = main.run_evaluation(model, split, args, device, "valid", sharded=True)
+    batches = FirstSteps(TrainBatches(split, config.model.maxlen, config.train.batch_size, rank=distributed.rank(),
+                                      world=distributed.world_size(), sampler=sampler))
+    step = train.make_step(model, loss_fn, sampler, config, device)
+    loss, _, _ = train.train_epoch(step, optimizer, batches, config, device, train.LoopState(), train.NullWriter(),
+                                   train.GracefulStop())
+    metrics.users_per_batch = lambda *sizes: EVAL_BATCH  # several score batches, so each rank gets some
+    valid = train.run_evaluation(model, split, config, device, "valid", sharded=True)
     torch.save({"initial": initial, "final": model.state_dict(), "loss": loss, "valid": valid,
-                "batches": [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches.seen],
+                "batches": [{"users": b.users, "seq": b.inputs, "pos": b.positives, "neg": b.negatives}
+                            for b in batches.seen],
                 **gather_checks()}, os.path.join(out, f"rank{distributed.rank()}.pt"))
     distributed.shutdown()
 

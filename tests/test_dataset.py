@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import write, shared_file
+from samplers import NegativeSampler
 from dataset import (DataError, LeaveOneOut, TrainBatches, detect_format, left_padded, load_interactions,
                      make_synthetic)
 
@@ -126,11 +127,12 @@ def test_left_padded():
 def test_batches_are_trimmed_shifted_and_negatives_valid():
     data = make_synthetic(num_users=300, num_items=60, num_topics=5, seed=3)
     split = LeaveOneOut(data)
-    batches = TrainBatches(split, maxlen=12, batch_size=32)
+    batches = TrainBatches(split, maxlen=12, batch_size=32, sampler=NegativeSampler(data.num_items, history=split))
     rng = np.random.default_rng(0)
     seen_users = []
     for batch in batches.epoch(rng):
-        seq, pos, neg, users = batch["seq"], batch["pos"], batch["neg"], batch["users"]
+        seq, pos, neg, users = (getattr(batch, k).numpy() for k in ("inputs", "positives", "negatives", "users"))
+        assert batch.rows.tolist() == np.flatnonzero(pos != 0).tolist()
         seen_users.extend(users)
         real = pos != 0
         lengths = batches.seq_lengths[users]
@@ -148,7 +150,7 @@ def test_bucketing_cuts_padding():
     split = LeaveOneOut(make_synthetic(num_users=2000, num_items=500, seed=1))
     def padded_cells(bucket):
         b = TrainBatches(split, maxlen=50, batch_size=64, bucket_batches=bucket)
-        return sum(x["seq"].size for x in b.epoch(np.random.default_rng(0)))
+        return sum(x.inputs.numel() for x in b.epoch(np.random.default_rng(0)))
     real = TrainBatches(split, maxlen=50, batch_size=64).seq_lengths[TrainBatches(split, 50, 64).users].sum()
     assert padded_cells(32) < 1.3 * real < padded_cells(1)
 

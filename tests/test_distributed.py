@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import main
+import train
+from config import build_config
+from dataset import Batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--data", "synthetic", "--loss", "infonce", "--gather_negatives", "--dropout_rate", "0", "--hidden_units", "16",
@@ -46,30 +48,35 @@ class Replay:
 
 def union(batches):
     width = max(b["seq"].shape[1] for b in batches)
-    pad = lambda x: np.pad(x.numpy(), ((0, 0), (width - x.shape[1], 0)))  # left padding
-    return {"users": np.concatenate([b["users"].numpy() for b in batches]),
-            **{k: np.concatenate([pad(b[k]) for b in batches]) for k in ("seq", "pos", "neg")}}
+    pad = lambda x: torch.nn.functional.pad(x, (width - x.shape[1], 0))  # left padding
+    seq, pos, neg = (torch.cat([pad(b[k]) for b in batches]) for k in ("seq", "pos", "neg"))
+    rows = (pos != 0).view(-1).nonzero().squeeze(1)
+    return Batch(seq, pos, torch.cat([b["users"] for b in batches]), rows, neg)
+
+
+def built(flags):
+    """(config, data, split, (model, loss, sampler, optimizer)) as main.py builds them, on the CPU."""
+    config, data, split, *parts = main.prepare(build_config(flags), torch.device("cpu"))
+    return config, data, split, parts
 
 
 def test_ranks_hold_identical_weights_after_steps(ranks):
     for key, value in ranks[0]["final"].items():
         assert torch.equal(value, ranks[1]["final"][key]), key
-    assert not torch.equal(ranks[0]["final"]["item_emb.weight"], ranks[0]["initial"]["item_emb.weight"])
+    assert not torch.equal(ranks[0]["final"]["item_tower.id_emb.weight"], ranks[0]["initial"]["item_tower.id_emb.weight"])
     # each rank trained on its own users
     assert not set(ranks[0]["batches"][0]["users"].tolist()) & set(ranks[1]["batches"][0]["users"].tolist())
 
 
 def test_ddp_matches_one_process_on_the_global_batch(ranks):
-    args = main.parse_args(FLAGS)
-    data, split = main.load_data(args)
-    model, objective, optimizer = main.build(args, data, split, torch.device("cpu"))
+    config, data, split, (model, loss_fn, sampler, optimizer) = built(FLAGS)
     model.load_state_dict(ranks[0]["initial"])
     steps = [union([ranks[0]["batches"][i], ranks[1]["batches"][i]]) for i in range(len(ranks[0]["batches"]))]
-    loss, _, _ = main.train_epoch(main.make_step(model, objective, args, torch.device("cpu")), optimizer,
-                                  Replay(steps), args, torch.device("cpu"), main.fresh_state(), main.NullWriter(),
-                                  main.GracefulStop())
+    cpu = torch.device("cpu")
+    loss, _, _ = train.train_epoch(train.make_step(model, loss_fn, sampler, config, cpu), optimizer, Replay(steps),
+                                   config, cpu, train.LoopState(), train.NullWriter(), train.GracefulStop())
     assert loss == pytest.approx(ranks[0]["loss"], rel=1e-5)
-    d = args.hidden_units
+    d = config.model.hidden_units
     for key, value in model.state_dict().items():
         expected = ranks[0]["final"][key]
         if key.endswith("attn.qkv.bias"):
@@ -82,13 +89,11 @@ def test_ddp_matches_one_process_on_the_global_batch(ranks):
 def test_sharded_validation_equals_one_process(ranks, monkeypatch):
     from eval import metrics
     from ddp_worker import EVAL_BATCH
-    args = main.parse_args(FLAGS)
-    data, split = main.load_data(args)
-    model, _, _ = main.build(args, data, split, torch.device("cpu"))
+    config, data, split, (model, _, _, _) = built(FLAGS)
     model.load_state_dict(ranks[0]["final"])
-    monkeypatch.setattr(metrics, "SCORE_BUDGET", EVAL_BATCH * (data.num_items + 1))
+    monkeypatch.setattr(metrics, "users_per_batch", lambda *sizes: EVAL_BATCH)
     assert ranks[1]["valid"] is None  # only rank 0 gets the metrics
-    assert ranks[0]["valid"] == main.run_evaluation(model, split, args, torch.device("cpu"), "valid")
+    assert ranks[0]["valid"] == train.run_evaluation(model, split, config, torch.device("cpu"), "valid")
 
 
 def test_gathered_pool_is_world_size_times_local_with_gradients(ranks):

@@ -9,7 +9,7 @@ from conftest import write
 from eval import infer
 from features import PAD, UNKNOWN, load_side_info, read_attributes
 from main import main
-from model import ItemSide, SASRec
+from model import ItemTower
 
 ITEMS = ["10", "20", "30", "40"]  # raw ids of items 1..4
 
@@ -32,16 +32,16 @@ def test_delimited_attributes_one_feature_per_column(tmp_path):
 
 def test_multi_valued_pooling_ignores_padding_slots():
     spec = {"features": [{"name": "tags", "vocab_size": 5, "width": 3}], "vectors": []}
-    side = ItemSide(2, 4, spec, use_id=False)
+    side = ItemTower(2, 4, spec, use_id=False)
     with torch.no_grad():
         side.feature_values0.copy_(torch.tensor([[0, 0, 0], [2, 3, 0], [2, 0, 0]]))
         side.feature_emb[0].weight[0] = 100.0  # were padding pooled, it would show
     side.fuse = torch.nn.Identity()
-    out = side(torch.tensor([1, 2]), id_table=None)
+    out = side(torch.tensor([1, 2]))
     emb = side.feature_emb[0].weight
     torch.testing.assert_close(out[0], (emb[2] + emb[3]) / 2)  # the mean of two values, not of three slots
     torch.testing.assert_close(out[1], emb[2])
-    assert side(torch.tensor([0]), None).abs().sum() == 0  # padding item -> zero vector
+    assert side(torch.tensor([0])).abs().sum() == 0  # padding item -> zero vector
 
 
 def test_pretrained_vectors_projected_and_missing_items_get_the_learned_default(tmp_path):
@@ -49,10 +49,10 @@ def test_pretrained_vectors_projected_and_missing_items_get_the_learned_default(
     (tmp_path / "mm.ids.txt").write_text("30\n10\n")
     info = load_side_info(ITEMS, vector_files=[str(tmp_path / "mm.npy")])
     assert info.spec() == {"features": [], "vectors": [{"name": "mm", "dim": 3}]}
-    side = ItemSide(4, 2, info.spec(), use_id=False)
+    side = ItemTower(4, 2, info.spec(), use_id=False)
     side.load_arrays(info)
     side.fuse = torch.nn.Identity()
-    out = side(torch.tensor([1, 2, 3]), None)
+    out = side(torch.tensor([1, 2, 3]))
     proj = side.vector_proj[0]
     torch.testing.assert_close(out[0], proj(torch.tensor([3.0, 4.0, 5.0])))  # item '10' is the file's 2nd row
     torch.testing.assert_close(out[1], side.vector_default[0])  # item '20' has no vector

@@ -142,4 +142,4 @@ def test_separate_output_table_round_trips_through_the_checkpoint(tmp_path):
     got, trained = json.load(open(os.path.join(out, "metrics.json"))), json.load(open(os.path.join(run_dir, "results.json")))
     assert abs(got["NDCG@10"] - trained["test"]["NDCG@10"]) < 1e-9
     weights = torch.load(os.path.join(run_dir, "ckpt", "best.pt"), weights_only=True)["model"]
-    np.testing.assert_allclose(np.load(os.path.join(out, "item_emb.npy")), weights["out_emb.weight"][1:].numpy())
+    np.testing.assert_allclose(np.load(os.path.join(out, "item_emb.npy")), weights["output_tower.id_emb.weight"][1:].numpy())

@@ -6,37 +6,71 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import LOSSES, Objective, bce_loss, gbce_beta, infonce_loss, scaled_unit_rows, softmax_loss
-from main import parse_args
+from config import LOSSES, build_config
+from dataset import Batch
+from losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, softmax_loss
+from samplers import NegativeSampler
+from train import TrainStep
 
 E = math.e
 
 
 def objective(*flags, counts=(0, 1, 1, 1, 1)):
-    """An Objective over 4 items, configured exactly as main.py would from these flags."""
-    return Objective(parse_args(list(flags)), np.array(counts))
+    """The loss over 4 items, configured exactly as main.py would from these flags."""
+    return build_loss(build_config(list(flags)).loss, np.array(counts))
+
+
+class Table(nn.Module):
+    """Stands in for the item tower: a fixed 2-d table (items 1..4: +x, +2y, -3x, -y)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding.from_pretrained(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0],
+                                                              [0.0, -1.0]]))
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+    def all_items(self):
+        return self.emb.weight
+
+    def id_tables(self):
+        return [self.emb.weight]
 
 
 class FixedStates(nn.Module):
-    """Stands in for SASRec: fixed states, and a 2-d item table (items 1..4: +x, +2y, -3x, -y)."""
+    """Stands in for SASRec: encode() gives fixed (B, W, 2) states; the table above scores them."""
 
     def __init__(self, states):
         super().__init__()
-        self.states = states
-        self.item_emb = nn.Embedding.from_pretrained(torch.tensor(
-            [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [0.0, -1.0]]))
-        self.out_emb = None  # tied: outputs scored against the input table
+        self.states, self.target_tower = states, Table()
 
-    def sequence_states(self, seq, inputs=None):
+    def encode(self, batch):
         return self.states
 
-    def item_embeddings(self, ids=None):
-        return self.item_emb.weight if ids is None else self.item_emb(ids)
+    def id_tables(self):
+        return self.target_tower.id_tables()
+
+
+def batch_of(pos, neg=None):
+    rows = (pos != 0).view(-1).nonzero().squeeze(1)
+    return Batch(pos, pos, torch.arange(len(pos)), rows, neg)
+
+
+def call(loss, states, pos, neg=None, draws=None, with_logits=False, sampler=None):
+    """`loss` on a (B, W, 2) grid of states, as the training step calls it: the real positions (pos != 0),
+    their per-position negatives `neg`, and `draws` returned by the sampler (recorded in call.shapes)."""
+    sampler = sampler or NegativeSampler(4)
+    if draws is not None:
+        call.shapes = []
+        sampler.draw = lambda shape, device: call.shapes.append(shape) or draws
+    out = TrainStep(FixedStates(states), loss, sampler)(batch_of(pos, neg), with_logits)
+    return out if with_logits else out.loss
 
 
 def one_row(pos_item, state=(1.0, 0.0)):
     """A batch of one sequence with one real position (a padding position before it)."""
-    return FixedStates(torch.tensor([[[9.0, 9.0], list(state)]])), torch.tensor([[0, pos_item]])
+    return torch.tensor([[[9.0, 9.0], list(state)]]), torch.tensor([[0, pos_item]])
 
 
 def test_bce_hand_computed():
@@ -53,8 +87,8 @@ def test_infonce_hand_computed_2x3_ignores_padding():
                            [[3.0, 0.0], [1.0, 0.0], [0.5, 0.0]]])
     pos = torch.tensor([[0, 1, 2], [1, 3, 2]])
     neg = torch.tensor([[1, 2, 3], [4, 1, 2]])
-    loss, (pos_logits, neg_logits) = objective("--use_infonce", "--temperature", "1")(
-        FixedStates(states), pos, pos, neg, with_logits=True)
+    out = call(objective("--use_infonce", "--temperature", "1"), states, pos, neg, with_logits=True)
+    loss, pos_logits, neg_logits = out.loss, out.pos_logits, out.neg_logits
     # Pool of negatives of real positions: items [2, 3, 4, 1, 2] -> cosines with +x: [0, -1, 0, 1, 0].
     # A pool entry equal to the row's positive is masked out.
     row_pos1 = -1 + math.log(E + 0 + 3 + 1 / E)   # positive item 1 (cos 1); pool minus the item-1 entry
@@ -65,30 +99,11 @@ def test_infonce_hand_computed_2x3_ignores_padding():
     assert pos_logits.tolist() == [1.0, 0.0, 1.0, -1.0, 0.0]
     assert sorted(neg_logits.tolist()) == [-1.0] * 4 + [0.0] * 11 + [1.0] * 3  # 25 pairs, 7 masked
     # temperature divides every logit
-    loss_half, _ = objective("--loss", "infonce", "--temperature", "0.5")(FixedStates(states), pos, pos, neg)
+    loss_half = call(objective("--loss", "infonce", "--temperature", "0.5"), states, pos, neg)
     row_pos1 = -2 + math.log(E ** 2 + 3 + E ** -2)
     row_pos2 = math.log(2 + E ** -2 + E ** 2)
     row_pos3 = 2 + math.log(E ** -2 + 3 + E ** 2)
     assert abs(loss_half.item() - (2 * row_pos1 + 2 * row_pos2 + row_pos3) / 5) < 1e-5
-
-
-def test_scaled_unit_rows_matches_normalize_values_and_gradients():
-    """The hand-written backward against autograd through F.normalize(x) / T, for x and a learnt T,
-    with a zero row (F.normalize's eps path) and a fixed float scale."""
-    torch.manual_seed(2)
-    x = torch.randn(6, 5, dtype=torch.float64)
-    x[3] = 0
-    g = torch.randn(6, 5, dtype=torch.float64)
-    results = []
-    for fn in (lambda x, t: scaled_unit_rows(x, 1 / t), lambda x, t: F.normalize(x, dim=-1) / t):
-        xs, t = x.clone().requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-        y = fn(xs, t)
-        results.append((y, *torch.autograd.grad((y * g).sum(), (xs, t))))
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: scaled_unit_rows(x, 2.5), x[:3].clone().requires_grad_())
-    torch.testing.assert_close(scaled_unit_rows(x, 2.5).norm(dim=-1), torch.tensor([2.5, 2.5, 2.5, 0, 2.5, 2.5],
-                                                                                   dtype=torch.float64))
 
 
 def test_softmax_chunked_equals_unchunked_loss_and_gradients():
@@ -127,32 +142,34 @@ def test_chunked_softmax_matches_plain_autograd_reference():
 
 def test_full_ce_hand_computed():
     # dot-product logits of state +x against items 1..4: [1, 0, -3, 0]; the whole catalogue competes
-    model, pos = one_row(1)
-    loss, (pos_logits, neg_logits) = objective("--loss", "ce")(model, pos, pos, None, with_logits=True)
-    assert abs(loss.item() - (-1 + math.log(E + 1 + E ** -3 + 1))) < 1e-6
-    assert pos_logits.tolist() == [1.0] and sorted(neg_logits.tolist()) == [-3.0, 0.0, 0.0]
+    states, pos = one_row(1)
+    out = call(objective("--loss", "ce"), states, pos, with_logits=True)
+    assert abs(out.loss.item() - (-1 + math.log(E + 1 + E ** -3 + 1))) < 1e-6
+    assert out.pos_logits.tolist() == [1.0] and sorted(out.neg_logits.tolist()) == [-3.0, 0.0, 0.0]
     # cosine / T: logits [1, 0, -1, 0] / 0.5
-    loss, _ = objective("--loss", "ce", "--similarity", "cosine", "--temperature", "0.5")(model, pos, pos, None)
+    loss = call(objective("--loss", "ce", "--similarity", "cosine", "--temperature", "0.5"), states, pos)
     assert abs(loss.item() - (-2 + math.log(E ** 2 + 2 + E ** -2))) < 1e-6
 
 
 def test_sampled_softmax_logq_and_accidental_hits():
     # training counts of items 1..4: 3, 1, 0, 0 -> add-one smoothed popularity q = [.5, .25, .125, .125]
-    obj = objective("--loss", "sampled_softmax", "--num_negatives", "3", "--neg_sampler", "popularity",
-                    counts=(0, 3, 1, 0, 0))
-    torch.testing.assert_close(obj.log_expected_count(1)[1:], torch.log(3 * torch.tensor([.5, .25, .125, .125])))
-    obj.sample_negatives = lambda n, device: torch.tensor([2, 3, 1])  # item 1 is the positive: masked
-    model, pos = one_row(1)
-    loss, _ = obj(model, pos, pos, None)
+    counts = (0, 3, 1, 0, 0)
+    obj = objective("--loss", "sampled_softmax", "--num_negatives", "3", "--neg_sampler", "popularity", counts=counts)
+    sampler = NegativeSampler(4, popularity(counts))
+    torch.testing.assert_close(obj.log_expected_count(sampler, 1)[1:],
+                               torch.log(3 * torch.tensor([.5, .25, .125, .125])))
+    states, pos = one_row(1)
+    loss = call(obj, states, pos, draws=torch.tensor([2, 3, 1]), sampler=sampler)  # item 1 is the positive: masked
+    assert call.shapes == [3]
     # every logit is shifted by -log(3 q): positive 1 - log 1.5; negatives 0 - log .75, -3 - log .375
     p, n2, n3 = 1 - math.log(1.5), -math.log(0.75), -3 - math.log(0.375)
     assert abs(loss.item() - (-p + math.log(E ** p + E ** n2 + E ** n3))) < 1e-6
     # without logQ the raw logits compete
     obj.logq = False
-    assert abs(obj(model, pos, pos, None)[0].item() - (-1 + math.log(E + 1 + E ** -3))) < 1e-6
+    assert abs(call(obj, states, pos, draws=torch.tensor([2, 3, 1])).item() - (-1 + math.log(E + 1 + E ** -3))) < 1e-6
     # uniform sampling: the shift is the same constant log(3 / 4) for every item, so logQ changes nothing
     uni = objective("--loss", "sampled_softmax", "--num_negatives", "3")
-    torch.testing.assert_close(uni.log_expected_count(1)[1:], torch.full((4,), math.log(3 / 4)))
+    torch.testing.assert_close(uni.log_expected_count(NegativeSampler(4), 1)[1:], torch.full((4,), math.log(3 / 4)))
 
 
 def test_sampled_softmax_in_batch_positives_join_the_pool():
@@ -161,8 +178,7 @@ def test_sampled_softmax_in_batch_positives_join_the_pool():
     pos = torch.tensor([[1, 2]])
     obj = objective("--loss", "sampled_softmax", "--num_negatives", "1", "--in_batch_negatives",
                     "--no-logq_correction")
-    obj.sample_negatives = lambda n, device: torch.tensor([4])
-    loss, _ = obj(FixedStates(states), pos, pos, None)
+    loss = call(obj, states, pos, draws=torch.tensor([4]))
     # pool [4, 1, 2]; each row's own positive is masked: row 1 sees items 4 and 2 (logits 0, 0),
     # row 2 sees items 4 and 1 (logits -1, 0)
     row1 = -1 + math.log(E + 1 + 1)
@@ -172,8 +188,8 @@ def test_sampled_softmax_in_batch_positives_join_the_pool():
 
 def test_hard_negatives_keep_the_highest_scoring():
     # CE logits for positive item 1: negatives [0, -3, 0]; K=1 keeps one 0
-    model, pos = one_row(1)
-    loss, _ = objective("--loss", "ce", "--hard_negatives", "1")(model, pos, pos, None)
+    states, pos = one_row(1)
+    loss = call(objective("--loss", "ce", "--hard_negatives", "1"), states, pos)
     assert abs(loss.item() - (-1 + math.log(E + 1))) < 1e-6
 
 
@@ -181,11 +197,10 @@ def test_gbce_beta_and_t0_equals_bce():
     assert gbce_beta(256, 12_101, 0.0) == pytest.approx(1.0)
     assert gbce_beta(256, 12_101, 1.0) == pytest.approx(256 / 12_100)
     assert gbce_beta(256, 12_101, 0.75) == pytest.approx(0.75 * 256 / 12_100 + 0.25)  # t alpha + (1 - t)
-    model, pos = one_row(2, state=(1.0, 1.0))  # positive logit 2; negatives 1 -> 1, 3 -> -3
+    states, pos = one_row(2, state=(1.0, 1.0))  # positive logit 2; negatives 1 -> 1, 3 -> -3
     for t, beta in ((0.0, 1.0), (0.5, gbce_beta(2, 4, 0.5))):
         obj = objective("--loss", "gbce", "--num_negatives", "2", "--gbce_t", str(t))
-        obj.sample_negatives = lambda shape, device: torch.tensor([[1, 3]])  # (sequences, N)
-        loss, _ = obj(model, pos, pos, None)
+        loss = call(obj, states, pos, draws=torch.tensor([[1, 3]]))  # (sequences, N)
         expected = beta * math.log(1 + E ** -2) + math.log(1 + E) + math.log(1 + E ** -3)
         assert abs(loss.item() - expected) < 1e-6
         if t == 0.0:  # plain BCE on the same logits
@@ -199,10 +214,9 @@ def test_gbce_negatives_are_per_sequence_and_hits_masked_in_their_own_sequence()
     states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [-1.0, 0.0]]])
     pos = torch.tensor([[1, 2], [4, 3]])
     obj = objective("--loss", "gbce", "--num_negatives", "2", "--gbce_t", "0")
-    drawn = []
-    obj.sample_negatives = lambda shape, device: drawn.append(shape) or torch.tensor([[2, 3], [4, 4]])
-    loss, (pos_logits, neg_logits) = obj(FixedStates(states), pos, pos, None, with_logits=True)
-    assert drawn == [(2, 2)]
+    out = call(obj, states, pos, draws=torch.tensor([[2, 3], [4, 4]]), with_logits=True)
+    loss, pos_logits, neg_logits = out.loss, out.pos_logits, out.neg_logits
+    assert call.shapes == [(2, 2)]
     sp = lambda x: math.log(1 + E ** x)  # softplus
     rows = [sp(-1) + sp(0) + sp(-3),     # state +x: positive 1 -> 1; negatives 2 -> 0, 3 -> -3
             sp(-2) + sp(0),              # state +y: positive 2 -> 2; negative 2 masked, 3 -> 0
@@ -214,41 +228,42 @@ def test_gbce_negatives_are_per_sequence_and_hits_masked_in_their_own_sequence()
 
 def test_learnable_temperature_gets_gradient_and_stays_in_range():
     obj = objective("--use_infonce", "--learn_temperature", "--temperature", "0.1")
-    assert [n for n, _ in obj.named_parameters()] == ["log_temperature"]
+    assert [n for n, _ in obj.named_parameters()] == ["similarity.log_temperature"]
     states = torch.tensor([[[1.0, 0.0], [1.0, 0.2]]])
-    loss, _ = obj(FixedStates(states), torch.tensor([[1, 2]]), torch.tensor([[1, 2]]), torch.tensor([[3, 4]]))
-    loss.backward()
-    assert obj.log_temperature.grad is not None and obj.log_temperature.grad.abs().item() > 0
+    call(obj, states, torch.tensor([[1, 2]]), torch.tensor([[3, 4]])).backward()
+    sim = obj.similarity
+    assert sim.log_temperature.grad is not None and sim.log_temperature.grad.abs().item() > 0
     with torch.no_grad():
-        obj.log_temperature.fill_(math.log(1e-5))
-    assert obj.temperature().item() == pytest.approx(0.01)
+        sim.log_temperature.fill_(math.log(1e-5))
+    assert sim.temperature().item() == pytest.approx(0.01)
     with torch.no_grad():
-        obj.log_temperature.fill_(5.0)
-    assert obj.temperature().item() == pytest.approx(1.0)
+        sim.log_temperature.fill_(5.0)
+    assert sim.temperature().item() == pytest.approx(1.0)
     # a fixed temperature is a buffer, not a parameter, and is not clamped
     fixed = objective("--use_infonce", "--temperature", "0.005")
-    assert list(fixed.parameters()) == [] and fixed.temperature().item() == pytest.approx(0.005)
+    assert list(fixed.parameters()) == [] and fixed.similarity.temperature().item() == pytest.approx(0.005)
 
 
 def test_l2_emb_adds_item_table_norm():
     states = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     pos, neg = torch.tensor([[1, 2]]), torch.tensor([[3, 4]])
-    model = FixedStates(states)
-    l0, _ = objective()(model, pos, pos, neg)
-    l1, _ = objective("--l2_emb", "0.5")(model, pos, pos, neg)
+    l0 = TrainStep(FixedStates(states), objective(), None)(batch_of(pos, neg)).loss
+    l1 = TrainStep(FixedStates(states), objective(), None, l2_emb=0.5)(batch_of(pos, neg)).loss
     assert abs((l1 - l0).item() - 0.5 * math.sqrt(1 + 4 + 9 + 1)) < 1e-6
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_every_loss_logs_logit_statistics_and_trains(loss_name):
+    from config import ModelConfig
     from model import SASRec
     torch.manual_seed(0)
-    model = SASRec(30, maxlen=6, hidden_units=8, num_blocks=1, num_heads=1, dropout_rate=0.0)
+    model = SASRec(ModelConfig(num_items=30, maxlen=6, hidden_units=8, num_blocks=1, num_heads=1, dropout_rate=0.0))
     obj = objective("--loss", loss_name, "--num_negatives", "8", counts=np.arange(31))
     seq = torch.randint(1, 31, (4, 6))
     pos, neg = torch.randint(1, 31, (4, 6)), torch.randint(1, 31, (4, 6))
     pos[0, :3] = 0  # padding
-    loss, (pos_logits, neg_logits) = obj(model, seq, pos, neg, with_logits=True)
-    assert torch.isfinite(loss) and pos_logits.shape == (21,) and neg_logits.numel() > 0
-    loss.backward()
-    assert model.item_emb.weight.grad.abs().sum() > 0
+    rows = (pos != 0).view(-1).nonzero().squeeze(1)
+    out = TrainStep(model, obj, NegativeSampler(30))(Batch(seq, pos, torch.arange(4), rows, neg), with_logits=True)
+    assert torch.isfinite(out.loss) and out.pos_logits.shape == (21,) and out.neg_logits.numel() > 0
+    out.loss.backward()
+    assert model.item_tower.id_emb.weight.grad.abs().sum() > 0

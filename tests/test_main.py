@@ -1,13 +1,16 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli import exits
 from conftest import shared_file, write
-from main import main, parse_args, set_lr
+from config import build_config
+from main import main
+from train import learning_rate
+
+parse_args = exits(build_config)  # as main() runs it: a bad flag is one line on stderr and exit status 2
 
 TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1", "--batch_size", "256",
         "--eval_every", "1"]
@@ -16,26 +19,39 @@ TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_un
 def test_config_sets_defaults_and_flags_override(tmp_path):
     cfg = write(tmp_path, "c.toml", 'batch_size = 7\nhidden_units = 16\nnum_heads = 2\nnorm_first = false\n'
                 'use_infonce = true\nlr = 1\n')
-    args = parse_args(["--config", cfg, "--batch_size", "9"])
-    assert (args.batch_size, args.hidden_units, args.num_heads, args.norm_first, args.use_infonce) == (9, 16, 2, False, True)
-    assert isinstance(args.lr, float)
-    assert parse_args(["--config", cfg, "--norm_first"]).norm_first is True
+    c = parse_args(["--config", cfg, "--batch_size", "9"])
+    assert (c.train.batch_size, c.model.hidden_units, c.model.num_heads, c.model.norm_first, c.loss.loss) == \
+        (9, 16, 2, False, "infonce")
+    assert isinstance(c.train.lr, float)
+    assert parse_args(["--config", cfg, "--norm_first"]).model.norm_first is True
 
 
 def test_config_loss_tables_follow_the_chosen_loss(tmp_path):
     cfg = write(tmp_path, "c.toml", 'hidden_units = 32\n[bce]\nlr = 0.002\n[infonce]\nlr = 0.0005\n'
                 'infonce_temperature = 0.05\n[sampled_softmax]\nlr = 0.003\nnum_negatives = 64\n')
     bce = parse_args(["--config", cfg])
-    assert (bce.loss, bce.lr, bce.temperature, bce.hidden_units, bce.similarity) == ("bce", 0.002, 0.1, 32, "dot")
+    assert (bce.loss.loss, bce.train.lr, bce.loss.temperature, bce.model.hidden_units, bce.loss.similarity) == \
+        ("bce", 0.002, 0.1, 32, "dot")
     nce = parse_args(["--config", cfg, "--use_infonce"])  # old key name infonce_temperature still accepted
-    assert (nce.loss, nce.lr, nce.temperature, nce.use_infonce, nce.similarity) == ("infonce", 0.0005, 0.05, True,
-                                                                                   "cosine")
-    assert parse_args(["--config", cfg, "--use_infonce", "--lr", "0.1"]).lr == 0.1  # the command line still wins
+    assert (nce.loss.loss, nce.train.lr, nce.loss.temperature, nce.loss.similarity) == ("infonce", 0.0005, 0.05,
+                                                                                       "cosine")
+    assert parse_args(["--config", cfg, "--use_infonce", "--lr", "0.1"]).train.lr == 0.1  # the command line wins
     ss = parse_args(["--config", cfg, "--loss", "sampled_softmax"])
-    assert (ss.lr, ss.num_negatives, ss.use_infonce) == (0.003, 64, False)
+    assert (ss.train.lr, ss.loss.num_negatives, ss.loss.loss) == (0.003, 64, "sampled_softmax")
     # a file can choose its loss; the command line's choice beats it
     chosen = write(tmp_path, "ce.toml", 'loss = "sampled_softmax"\n[sampled_softmax]\nlr = 0.003\n')
-    assert (parse_args(["--config", chosen]).lr, parse_args(["--config", chosen, "--loss", "ce"]).loss) == (0.003, "ce")
+    assert (parse_args(["--config", chosen]).train.lr, parse_args(["--config", chosen, "--loss", "ce"]).loss.loss) == \
+        (0.003, "ce")
+
+
+def test_config_is_frozen_and_flat_round_trips():
+    import dataclasses
+    c = parse_args(["--hidden_units", "24", "--loss", "gbce"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.model.hidden_units = 8
+    flat = c.flat()
+    assert flat["hidden_units"] == 24 and flat["loss"] == "gbce" and flat["item_features"] == ()
+    assert len(flat) == sum(len(dataclasses.fields(getattr(c, f.name))) for f in dataclasses.fields(c))
 
 
 @pytest.mark.parametrize("text, message", [("batch_sise = 3\n", "unknown key 'batch_sise'"),
@@ -103,13 +119,11 @@ def test_end_to_end_on_real_data_beats_popularity(tmp_path):
 
 
 def test_cosine_schedule_is_a_function_of_progress():
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    cosine, constant = parse_args(["--lr", "0.01", "--lr_schedule", "cosine"]), parse_args(["--lr", "0.01"])
+    cosine = parse_args(["--lr", "0.01", "--lr_schedule", "cosine"]).train
+    constant = parse_args(["--lr", "0.01"]).train
     for progress, expected in ((0.0, 0.01), (0.5, 0.005), (1.0, 0.0), (1.5, 0.0)):
-        set_lr(opt, cosine, progress)
-        assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
-    set_lr(opt, constant, 0.7)
-    assert opt.param_groups[0]["lr"] == 0.01
+        assert learning_rate(cosine, progress) == pytest.approx(expected, abs=1e-12)
+    assert learning_rate(constant, 0.7) == 0.01
 
 
 def test_gpu_and_multiprocess_flags_on_one_cpu_process_do_nothing_and_say_so(tmp_path, capsys):
@@ -125,51 +139,33 @@ def test_gpu_and_multiprocess_flags_on_one_cpu_process_do_nothing_and_say_so(tmp
 
 
 def test_resuming_a_mid_epoch_checkpoint_needs_the_same_process_count(capsys):
-    from main import fresh_state, train_epoch
-    args = parse_args(TINY)
-    state = {**fresh_state(), "batch": 3, "world": 2}
+    from train import LoopState, train_epoch
     with pytest.raises(SystemExit) as e:
-        train_epoch(None, None, None, args, torch.device("cpu"), state, None, None)
+        exits(train_epoch)(None, None, None, parse_args(TINY), torch.device("cpu"), LoopState(batch=3, world=2), None,
+                           None)
     assert e.value.code == 2 and "interrupted mid-epoch with 2 process(es)" in capsys.readouterr().err
 
 
 def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
-    from main import TrainStep
+    from dataset import Batch
+    from losses import LossOutput
+    from train import TrainStep
 
-    class Objective(torch.nn.Module):
-        def forward(self, model, seq, pos, neg, with_logits=False):
-            return seq.float().sum(), None
+    class Model(torch.nn.Module):
+        target_tower = None
+
+        def encode(self, batch):
+            return batch.inputs.float()[..., None]
+
+    class Loss(torch.nn.Module):
+        def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+            return LossOutput(states.sum())
 
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    step = TrainStep(torch.nn.Linear(1, 1), Objective())
+    step = TrainStep(Model(), Loss(), None)
     step.compiled = broken
-    assert step(torch.ones(2, 3), None, None)[0].item() == 6.0
+    batch = Batch(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.long), torch.arange(2), torch.arange(6))
+    assert step(batch).loss.item() == 6.0
     assert "--compile failed (RuntimeError: no C++ compiler)" in capsys.readouterr().out and step.compiled is None
-
-
-FAULTS_SCRIPT = """
-import resource, sys, torch
-import main
-applied = main.keep_freed_memory() if sys.argv[1] == "on" else None
-widths = torch.randint(2, 51, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-def step(w):  # a CPU step's activations: sizes follow the batch's width; all freed when the step ends
-    return [torch.ones(128 * w * 50 * (1 + i % 3)) for i in range(10)]
-for w in widths[:5]:
-    step(w)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-touched = sum(t.numel() * 4 // 4096 for w in widths[5:] for t in step(w))
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, touched)
-"""
-
-
-def test_keep_freed_memory_lets_later_steps_reuse_pages_without_faults():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, "on"], cwd=root, capture_output=True, text=True,
-                         check=True).stdout.split()
-    applied, faults, pages = out[0], int(out[1]), int(out[2])
-    if applied != "True":
-        pytest.skip("not glibc: malloc's thresholds cannot be set here")
-    # measured: 190-1,000 faults over these 97,000 touched pages; ~39,000 with glibc's default thresholds
-    assert faults < pages / 20

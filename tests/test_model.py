@@ -1,14 +1,20 @@
+import dataclasses
+
 import pytest
 import torch
 
-from losses import Objective
-from main import parse_args
+from config import ModelConfig, build_config
+from dataset import Batch
+from losses import build_loss
 from model import SASRec
+from samplers import NegativeSampler
+from train import TrainStep
 
 
 def make_model(**kw):
     torch.manual_seed(0)
-    return SASRec(num_items=20, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2, dropout_rate=0.3, **kw).eval()
+    return SASRec(ModelConfig(num_items=20, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2, dropout_rate=0.3,
+                              **kw)).eval()
 
 
 def test_causality_future_items_do_not_change_earlier_states():
@@ -54,7 +60,7 @@ def test_cosine_scores_ignore_item_norms():
     model = make_model()
     seqs = torch.tensor([[0, 1, 2, 3]])
     with torch.no_grad():
-        model.item_emb.weight[5] = 10 * model.item_emb.weight[4]  # same direction, 10x the norm
+        model.item_tower.id_emb.weight[5] = 10 * model.item_tower.id_emb.weight[4]  # same direction, 10x the norm
     dot, cos = model.score(seqs), model.score(seqs, normalize=True)
     torch.testing.assert_close(dot[0, 5], 10 * dot[0, 4])
     torch.testing.assert_close(cos[0, 5], cos[0, 4])
@@ -64,26 +70,39 @@ def test_cosine_scores_ignore_item_norms():
 def test_separate_output_table_scores_outputs_and_inputs_keep_theirs():
     """--output_emb separate: states are scored against a table of its own; the input table only feeds the
     sequence. One gbce step sends the targets' gradient to the output table and the inputs' to the input one."""
-    model = make_model(separate_output=True).train()
-    assert model.out_emb.weight.shape == (21, 8) and (model.out_emb.weight[0] == 0).all()
-    assert not torch.equal(model.out_emb.weight, model.item_emb.weight)
+    model = make_model(output_emb="separate").train()
+    out_table, in_table = model.output_tower.id_emb.weight, model.item_tower.id_emb.weight
+    assert out_table.shape == (21, 8) and (out_table[0] == 0).all()
+    assert not torch.equal(out_table, in_table)
     seqs = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]])
-    torch.testing.assert_close(model.item_embeddings(), model.out_emb.weight)
+    torch.testing.assert_close(model.item_embeddings(), out_table)
     model.eval()
-    torch.testing.assert_close(model.score(seqs), model.user_embeddings(seqs) @ model.out_emb.weight.T)
+    torch.testing.assert_close(model.score(seqs), model.user_embeddings(seqs) @ out_table.T)
     model.train()
-    args = parse_args(["--loss", "gbce", "--num_negatives", "4"])
+    loss = build_loss(build_config(["--loss", "gbce", "--num_negatives", "4"]).loss, [0] + [1] * 20)
     pos = torch.tensor([[0, 0, 2, 3], [6, 7, 8, 9]])
     torch.manual_seed(1)
-    loss, _ = Objective(args, [0] + [1] * 20)(model, seqs, pos, None)
-    loss.backward()
-    in_rows = model.item_emb.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+    batch = Batch(seqs, pos, torch.arange(2), (pos != 0).view(-1).nonzero().squeeze(1))
+    TrainStep(model, loss, NegativeSampler(20))(batch).loss.backward()
+    in_rows = in_table.grad.abs().sum(1).nonzero().flatten().tolist()
     assert in_rows == [1, 2, 5, 6, 7, 8]  # exactly the items in the input sequences
-    assert model.out_emb.weight.grad[[2, 3, 6, 7, 8, 9]].abs().sum(1).gt(0).all()  # every positive
-    assert model.out_emb.weight.grad[0].abs().sum() == 0
+    assert out_table.grad[[2, 3, 6, 7, 8, 9]].abs().sum(1).gt(0).all()  # every positive
+    assert out_table.grad[0].abs().sum() == 0
 
 
 def test_separate_output_refuses_side_information():
     spec = {"features": [{"vocab_size": 3, "width": 1}], "vectors": []}
     with pytest.raises(ValueError, match="--output_emb separate is for id embeddings only"):
-        make_model(separate_output=True, side_spec=spec)
+        make_model(output_emb="separate", item_side=spec)
+
+
+def test_encode_reads_the_batch_inputs_and_from_checkpoint_rebuilds_the_model():
+    import checkpoint
+    model = make_model(norm_first=False)
+    seqs = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]])
+    batch = Batch(seqs, seqs, torch.arange(2), (seqs != 0).view(-1).nonzero().squeeze(1))
+    torch.testing.assert_close(model.encode(batch), model(seqs))
+    saved = {"format": checkpoint.FORMAT, "model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    rebuilt = SASRec.from_checkpoint(saved)
+    assert rebuilt.config == dataclasses.replace(model.config, dropout_rate=0.0) and not rebuilt.training
+    torch.testing.assert_close(rebuilt.score(seqs), model.score(seqs), rtol=0, atol=0)

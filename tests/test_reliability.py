@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT, write
 from eval import infer
+from config import ModelConfig
 from main import main
 from model import SASRec
 
@@ -108,10 +109,15 @@ def bad_checkpoints(run, tmp_path):
     """name -> a checkpoint directory that must be refused."""
     good = open(os.path.join(run, "ckpt", "best.pt"), "rb").read()
     dirs = {}
-    other = io.BytesIO()  # the right format, but weights of another width (8, not 16)
-    torch.save({"model": SASRec(3000, maxlen=10, hidden_units=8, num_blocks=1).state_dict(), "epoch": 1}, other)
+    saved = torch.load(os.path.join(run, "ckpt", "best.pt"), weights_only=True)
+    other = io.BytesIO()  # the right format and config, but weights of another width (8, not 16)
+    narrow = SASRec(ModelConfig(num_items=3000, maxlen=10, hidden_units=8, num_blocks=1))
+    torch.save({**saved, "model": narrow.state_dict()}, other)
+    old = io.BytesIO()  # what a checkpoint looked like before the format version (state-dict names have changed)
+    torch.save({"model": {"item_emb.weight": torch.zeros(3001, 16)}, "objective": {}, "epoch": 1, "step": 16}, old)
     for name, content in (("truncated", good[:len(good) // 2]), ("not a checkpoint", b"hello\n"),
-                          ("pickle payload", payload(tmp_path / "pwned")), ("another shape", other.getvalue())):
+                          ("pickle payload", payload(tmp_path / "pwned")), ("another shape", other.getvalue()),
+                          ("older format", old.getvalue())):
         d = tmp_path / name.replace(" ", "_")
         d.mkdir()
         for f in ("config.json", "id_map.json"):
@@ -146,7 +152,9 @@ def pickled_globals(checkpoint_bytes):
 
 
 CKPT_ERRORS = {"truncated": "not a readable checkpoint", "not a checkpoint": "not a readable checkpoint",
-               "pickle payload": "not a readable checkpoint", "another shape": "does not fit this model"}
+               "pickle payload": "not a readable checkpoint", "another shape": "does not fit this model",
+               "older format": "checkpoint format 1 predates this version's format 2"}
+INFER_ERRORS = {**CKPT_ERRORS, "another shape": "not a loadable checkpoint for this config"}
 
 
 @pytest.mark.parametrize("kind", list(CKPT_ERRORS))
@@ -159,7 +167,7 @@ def test_bad_checkpoint_is_refused_by_main_and_infer(run, tmp_path, capsys, kind
                f"--state_dict_path {ckpt}/best.pt: {CKPT_ERRORS[kind]}")
     fails_with(capsys, main, ["--state_dict_path", ckpt, "--run_dir", str(tmp_path / "r2")],
                f"--state_dict_path {ckpt}/last.pt: {CKPT_ERRORS[kind]}")
-    fails_with(capsys, infer.main, ["--ckpt", ckpt, "--out", str(tmp_path / "o")], "not a loadable checkpoint")
+    fails_with(capsys, infer.main, ["--ckpt", ckpt, "--out", str(tmp_path / "o")], INFER_ERRORS[kind])
     assert not (tmp_path / "pwned").exists()  # weights_only=True: the pickled code never ran
     assert snapshot(run) == before
 
@@ -213,17 +221,17 @@ def test_unknown_ids_at_inference(run, tmp_path, capsys):
 CHILD = """
 import os, signal, sys, time, io
 sys.path.insert(0, {root!r})
-import torch, losses, main
+import torch, train, main
 mode, at = sys.argv[1], int(sys.argv[2])
 calls = [0]
 if mode == "sigint":  # Ctrl-C in the middle of an epoch, during the forward pass of step `at`
-    forward = losses.Objective.forward
+    forward = train.TrainStep.eager
     def counting(self, *a, **k):
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGINT)
         return forward(self, *a, **k)
-    losses.Objective.forward = counting
+    train.TrainStep.eager = counting
 else:  # the `at`-th checkpoint save stalls half-written until the parent kills us
     save = torch.save
     def stalling(obj, f):
@@ -291,15 +299,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     main(TINY + ["--num_epochs", "1", "--run_dir", run])
     checkpoints = ("best.pt", "last.pt")
     before = [open(os.path.join(run, "ckpt", f), "rb").read() for f in checkpoints]
-    import losses
-    forward = losses.Objective.forward
+    import train
+    forward = train.TrainStep.eager
     calls = [0]
 
     def poisoned(self, *a, **k):  # the 3rd step of epoch 2 (global step 19) produces NaN
         calls[0] += 1
-        loss, logits = forward(self, *a, **k)
-        return (loss * float("nan") if calls[0] == 3 else loss), logits
-    monkeypatch.setattr(losses.Objective, "forward", poisoned)
+        out = forward(self, *a, **k)
+        out.loss = out.loss * float("nan") if calls[0] == 3 else out.loss
+        return out
+    monkeypatch.setattr(train.TrainStep, "eager", poisoned)
     capsys.readouterr()
     fails_with(capsys, main, ["--state_dict_path", os.path.join(run, "ckpt"), "--num_epochs", "2"],
                "non-finite loss (nan) at epoch 2, step 19; training stopped, checkpoints left as they were", code=1)

@@ -1,0 +1,346 @@
+"""Typed configuration, built once: config file -> defaults -> command-line flags -> a frozen `Config`.
+
+Each field below is a flag of main.py (same name); its default and help live here and nowhere else.
+`build_config(argv)` parses, merges and validates in one place and raises UsageError with one line.
+The resolved config is saved as ckpt/config.json (flat: flag name -> value), so resuming and inference
+never repeat training flags; the model's part is also saved inside every checkpoint.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cli import ArgumentParser, UsageError
+from dataset import FORMATS, ID_TYPES
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
+TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
+KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
+# Fields that fix the network's shape: a checkpoint loads only into a model built with the same values.
+STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "output_emb")
+
+
+def flag(default, help, **argparse_options):
+    """A config field that is also a command-line flag (argparse options ride in the field's metadata)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: str = flag("synthetic", "interaction log path, or 'synthetic' for the embedded default")
+    data_format: Optional[str] = flag(None, "lines: 'user i1 i2 ...'; pairs: 'user item' per line; delimited: "
+                                      "CSV/TSV/RecBole .inter with a header (default: detect)", choices=FORMATS)
+    user_col: Optional[str] = flag(None, "delimited format: user column name (default: detect)")
+    item_col: Optional[str] = flag(None, "delimited format: item column name (default: detect)")
+    time_col: Optional[str] = flag(None, "delimited format: timestamp column name (default: detect, optional)")
+    id_type: str = flag("auto", "raw ids: int, str, or auto (a column of mostly integers is an integer column, "
+                        "and a non-integer in it is an error)", choices=ID_TYPES)
+    single_item_users: str = flag("error", "users with one interaction give nothing to train or evaluate on: "
+                                  "stop with an error, or ignore them", choices=("error", "ignore"))
+    cache_dir: str = flag(None, "parsed logs are cached here, keyed by the file's content hash ('' disables)",
+                          env="SASREC_CACHE_DIR", fallback=os.path.join(ROOT, ".cache"))
+    item_features: tuple = flag((), "item attributes: JSON {item: [values]} or a delimited file with an item "
+                                "column and one column per feature (repeatable)", action="append", metavar="FILE")
+    feature_sep: str = flag("|", "separator of multi-valued cells in --item_features")
+    item_emb: tuple = flag((), "frozen pretrained item vectors: .npz (ids, vectors) or .npy with <name>.ids.txt "
+                           "(repeatable)", action="append", metavar="FILE")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    maxlen: int = flag(50, "longest input sequence (most recent items kept)")
+    hidden_units: int = flag(50, "width of embeddings and blocks")
+    num_blocks: int = flag(2, "transformer blocks")
+    num_heads: int = flag(1, "attention heads (divides --hidden_units)")
+    dropout_rate: float = flag(0.2, "dropout on embeddings, block outputs and the feed-forward")
+    norm_first: bool = flag(True, "pre-norm blocks (--no-norm_first: post-norm)")
+    output_emb: str = flag("tied", "item table the states are scored against: the input table (tied, as in "
+                           "SASRec) or one of its own", choices=("tied", "separate"))
+    no_item_id: bool = flag(False, "items from side information only (cold-start tower)")
+    # From the data, not flags: catalogue size and the side-information shapes (features.ItemSideInfo.spec).
+    num_items: int = 0
+    item_side: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    loss: Optional[str] = flag(None, "default: bce, or infonce with --use_infonce", choices=LOSSES)
+    similarity: Optional[str] = flag(None, "logits (and ranking): dot product, or cosine / temperature (default: "
+                                     "cosine for infonce, dot otherwise)", choices=("dot", "cosine"))
+    temperature: float = flag(0.1, "divides cosine logits", aliases=("--infonce_temperature",))
+    learn_temperature: bool = flag(False, f"learn the temperature (log-parameterised, clamped to "
+                                   f"{list(TEMPERATURE_RANGE)}), starting from --temperature")
+    num_negatives: int = flag(256, "negatives per batch (sampled_softmax) or per sequence (gbce)")
+    neg_sampler: str = flag("uniform", "sampled_softmax: how negatives are drawn (gbce is always uniform)",
+                            choices=("uniform", "popularity"))
+    logq_correction: bool = flag(True, "sampled_softmax: subtract log(expected count in the pool) from every logit")
+    in_batch_negatives: bool = flag(False, "sampled_softmax: the batch's positives join the pool (accidental "
+                                    "hits masked)")
+    gbce_t: float = flag(0.75, "gbce: calibration t in [0, 1] (0 = plain BCE)")
+    hard_negatives: int = flag(0, "softmax losses: keep each row's K highest-scoring negatives (0: all)")
+    gather_negatives: bool = flag(False, "infonce / sampled_softmax under torchrun: the pool holds every rank's "
+                                  "negatives (gradients flow back through the gather)")
+    l2_emb: float = flag(0.0, "weight of the item-embedding norm penalty")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = flag(128, "sequences per step (per process under torchrun)")
+    lr: float = flag(0.001, "Adam learning rate")
+    lr_schedule: str = flag("constant", "cosine: decay from --lr to 0 over --num_epochs (a function of the step, "
+                            "so resumable)", choices=("constant", "cosine"))
+    num_epochs: int = flag(200, "epochs at most")
+    device: str = flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    seed: int = flag(42, "seeds every random stream (per epoch, so a resumed run repeats the straight one)")
+    eval_every: int = flag(5, "validate every N epochs")
+    patience: int = flag(5, "stop after N validations without a better NDCG@10")
+    state_dict_path: Optional[str] = flag(None, "checkpoint (.pt, or a checkpoint dir) to resume from or evaluate")
+    inference_only: bool = flag(False, "evaluate --state_dict_path and exit")
+    amp: str = flag("none", "CUDA only. bf16: autocast the forward pass to bfloat16 (losses stay fp32)",
+                    choices=("none", "bf16"))
+    compile: bool = flag(False, "CUDA only. torch.compile the training step; eager if compilation fails")
+    hist_every: int = flag(200, "log logit histograms every N steps (0: never)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    keep_history: bool = flag(False, "let already-seen items compete in the ranking")
+    rare_below: int = flag(0, "also report metrics on targets seen in training fewer than N times (rare_* keys)")
+    sampled_metrics: bool = flag(False, "also report metrics against 100 random negatives (SASRec paper protocol)")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    run_dir: Optional[str] = flag(None, "default: runs/<data>_<loss>_<time>")
+    log_dir: Optional[str] = flag(None, "default: <run_dir>/logs", env="TRAIN_LOG_PATH")
+    tb_dir: Optional[str] = flag(None, "default: <run_dir>/tb", env="TRAIN_TF_EVENTS_PATH")
+    ckpt_dir: Optional[str] = flag(None, "default: <run_dir>/ckpt", env="TRAIN_CKPT_PATH")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    eval: EvalConfig
+    output: OutputConfig
+
+    def flat(self):
+        """flag name -> value, as saved in config.json."""
+        return {k: v for section in dataclasses.fields(self) for k, v in
+                dataclasses.asdict(getattr(self, section.name)).items()}
+
+    @property
+    def cosine(self):
+        return self.loss.similarity == "cosine"
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+FLAG_SECTION = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.metadata}
+
+
+def build_parser():
+    p = ArgumentParser(description="Train / evaluate a SASRec sequential recommender.", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file whose keys are these flags' names; command-line flags override it")
+    p.add_argument("--use_infonce", action=argparse.BooleanOptionalAction, default=False,
+                   help="shortcut for --loss infonce: masked in-batch InfoNCE on cosine logits")
+    for name, cls in SECTIONS.items():
+        group = p.add_argument_group(name)
+        for f in dataclasses.fields(cls):
+            if f.metadata:
+                _add_flag(group, f)
+    return p
+
+
+def _add_flag(group, f):
+    meta = dict(f.metadata)
+    kwargs = {"help": meta.pop("help"), "dest": f.name}
+    names = [f"--{f.name}", *meta.pop("aliases", ())]
+    env, fallback = meta.pop("env", None), meta.pop("fallback", None)
+    default = os.environ.get(env, fallback) if env else f.default
+    if f.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif meta.get("action") != "append":
+        kwargs["type"] = {int: int, float: float}.get(f.type, str)
+    group.add_argument(*names, default=default if meta.get("action") != "append" else None, **kwargs, **meta)
+
+
+# ----------------------------------------------------------------------------- merging
+
+def load_config_file(path, parser, loss=None):
+    """A TOML config as parser defaults, each key checked to be a known flag of the right type.
+
+    Top-level keys apply to every run; a [bce], [infonce], ... table applies only with that loss (`loss`,
+    chosen on the command line, else the file's `loss` / `use_infonce` key), so one file holds tuned
+    settings for each."""
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
+    sections = {name: config.pop(name) for name in LOSSES if isinstance(config.get(name), dict)}
+    loss = loss or config.get("loss") or ("infonce" if config.get("use_infonce") else "bce")
+    config.update(sections.get(loss, {}))
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in config.items():
+        key = KEY_ALIASES.get(key, key)
+        action = actions.get(key)
+        if action is None or key in ("config", "help"):
+            raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size', "
+                             f"or tables {list(LOSSES)})")
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"--config {path}: key {key!r} expects {action.type.__name__}, got {value!r}") \
+                    from None
+        defaults[key] = value
+    if isinstance(defaults.get("data"), str):
+        defaults["data"] = resolve_data_path(defaults["data"])
+    return defaults
+
+
+def resolve_data_path(path):
+    """Relative data paths in configs are tried from the working directory, then from the repository root."""
+    if path == "synthetic" or os.path.isabs(path) or os.path.exists(path):
+        return path
+    from_root = os.path.join(ROOT, path)
+    return from_root if os.path.exists(from_root) else path
+
+
+def checkpoint_file(path, inference_only):
+    """A checkpoint directory means its best.pt (evaluation) or last.pt (resuming)."""
+    if os.path.isdir(path):
+        return os.path.join(path, "best.pt" if inference_only else "last.pt")
+    return path
+
+
+def saved_config(state_dict_path, parser):
+    """The flat config saved beside a checkpoint, minus what names the current invocation."""
+    path = os.path.join(os.path.dirname(checkpoint_file(state_dict_path, True)), "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--state_dict_path: unreadable {path} ({e})") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--state_dict_path: {path} is not a saved config (expected a JSON object)")
+    saved = {KEY_ALIASES.get(k, k): v for k, v in saved.items()}
+    ckpt_dir = os.path.dirname(os.path.abspath(path))
+    if saved.get("ckpt_dir") and os.path.abspath(saved["ckpt_dir"]) != ckpt_dir:  # the run was moved or copied:
+        run_dir = os.path.dirname(ckpt_dir)                                        # write beside it, not where it was
+        saved.update(ckpt_dir=ckpt_dir, run_dir=run_dir, log_dir=os.path.join(run_dir, "logs"),
+                     tb_dir=os.path.join(run_dir, "tb"))
+    flags = set(FLAG_SECTION) - {"state_dict_path", "inference_only"}
+    return {k: v for k, v in saved.items() if k in flags}
+
+
+def given(argv, *flags):
+    """Whether any of `flags` appears on the command line (as --flag or --flag=value)."""
+    return any(a.split("=")[0] in flags for a in argv)
+
+
+def command_line_loss(ns, argv):
+    if given(argv, "--loss"):
+        return ns.loss
+    if given(argv, "--use_infonce", "--no-use_infonce"):
+        return "infonce" if ns.use_infonce else "bce"
+    return None
+
+
+def build_config(argv=None):
+    """The run's Config from a config file, the checkpoint's saved config, defaults and flags (argv)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    saved = saved_config(known.state_dict_path, parser) if known.state_dict_path else {}
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config, parser, command_line_loss(known, argv)))
+    parser.set_defaults(**saved)  # a checkpoint's own config beats a config file; the command line beats both
+    ns = parser.parse_args(argv)
+    if given(argv, "--loss") and given(argv, "--use_infonce") and ns.use_infonce and ns.loss != "infonce":
+        raise UsageError(f"--use_infonce contradicts --loss {ns.loss} (--use_infonce means --loss infonce)")
+    values = vars(ns)
+    values["loss"] = command_line_loss(ns, argv) or ns.loss or ("infonce" if ns.use_infonce else "bce")
+    values["similarity"] = ns.similarity or ("cosine" if values["loss"] == "infonce" else "dot")
+    for key in ("item_features", "item_emb"):  # a config file may give one path or a list
+        paths = values[key] or []
+        values[key] = tuple(os.path.abspath(resolve_data_path(p)) for p in ([paths] if isinstance(paths, str)
+                                                                              else paths))
+    if values["data"] != "synthetic":
+        values["data"] = os.path.abspath(values["data"])  # the saved config must work from any directory
+    for key in STRUCTURE_KEYS:
+        if key in saved and values[key] != saved[key]:
+            raise UsageError(f"--{key} {values[key]} contradicts the checkpoint's saved config ({key} = {saved[key]})")
+    extra = {k: saved[k] for k in ("num_items", "item_side") if k in saved}
+    sections = {name: cls(**{f.name: values[f.name] if f.name in values else extra.get(f.name, f.default)
+                             for f in dataclasses.fields(cls)}) for name, cls in SECTIONS.items()}
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(c):
+    """Every check of flag values, in one place."""
+    m, lo, t = c.model, c.loss, c.train
+    for name, value in (("maxlen", m.maxlen), ("hidden_units", m.hidden_units), ("num_blocks", m.num_blocks),
+                        ("num_heads", m.num_heads), ("batch_size", t.batch_size), ("num_epochs", t.num_epochs),
+                        ("eval_every", t.eval_every)):
+        if value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+    if m.hidden_units % m.num_heads:
+        raise UsageError(f"--hidden_units ({m.hidden_units}) must be divisible by --num_heads ({m.num_heads})")
+    if not lo.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {lo.temperature}")
+    if lo.learn_temperature and lo.similarity != "cosine":
+        raise UsageError("--learn_temperature needs cosine logits (--similarity cosine, the default for infonce)")
+    if lo.learn_temperature and not TEMPERATURE_RANGE[0] <= lo.temperature <= TEMPERATURE_RANGE[1]:
+        raise UsageError(f"--temperature {lo.temperature}: a learnt temperature starts inside "
+                         f"{list(TEMPERATURE_RANGE)}")
+    if lo.num_negatives < 1 or lo.hard_negatives < 0:
+        raise UsageError(f"--num_negatives must be >= 1 and --hard_negatives >= 0, got {lo.num_negatives} and "
+                         f"{lo.hard_negatives}")
+    if not 0 <= lo.gbce_t <= 1:
+        raise UsageError(f"--gbce_t must be in [0, 1], got {lo.gbce_t}")
+    if not 0 <= m.dropout_rate < 1:
+        raise UsageError(f"--dropout_rate must be in [0, 1), got {m.dropout_rate}")
+    has_side = bool(c.data.item_features or c.data.item_emb)
+    if m.no_item_id and not has_side:
+        raise UsageError("--no_item_id needs --item_features or --item_emb (items would have no representation)")
+    if m.output_emb == "separate" and has_side:
+        raise UsageError("--output_emb separate is for id embeddings only: with --item_features / --item_emb the "
+                         "item tower scores the outputs")
+    if t.inference_only and not t.state_dict_path:
+        raise UsageError("--inference_only needs --state_dict_path")
+
+
+def with_output_dirs(config, stamp=None):
+    """The config with every output folder named (defaults: folders of --run_dir, runs/<data>_<loss>_<time>)."""
+    o = config.output
+    run_dir = o.run_dir
+    if not run_dir:
+        data = config.data.data
+        name = "synthetic" if data == "synthetic" else os.path.splitext(os.path.basename(data))[0]
+        run_dir = os.path.join("runs", f"{name}_{config.loss.loss}_{stamp or time.strftime('%Y%m%d-%H%M%S')}")
+    output = OutputConfig(run_dir, o.log_dir or os.path.join(run_dir, "logs"), o.tb_dir or os.path.join(run_dir, "tb"),
+                          o.ckpt_dir or os.path.join(run_dir, "ckpt"))
+    return dataclasses.replace(config, output=output)
+
+
+def model_config_from_dict(values):
+    """A ModelConfig from a saved dict (a checkpoint's, or config.json's flat keys); unknown keys ignored."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in values.items() if k in names})

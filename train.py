@@ -1,0 +1,350 @@
+"""The training loop: epochs of steps, validation every --eval_every, checkpoints, early stopping.
+
+    fit(model, loss, sampler, optimizer, split, config, device, state)
+
+Under torchrun every rank trains and validates a share; rank 0 alone writes logs, TensorBoard and
+checkpoints. The loss is read back from the device every SYNC_EVERY steps (and at the end of an
+epoch), not every step; a non-finite loss found there stops the run before any checkpoint is written.
+"""
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import checkpoint
+import distributed
+from cli import RunError, UsageError, first_line
+from dataset import TrainBatches
+from eval.metrics import encode_floats, evaluate, model_scorer
+from files import remove_stale_temp_files
+from samplers import BatchNegatives
+
+SYNC_EVERY = 20  # steps between host read-backs of the loss (and TensorBoard points)
+
+
+@dataclass
+class LoopState:
+    """Saved in every checkpoint. epoch: epochs finished; batch: batches done in the next one (> 0 after an
+    interrupt); rng: the torch random state at that batch; world: the process count that state is for."""
+    epoch: int = 0
+    step: int = 0
+    batch: int = 0
+    rng: Any = None
+    world: int = 1
+    best_epoch: int = 0
+    best_ndcg: float = -1.0
+    bad_evals: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(**{k: ckpt[k] for k in cls.__dataclass_fields__ if k in ckpt})
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM only raise a flag: the loop ends its step, saves a resumable checkpoint, exits.
+    A second signal acts as usual and aborts at once (checkpoints are written atomically either way)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NullWriter:
+    """SummaryWriter's stand-in on ranks other than 0 (and in benchmarks): logs nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    add_histogram = add_scalar
+
+
+class TrainStep(nn.Module):
+    """Model + loss as one module whose forward(batch) returns the LossOutput: what DDP wraps (DDP
+    synchronises the gradients of what its wrapped forward computed). `compiled`: torch.compile it,
+    eager if the first (compiling) call fails."""
+
+    def __init__(self, model, loss, sampler, l2_emb=0.0, compiled=False):
+        super().__init__()
+        self.model, self.loss, self.sampler, self.l2_emb = model, loss, sampler, l2_emb
+        self.compiled = torch.compile(self.eager) if compiled else None
+        self.compile_checked = False
+
+    def eager(self, batch, with_logits=False):
+        # index_select on flat indices, not states[real]: a boolean index's backward (index_put) took 3x on CPU
+        states = self.model.encode(batch).flatten(0, 1).index_select(0, batch.rows)
+        pos_ids = batch.positives.view(-1).index_select(0, batch.rows)
+        per_position = None if batch.negatives is None else batch.negatives.view(-1).index_select(0, batch.rows)
+        negatives = BatchNegatives(self.sampler, batch.rows, tuple(batch.positives.shape), per_position)
+        out = self.loss(states, pos_ids, self.model.target_tower, negatives, with_logits)
+        if self.l2_emb:
+            out.loss = out.loss + self.l2_emb * sum(table.norm() for table in self.model.id_tables())
+        return out
+
+    def forward(self, batch, with_logits=False):
+        if self.compiled is None:
+            return self.eager(batch, with_logits)
+        if self.compile_checked:
+            return self.compiled(batch, with_logits)
+        try:  # compilation happens on the first call: only its failure falls back (no toolchain, unsupported op)
+            out = self.compiled(batch, with_logits)
+            self.compile_checked = True
+            return out
+        except Exception as e:
+            print(f"warning: --compile failed ({type(e).__name__}: {first_line(e)}); continuing without it")
+            self.compiled = None
+            return self.eager(batch, with_logits)
+
+
+def make_step(model, loss, sampler, config, device):
+    """The training step module: TrainStep, DDP-wrapped under torchrun."""
+    step = TrainStep(model, loss, sampler, config.loss.l2_emb, compiled=config.train.compile and device.type == "cuda")
+    if distributed.world_size() == 1:
+        return step
+    # The buffers (item side codes, sampler tables) are constants: nothing to broadcast every step.
+    return DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
+def seed_epoch(seed, epoch, rank=0):
+    """Every epoch draws from its own seeded streams, so a resumed run repeats the uninterrupted one exactly.
+    Under torchrun the numpy stream (which users, in which order) is shared; torch's (dropout) is per rank."""
+    torch.manual_seed(seed * 1_000_003 + epoch + rank * 1_000_000_007)
+    return np.random.default_rng([seed, epoch])
+
+
+def learning_rate(train_config, progress):
+    """The learning rate at `progress` (0 -> 1) through the planned training."""
+    lr = train_config.lr
+    return lr if train_config.lr_schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+
+
+class LossMeter:
+    """Per-step losses kept on the device and read back in one transfer per SYNC_EVERY steps. Under
+    torchrun the read-back is one all-reduce of every rank's window (rows, summed loss, stop flag)."""
+
+    def __init__(self, device):
+        self.device, self.losses, self.rows, self.total_loss, self.total_rows = device, [], [], 0.0, 0.0
+
+    def add(self, loss, rows):
+        self.losses.append(loss.detach())
+        self.rows.append(rows)
+
+    def read(self, first_step, epoch, stop_flag=False):
+        """Sum the pending steps over ranks; raise on a non-finite loss naming its step. Returns (the last
+        step's mean loss, whether any rank has a stop flag)."""
+        rows = torch.tensor(self.rows, dtype=torch.float64, device=self.device)
+        flags = torch.zeros_like(rows)
+        flags[-1] = float(bool(stop_flag))
+        window = torch.stack([rows, torch.stack(self.losses).double() * rows, flags], 1)
+        totals = distributed.sum_all(window).tolist()
+        self.losses, self.rows = [], []
+        for i, (rows, loss, _) in enumerate(totals):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss ({loss / rows}) at epoch {epoch}, step {first_step + i}")
+        self.total_rows += sum(r for r, _, _ in totals)
+        self.total_loss += sum(loss for _, loss, _ in totals)
+        rows, loss, _ = totals[-1]
+        return loss / max(rows, 1), any(flag for _, _, flag in totals)
+
+    def mean(self):
+        return self.total_loss / max(self.total_rows, 1)
+
+
+def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
+    """Epoch state.epoch + 1, from batch state.batch on (0, or where an interrupted run stopped).
+
+    Advances state.step and state.batch; returns early, mid-epoch, once `stop` has a signal (on any rank:
+    every rank then stops after the same step). Under torchrun each rank's loss is weighted by its share
+    of the step's rows, so the averaged gradient is that of one process on all ranks' batches.
+    Returns (mean loss, sequences / s, seconds)."""
+    epoch, world, train = state.epoch + 1, distributed.world_size(), config.train
+    if state.batch and state.world != world:
+        raise UsageError(f"--state_dict_path: the checkpoint was interrupted mid-epoch with {state.world} "
+                         f"process(es); resume it with the same number ({world} now)")
+    step.train()
+    loss_module = getattr(step, "module", step).loss
+    batch_iter = batches.epoch(seed_epoch(train.seed, epoch, distributed.rank()))
+    if state.batch:  # replay the interrupted part's draws, so the rest of the epoch matches exactly
+        for _ in range(state.batch):
+            next(batch_iter)
+        checkpoint.set_rng_state(state.rng)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and train.amp == "bf16")
+    meter, seen, start, window_start = LossMeter(device), 0, time.perf_counter(), state.step + 1
+    bar = tqdm(batch_iter, total=len(batches), initial=state.batch, desc=f"epoch {epoch}", leave=False,
+               disable=not sys.stderr.isatty() or not distributed.is_main())
+    for i, batch in enumerate(bar, start=state.batch + 1):
+        batch = batch.to(device)
+        log_now = (state.step + 1) % SYNC_EVERY == 0
+        with autocast:
+            out = step(batch, with_logits=log_now)
+        rows = len(batch.rows)
+        loss = out.loss
+        if world > 1:  # this rank's share of all ranks' rows (an all-reduce, no host read-back)
+            all_rows = distributed.sum_all(torch.tensor([float(rows)], dtype=torch.float64, device=device))
+            loss = loss * (rows * world / all_rows[0]).to(loss.dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(train, state.step / (train.num_epochs * len(batches)))
+        optimizer.step()
+        meter.add(out.loss, rows)
+        state.step += 1
+        state.batch += 1
+        seen += batch.num_users * world
+        local_stop = world == 1 and stop.received  # one process: no need to wait for a read-back
+        if log_now or i == len(batches) or local_stop:
+            last_loss, signalled = meter.read(window_start, epoch, stop.received)
+            window_start = state.step + 1
+            if log_now:
+                log_logits(writer, state.step, last_loss, out, loss_module, train.hist_every)
+                bar.set_postfix(loss=f"{last_loss:.4f}", seq_s=f"{seen / (time.perf_counter() - start):.0f}")
+            if signalled:
+                stop.received = stop.received or "signal on another rank"
+                break
+    seconds = time.perf_counter() - start
+    return meter.mean(), seen / seconds, seconds
+
+
+def log_logits(writer, step, loss, out, loss_module, hist_every):
+    writer.add_scalar("train/loss", loss, step)
+    for name, x in (("pos", out.pos_logits), ("neg", out.neg_logits)):
+        x = x.float()
+        writer.add_scalar(f"logits/{name}_mean", x.mean().item(), step)
+        writer.add_scalar(f"logits/{name}_std", x.std().item() if x.numel() > 1 else 0.0, step)
+        if hist_every and step % hist_every == 0:
+            writer.add_histogram(f"logits/{name}", x.cpu(), step)
+    if loss_module.similarity.cosine:
+        writer.add_scalar("train/temperature", loss_module.similarity.temperature().item(), step)
+
+
+def run_evaluation(model, split, config, device, which, sharded=False):
+    """Metrics of `model` on `which`; `sharded`: split over the torchrun ranks, rank 0 gets them (others None)."""
+    model.eval()
+    score = model_scorer(model, split.data, config.model.maxlen, device, cosine=config.cosine)
+    e = config.eval
+    return evaluate(score, split, which, exclude_history=not e.keep_history, sampled=e.sampled_metrics,
+                    seed=config.train.seed, rare_below=e.rare_below, sharded=sharded,
+                    encode_cost=lambda width: encode_floats(config.model, width))
+
+
+def format_metrics(m, keys=("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")):
+    return " ".join(f"{k} {m[k]:.4f}" for k in keys)
+
+
+class Interrupted(Exception):
+    """A signal stopped training; the checkpoint is saved. main() prints the message and exits 130."""
+
+
+def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState):
+    """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files."""
+    main_rank, out = distributed.is_main(), config.output
+    batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, rank=distributed.rank(),
+                           world=distributed.world_size(), sampler=sampler if loss.per_position_negatives else None)
+    if len(batches) == 0:  # every rank computes the same: all stop here
+        raise UsageError(f"{config.data.data}: {len(batches.users)} trainable users make fewer batches of "
+                         f"--batch_size {config.train.batch_size} than the {distributed.world_size()} processes "
+                         f"(each needs one a step)")
+    step = make_step(model, loss, sampler, config, device)
+    last_path = os.path.join(out.ckpt_dir, "last.pt")
+    save = lambda path: checkpoint.save(path, model, loss, optimizer, state)  # noqa: E731
+    if main_rank:
+        remove_stale_temp_files(out.ckpt_dir)
+    log_path = os.path.join(out.log_dir, "train.log") if main_rank else os.devnull
+    with SummaryWriter(out.tb_dir) if main_rank else NullWriter() as writer, open(log_path, "a") as log, \
+            GracefulStop() as stop:
+        while state.epoch < config.train.num_epochs:
+            epoch = state.epoch + 1
+            try:
+                epoch_loss, seq_per_s, seconds = train_epoch(step, optimizer, batches, config, device, state, writer,
+                                                             stop)
+            except FloatingPointError as e:  # nothing is saved: the checkpoints on disk predate the failure
+                raise RunError(f"{e}; training stopped, checkpoints left as they were ({last_path})") from None
+            if stop.received and state.batch < len(batches):
+                state.rng, state.world = checkpoint.rng_state(), distributed.world_size()
+                save(last_path)
+                raise Interrupted(resume_hint(stop, state, epoch, len(batches), out.ckpt_dir))
+            state.epoch, state.batch, state.rng = epoch, 0, None
+            for name, value in (("epoch_loss", epoch_loss), ("lr", optimizer.param_groups[0]["lr"]),
+                                ("sequences_per_s", seq_per_s)):
+                writer.add_scalar(f"train/{name}", value, epoch)
+            record = {"epoch": epoch, "step": state.step, "loss": epoch_loss, "seq_per_s": seq_per_s,
+                      "seconds": seconds}
+            line = f"epoch {epoch:4d}  loss {epoch_loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
+            stop_early = False
+            if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs:
+                record["valid"], stop_early = validate(model, split, config, device, state, writer, save)
+                if main_rank:
+                    line += f"  valid {format_metrics(record['valid'])}{'  *' if state.best_epoch == epoch else ''}"
+            record["peak_rss_mb"] = round(peak_rss_mb(), 1)  # after validation: its memory counts too
+            save(last_path)
+            print(line, flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if distributed.any_rank(stop.received, device):  # decided together: no rank left in a collective
+                stop.received = stop.received or "signal on another rank"
+                raise Interrupted(resume_hint(stop, state, epoch + 1, len(batches), out.ckpt_dir))
+            if stop_early:
+                print(f"early stop: no better validation NDCG@10 for {config.train.patience} evaluations")
+                break
+
+
+def validate(model, split, config, device, state, writer, save):
+    """Validation metrics; saves best.pt on a new best NDCG@10. Returns (metrics, whether to stop early).
+    Under torchrun the ranks score shares of the users; rank 0 decides and tells the others whether to stop."""
+    valid = run_evaluation(model, split, config, device, "valid", sharded=True)
+    if not distributed.is_main():
+        return {}, distributed.broadcast(None)
+    stop = False
+    for k, v in valid.items():
+        writer.add_scalar(f"valid/{k}", v, state.epoch)
+    if valid["NDCG@10"] > state.best_ndcg:
+        state.best_epoch, state.best_ndcg, state.bad_evals = state.epoch, valid["NDCG@10"], 0
+        save(os.path.join(config.output.ckpt_dir, "best.pt"))
+    else:
+        state.bad_evals += 1
+        stop = state.bad_evals >= config.train.patience
+    return valid, distributed.broadcast(stop)
+
+
+def resume_hint(stop, state, epoch, num_batches, ckpt_dir):
+    world = distributed.world_size()
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    return (f"{stop.received}: stopped at epoch {epoch}, batch {state.batch}/{num_batches} (step {state.step}); "
+            f"checkpoint saved. Resume with: {launcher} main.py --state_dict_path {ckpt_dir}")
+
