@@ -10,6 +10,7 @@ import torch
 
 import distributed
 from cli import UsageError, first_line
+from config import STRUCTURE_KEYS
 from files import atomic_write
 
 FORMAT = 2  # 1 (no 'format' key): before the typed-config redesign; state-dict names changed with it
@@ -40,6 +41,15 @@ def load(path, flag="--state_dict_path"):
                          f"(written before the typed-config redesign); retrain with this version, or use the "
                          f"commit that wrote it")
     return checkpoint
+
+
+def check_model_config(checkpoint, model_config, path, flag="--state_dict_path"):
+    """The model a run builds must be the one the checkpoint saved (its shape, catalogue and item tower)."""
+    saved = checkpoint["model_config"]
+    for key in (*STRUCTURE_KEYS, "num_items", "no_item_id", "item_side"):
+        if saved.get(key) != getattr(model_config, key):
+            raise UsageError(f"{flag} {path}: does not fit this model (the checkpoint's {key} = {saved.get(key)}, "
+                             f"this run's {getattr(model_config, key)})")
 
 
 def restore_weights(model, checkpoint, path, flag="--state_dict_path"):

@@ -62,7 +62,7 @@ class ModelConfig:
     norm_first: bool = flag(True, "pre-norm blocks (--no-norm_first: post-norm)")
     output_emb: str = flag("tied", "item table the states are scored against: the input table (tied, as in "
                            "SASRec) or one of its own", choices=("tied", "separate"))
-    no_item_id: bool = flag(False, "items from side information only (cold-start tower)")
+    no_item_id: bool = flag(False, "items from side information only (cold-start tower)", action="store_true")
     # From the data, not flags: catalogue size and the side-information shapes (features.ItemSideInfo.spec).
     num_items: int = 0
     item_side: Optional[dict] = None
@@ -101,7 +101,7 @@ class TrainConfig:
     eval_every: int = flag(5, "validate every N epochs")
     patience: int = flag(5, "stop after N validations without a better NDCG@10")
     state_dict_path: Optional[str] = flag(None, "checkpoint (.pt, or a checkpoint dir) to resume from or evaluate")
-    inference_only: bool = flag(False, "evaluate --state_dict_path and exit")
+    inference_only: bool = flag(False, "evaluate --state_dict_path and exit", action="store_true")
     amp: str = flag("none", "CUDA only. bf16: autocast the forward pass to bfloat16 (losses stay fp32)",
                     choices=("none", "bf16"))
     compile: bool = flag(False, "CUDA only. torch.compile the training step; eager if compilation fails")
@@ -110,7 +110,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    keep_history: bool = flag(False, "let already-seen items compete in the ranking")
+    keep_history: bool = flag(False, "let already-seen items compete in the ranking", action="store_true")
     rare_below: int = flag(0, "also report metrics on targets seen in training fewer than N times (rare_* keys)")
     sampled_metrics: bool = flag(False, "also report metrics against 100 random negatives (SASRec paper protocol)")
 
@@ -167,7 +167,7 @@ def _add_flag(group, f):
     env, fallback = meta.pop("env", None), meta.pop("fallback", None)
     default = os.environ.get(env, fallback) if env else f.default
     if f.type is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
+        meta.setdefault("action", argparse.BooleanOptionalAction)
     elif meta.get("action") != "append":
         kwargs["type"] = {int: int, float: float}.get(f.type, str)
     group.add_argument(*names, default=default if meta.get("action") != "append" else None, **kwargs, **meta)

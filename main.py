@@ -98,6 +98,7 @@ def prepare(config, device):
 def restore(path, model, loss, optimizer, inference_only):
     """Load a checkpoint's weights (and loss, optimizer + loop state when resuming); returns the loop state."""
     ckpt = checkpoint.load(path)
+    checkpoint.check_model_config(ckpt, model.config, path)
     checkpoint.restore_weights(model, ckpt, path)
     if not inference_only:
         try:

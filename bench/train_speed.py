@@ -4,6 +4,7 @@
     python bench/train_speed.py --pmixer ~/SASRec.pytorch/python  # + pmixer/SASRec.pytorch on the same data
     python bench/train_speed.py --pmixer ~/SASRec.pytorch/python --rounds 3   # in turn, 3 times: steadier ratios
     python bench/train_speed.py --losses infonce -- --hidden_units 256   # anything after -- goes to main.py
+    git worktree add ../before HEAD~1 && python bench/train_speed.py --compare ../before --rounds 3   # A/B
 
 Settings default to the reference PyTorch SASRec's (pmixer/SASRec.pytorch): maxlen 50, hidden 50,
 2 blocks, 1 head, batch 128, on CPU. Each configuration runs in its own process, so start-up and peak
@@ -101,9 +102,9 @@ def print_profile(step, optimizer, batches, device, steps):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
 
 
-def run_child(argv, epochs, profile=0):
+def run_child(argv, epochs, profile=0, script=__file__):
     env = dict(os.environ, BENCH_LAUNCHED=repr(time.time()))
-    proc = subprocess.Popen([sys.executable, __file__, "--child", "--epochs", str(epochs), "--profile",
+    proc = subprocess.Popen([sys.executable, script, "--child", "--epochs", str(epochs), "--profile",
                              str(profile), "--", *argv],
                             stdout=subprocess.PIPE, text=True, env=env)
     out = proc.stdout.read()
@@ -151,6 +152,8 @@ def main():
     p.add_argument("--epochs", type=int, default=5, help="timed epochs (after one warm-up epoch)")
     p.add_argument("--pmixer", help="folder of pmixer/SASRec.pytorch's python/main.py, to run beside")
     p.add_argument("--pmixer_epochs", type=int, default=4)
+    p.add_argument("--compare", metavar="DIR", help="another checkout of this repository (e.g. a `git worktree` of an "
+                   "older commit): its bench/train_speed.py runs each loss right after this one's, every round")
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn, and "
                    "report medians; the ratio to pmixer is taken within each round, so the machine's drift "
                    "between runs largely cancels")
@@ -161,35 +164,42 @@ def main():
     if args.child:
         return child(extra, args.epochs, args.profile)
     base = ["--data", args.data, "--device", "cpu", "--dropout_rate", "0.2", *PMIXER_SETTINGS, *extra]
-    runs = {f"this repo, {loss}": base + ["--loss", loss] for loss in args.losses}
+    runs = {f"this repo, {loss}": (base + ["--loss", loss], __file__) for loss in args.losses}
+    if args.compare:
+        other = os.path.join(os.path.abspath(args.compare), "bench", "train_speed.py")
+        runs = {name: run for loss in args.losses for name, run in (
+            (f"this repo, {loss}", runs[f"this repo, {loss}"]), (f"{args.compare}, {loss}", (base + ["--loss", loss], other)))}
     results = {name: [] for name in [*runs, *([PMIXER] if args.pmixer else [])]}
     for round_ in range(args.rounds):
-        for name, argv in runs.items():
-            results[name].append(run_child(argv, args.epochs, args.profile if round_ == 0 else 0))
+        for name, (argv, script) in runs.items():
+            results[name].append(run_child(argv, args.epochs, args.profile if round_ == 0 else 0, script))
             print(json.dumps(results[name][-1]), flush=True)
         if args.pmixer:
             results[PMIXER].append(run_pmixer(args.pmixer, args.data, args.pmixer_epochs, PMIXER_SETTINGS))
             print(json.dumps(results[PMIXER][-1]), flush=True)
-    print_table(results)
+    print_table(results, args.compare)
 
 
-def print_table(results):
-    """One row per configuration: medians over rounds; the ratio is the median of the rounds' ratios."""
+def round_ratios(numerator, denominator):
+    ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(numerator, denominator)]
+    return f"{statistics.median(ratios):.2f}x" + (f" ({', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
+
+
+def print_table(results, compare=None):
+    """One row per configuration: medians over rounds; a ratio is the median of the rounds' ratios."""
     reference = results.get(PMIXER)
     print("\n| run | s / epoch | users / s | start-up s | data load + split s | peak RSS MB | GFLOP / epoch | "
-          "achieved GFLOP/s | matmul GFLOP/s | pmixer s / epoch over this |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "achieved GFLOP/s | matmul GFLOP/s | pmixer s / epoch over this | s / epoch over --compare's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rounds in results.items():
         def cell(key, fmt):
             return format(statistics.median(r[key] for r in rounds), fmt) if key in rounds[0] else ""
-        ratio = ""
-        if reference and name != PMIXER:
-            ratios = [ref["epoch_s"] / r["epoch_s"] for ref, r in zip(reference, rounds)]
-            ratio = f"{statistics.median(ratios):.1f}x" + (
-                f" ({', '.join(f'{x:.1f}' for x in ratios)})" if len(ratios) > 1 else "")
+        ratio = round_ratios(reference, rounds) if reference and name != PMIXER else ""
+        other = results.get(name.replace("this repo", str(compare))) if compare and name.startswith("this repo") else None
+        versus = round_ratios(rounds, other) if other else ""
         print(f"| {name} | {cell('epoch_s', '.2f')} | {cell('users_per_s', ',.0f')} | {cell('startup_s', '.1f')} "
               f"| {cell('data_s', '.3f')} | {cell('peak_rss_mb', ',.0f')} | {cell('gflop_per_epoch', '.1f')} "
-              f"| {cell('achieved_gflops', '.1f')} | {cell('matmul_gflops', '.0f')} | {ratio} |")
+              f"| {cell('achieved_gflops', '.1f')} | {cell('matmul_gflops', '.0f')} | {ratio} | {versus} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from config import LOSSES, build_config
 from dataset import Batch
-from losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, softmax_loss
+from losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, scaled_unit_rows, softmax_loss
 from samplers import NegativeSampler
 from train import TrainStep
 
@@ -104,6 +104,25 @@ def test_infonce_hand_computed_2x3_ignores_padding():
     row_pos2 = math.log(2 + E ** -2 + E ** 2)
     row_pos3 = 2 + math.log(E ** -2 + 3 + E ** 2)
     assert abs(loss_half.item() - (2 * row_pos1 + 2 * row_pos2 + row_pos3) / 5) < 1e-5
+
+
+def test_scaled_unit_rows_matches_normalize_values_and_gradients():
+    """The hand-written backward against autograd through F.normalize(x) / T, for x and a learnt T,
+    with a zero row (F.normalize's eps path) and a fixed float scale."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x[3] = 0
+    g = torch.randn(6, 5, dtype=torch.float64)
+    results = []
+    for fn in (lambda x, t: scaled_unit_rows(x, 1 / t), lambda x, t: F.normalize(x, dim=-1) / t):
+        xs, t = x.clone().requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        y = fn(xs, t)
+        results.append((y, *torch.autograd.grad((y * g).sum(), (xs, t))))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: scaled_unit_rows(x, 2.5), x[:3].clone().requires_grad_())
+    torch.testing.assert_close(scaled_unit_rows(x, 2.5).norm(dim=-1), torch.tensor([2.5, 2.5, 2.5, 0, 2.5, 2.5],
+                                                                                   dtype=torch.float64))
 
 
 def test_softmax_chunked_equals_unchunked_loss_and_gradients():

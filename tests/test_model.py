@@ -56,6 +56,19 @@ def test_dropout_only_in_training():
     assert not torch.allclose(model(seqs), model(seqs))
 
 
+def test_cpu_dropout_keeps_the_rate_and_the_mean_and_follows_torch_seed():
+    from model import Dropout
+    drop, x = Dropout(0.3).train(), torch.ones(200, 500)
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - (256 - 77) / 256) < 0.01  # p rounded to 77 / 256
+    assert abs(y.mean().item() - 1) < 0.01 and y.unique().tolist() == [0.0, pytest.approx(256 / 179)]
+    torch.manual_seed(3)
+    torch.testing.assert_close(drop(x), y, rtol=0, atol=0)  # reproducible from torch's seed
+    assert drop.eval()(x) is x
+
+
 def test_cosine_scores_ignore_item_norms():
     model = make_model()
     seqs = torch.tensor([[0, 1, 2, 3]])
