@@ -47,6 +47,7 @@ def child(mode, path, cache, steps, num_items):
     import torch
     sys.path.insert(0, ROOT)
     import main
+    main.keep_freed_memory()  # as main.main() does
     import train
     from config import build_config
     from dataset import TrainBatches

@@ -48,6 +48,7 @@ def child(argv, epochs, profile_steps=0):
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, ROOT)
     import main
+    main.keep_freed_memory()  # as main.main() does
     import train
     from config import build_config
     from dataset import TrainBatches

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,3 +171,29 @@ def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
     batch = Batch(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.long), torch.arange(2), torch.arange(6))
     assert step(batch).loss.item() == 6.0
     assert "--compile failed (RuntimeError: no C++ compiler)" in capsys.readouterr().out and step.compiled is None
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+import main
+applied = main.keep_freed_memory() if sys.argv[1] == "on" else None
+widths = torch.randint(2, 51, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+def step(w):  # a CPU step's activations: sizes follow the batch's width; all freed when the step ends
+    return [torch.ones(128 * w * 50 * (1 + i % 3)) for i in range(10)]
+for w in widths[:5]:
+    step(w)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touched = sum(t.numel() * 4 // 4096 for w in widths[5:] for t in step(w))
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, touched)
+"""
+
+
+def test_keep_freed_memory_lets_later_steps_reuse_pages_without_faults():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, "on"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.split()
+    applied, faults, pages = out[0], int(out[1]), int(out[2])
+    if applied != "True":
+        pytest.skip("not glibc: malloc's thresholds cannot be set here")
+    # measured: 190-1,000 faults over these 97,000 touched pages; ~39,000 with glibc's default thresholds
+    assert faults < pages / 20
