@@ -32,7 +32,7 @@ def keep_freed_memory():
 
     Its default hands large blocks back to the OS and the next step faults them in again, zeroed; the
     softmax losses' chunk buffers are such blocks. Why it stays: without it an InfoNCE epoch on Beauty at
-    pmixer's settings took ~8% longer (system time 1.7 -> 0.4 s per process; alternating processes); BCE
+    pmixer's settings took ~8% longer (2 alternating pairs of processes; system time 1.7 -> 0.4 s); BCE
     was unchanged (0.99x, 20 pairs; docs/performance.md). What PyTorch's CPU tuning guide gets from
     preloading jemalloc / tcmalloc. Returns whether it applied (not on macOS, musl, Windows)."""
     try:
