@@ -44,12 +44,13 @@ def load(path, flag="--state_dict_path"):
 
 
 def check_model_config(checkpoint, model_config, path, flag="--state_dict_path"):
-    """The model a run builds must be the one the checkpoint saved (its shape, catalogue and item tower)."""
+    """The model a run builds (or config.json describes) must be the one the checkpoint saved: its shape,
+    catalogue and item tower."""
     saved = checkpoint["model_config"]
     for key in (*STRUCTURE_KEYS, "num_items", "no_item_id", "item_side"):
         if saved.get(key) != getattr(model_config, key):
             raise UsageError(f"{flag} {path}: does not fit this model (the checkpoint's {key} = {saved.get(key)}, "
-                             f"this run's {getattr(model_config, key)})")
+                             f"the config's {getattr(model_config, key)})")
 
 
 def restore_weights(model, checkpoint, path, flag="--state_dict_path"):

@@ -327,14 +327,14 @@ def validate(c):
         raise UsageError("--inference_only needs --state_dict_path")
 
 
-def with_output_dirs(config, stamp=None):
+def with_output_dirs(config):
     """The config with every output folder named (defaults: folders of --run_dir, runs/<data>_<loss>_<time>)."""
     o = config.output
     run_dir = o.run_dir
     if not run_dir:
         data = config.data.data
         name = "synthetic" if data == "synthetic" else os.path.splitext(os.path.basename(data))[0]
-        run_dir = os.path.join("runs", f"{name}_{config.loss.loss}_{stamp or time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join("runs", f"{name}_{config.loss.loss}_{time.strftime('%Y%m%d-%H%M%S')}")
     output = OutputConfig(run_dir, o.log_dir or os.path.join(run_dir, "logs"), o.tb_dir or os.path.join(run_dir, "tb"),
                           o.ckpt_dir or os.path.join(run_dir, "ckpt"))
     return dataclasses.replace(config, output=output)

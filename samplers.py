@@ -19,14 +19,15 @@ class NegativeSampler:
     def __init__(self, num_items, probs=None, history=None):
         self.num_items, self.history = num_items, history
         self.probs = None if probs is None else torch.as_tensor(probs, dtype=torch.float32)
+        uniform = torch.full((num_items + 1,), 1 / num_items)
+        uniform[0] = 0
+        self.q = uniform if probs is None else self.probs  # each item's share of the draws, built once
 
     def expected_counts(self, draws, device):
         """(N + 1,) how often each item is expected among `draws` draws (for logQ corrections)."""
-        if self.probs is None:
-            q = torch.full((self.num_items + 1,), 1 / self.num_items, device=device)
-            q[0] = 0
-            return draws * q
-        return draws * self.probs.to(device)
+        if self.q.device != torch.device(device):
+            self.q = self.q.to(device)
+        return draws * self.q
 
     def draw(self, shape, device):
         """Item ids of `shape` with replacement, from torch's random stream (seeded per epoch: resumable)."""

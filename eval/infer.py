@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
 from cli import ArgumentParser, UsageError, exits, first_line, make_writable_folder  # noqa: E402
-from config import STRUCTURE_KEYS  # noqa: E402
+from config import model_config_from_dict  # noqa: E402
 from dataset import DataError, LeaveOneOut, left_padded, load_interactions, ragged_positions  # noqa: E402
 from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k  # noqa: E402
 from files import atomic_write  # noqa: E402
@@ -83,11 +83,7 @@ def load_run(args):
         if given is not None and given != config[flag]:
             raise UsageError(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
     ckpt = checkpoint.load(paths[args.weights], "--ckpt")
-    saved = ckpt["model_config"]
-    for key in STRUCTURE_KEYS:
-        if key in config and config[key] != saved.get(key):
-            raise UsageError(f"--ckpt {paths[args.weights]}: its {key} = {saved.get(key)} contradicts config.json's "
-                             f"({config[key]})")
+    checkpoint.check_model_config(ckpt, model_config_from_dict(config), paths[args.weights], "--ckpt")
     try:
         model = SASRec.from_checkpoint(ckpt)
     except Exception as e:  # weights of another shape than the saved model config
