@@ -63,7 +63,7 @@ class ModelConfig:
     output_emb: str = flag("tied", "item table the states are scored against: the input table (tied, as in "
                            "SASRec) or one of its own", choices=("tied", "separate"))
     no_item_id: bool = flag(False, "items from side information only (cold-start tower)", action="store_true")
-    # From the data, not flags: catalogue size and the side-information shapes (features.ItemSideInfo.spec).
+    # From the data, not flags: catalogue size and the side-information shapes (features.SideInfo.spec).
     num_items: int = 0
     item_side: Optional[dict] = None
 

@@ -21,7 +21,7 @@ from pandas.tseries.api import guess_datetime_format
 from files import remove_stale_temp_files
 
 FORMATS = ("lines", "pairs", "delimited")
-CACHE_VERSION = 3  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped
+CACHE_VERSION = 4  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
 CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "split_counts")
 USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
 ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
@@ -41,6 +41,11 @@ class Interactions:
     # Derived once and cached beside the rest (None: LeaveOneOut derives them):
     history: np.ndarray = None       # (I,) int32: items, each user's training part sorted (membership tests)
     split_counts: np.ndarray = None  # (2, N+1) int64: interactions per item before validation / test targets
+    # Competition logs (taac.py) also carry, per event and per entity:
+    actions: np.ndarray = None  # (I,) int8 action type of each interaction (0 exposure, 1 click, 2 conversion)
+    times: np.ndarray = None    # (I,) int64 unix seconds of each interaction
+    item_side: object = None    # features.SideInfo of items 0..N (row 0 padding)
+    user_side: object = None    # features.SideInfo of users 0..U-1
 
     @property
     def num_users(self):
@@ -321,44 +326,58 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     if cache_file:
-        _write_cache(cache_file, data)
+        write_cache(cache_file, cache_arrays(data))
     return data
 
 
-def _read_cache(cache_folder):
-    """The cached arrays, memory-mapped: a log far larger than RAM pays only for the pages a step touches.
-    Plain .npy (allow_pickle=False): a cache file can never run code. A damaged cache (an array missing
-    or not an array) is removed; either way None means: parse the log again."""
+def read_cache(cache_folder):
+    """(arrays by name, memory-mapped; the manifest's metadata) of a cache folder, or None: parse again.
+    A log far larger than RAM pays only for the pages a step touches. Plain .npy (allow_pickle=False): a
+    cache file can never run code. A damaged cache (an array missing or not an array) is removed."""
     try:
-        arrays = [np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
-                  for name in CACHE_ARRAYS]
-    except (FileNotFoundError, ValueError, EOFError) as e:
+        with open(os.path.join(cache_folder, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        arrays = {name: np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
+                  for name in manifest["arrays"]}
+    except (FileNotFoundError, ValueError, EOFError, KeyError, TypeError) as e:
         print(f"warning: ignoring the damaged data cache {cache_folder} ({type(e).__name__}: {e})")
         shutil.rmtree(cache_folder, ignore_errors=True)
         return None
     except OSError as e:  # e.g. too many open files: the cache may be fine, leave it
         print(f"warning: cannot read the data cache {cache_folder} ({e}); parsing the log instead")
         return None
-    return Interactions(*arrays)
+    return arrays, manifest.get("meta")
 
 
-def _write_cache(cache_folder, data):
-    """Write the arrays into a temporary folder, then rename it into place: readers never see half a cache.
-    The folder is unique to this process (tempfile), and those of killed processes are removed."""
+def _read_cache(cache_folder):
+    cached = read_cache(cache_folder)
+    return None if cached is None else Interactions(**cached[0])
+
+
+def cache_arrays(data):
+    """The arrays of `data` a cache keeps, with the split's derived ones (computed once, here)."""
+    if data.history is None:
+        split = LeaveOneOut(data)
+        data.history, data.split_counts = split.history, np.stack([split.item_counts(w) for w in SPLITS])
+    return {name: getattr(data, name) for name in CACHE_ARRAYS}
+
+
+def write_cache(cache_folder, arrays, meta=None):
+    """Write named arrays (+ a manifest) into a temporary folder, then rename it into place: readers never see
+    half a cache. The folder is unique to this process (tempfile), and those of killed processes are removed."""
     parent = os.path.dirname(cache_folder)
     tmp = None
     try:
         os.makedirs(parent, exist_ok=True)
         remove_stale_temp_files(parent)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(cache_folder)}.tmp{os.getpid()}-", dir=parent)
-        if data.history is None:
-            split = LeaveOneOut(data)
-            data.history, data.split_counts = split.history, np.stack([split.item_counts(w) for w in SPLITS])
-        for name in CACHE_ARRAYS:
+        for name, array in arrays.items():
             with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
-                np.save(f, getattr(data, name), allow_pickle=False)
+                np.save(f, array, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump({"arrays": list(arrays), "meta": meta}, f)
         os.rename(tmp, cache_folder)
     except OSError as e:  # a read-only cache folder only costs the speed-up; another process may have won
         if not os.path.isdir(cache_folder):

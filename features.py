@@ -1,6 +1,6 @@
 """Item side information -> arrays aligned to item indices 1..N (0 is padding).
 
-Two kinds, both optional (see `model.ItemSide`, which embeds them):
+Two kinds, both optional (see `model.ItemTower`, which embeds them):
 - attributes (`--item_features FILE`): categorical values per item, from JSON `{"item_id": [values]}` (the
   S3-Rec `*_item2attributes.json` files: one multi-valued feature) or a delimited file with a header, an item
   column and one column per feature, each cell one value or a `--feature_sep`-joined list;
@@ -32,12 +32,12 @@ class Feature:
 @dataclass
 class Vectors:
     name: str
-    vectors: np.ndarray  # (N + 1, dim) float32; rows without a vector are 0
+    vectors: np.ndarray  # (N + 1, dim) float32 or float16; rows without a vector are 0
     present: np.ndarray  # (N + 1,) bool
 
 
 @dataclass
-class ItemSideInfo:
+class SideInfo:
     features: list = field(default_factory=list)
     vectors: list = field(default_factory=list)
 
@@ -51,7 +51,7 @@ class ItemSideInfo:
 def load_side_info(item_ids, feature_files=(), vector_files=(), sep="|"):
     """item_ids: raw id of item 1..N (the training id map)."""
     index = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
-    info = ItemSideInfo()
+    info = SideInfo()
     for path in feature_files:
         info.features += read_attributes(path, index, sep)
     for path in vector_files:

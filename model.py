@@ -86,7 +86,7 @@ class ItemTower(nn.Module):
     hidden_units] concatenated, then a dense layer. Multi-valued features are averaged over their values
     (padding slots masked); items without a pretrained vector get a learned default. The per-item codes
     and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
-    `side_spec` is features.ItemSideInfo.spec(); `use_id=False` gives a pure-content tower."""
+    `side_spec` is features.SideInfo.spec(); `use_id=False` gives a pure-content tower."""
 
     def __init__(self, num_items, hidden_units, side_spec=None, use_id=True):
         super().__init__()
@@ -109,7 +109,7 @@ class ItemTower(nn.Module):
         self.fuse = nn.Linear(parts * hidden_units, hidden_units) if features or vectors else None
 
     def load_arrays(self, info):
-        """Copy a features.ItemSideInfo's arrays into the buffers."""
+        """Copy a features.SideInfo's arrays into the buffers."""
         with torch.no_grad():
             for i, f in enumerate(info.features):
                 getattr(self, f"feature_values{i}").copy_(torch.from_numpy(f.values))
