@@ -47,7 +47,7 @@ def check_model_config(checkpoint, model_config, path, flag="--state_dict_path")
     """The model a run builds (or config.json describes) must be the one the checkpoint saved: its shape,
     catalogue and item tower."""
     saved = checkpoint["model_config"]
-    for key in (*STRUCTURE_KEYS, "num_items", "no_item_id", "item_side"):
+    for key in (*STRUCTURE_KEYS, "num_items", "no_item_id", "item_side", "user_side", "num_actions"):
         if saved.get(key) != getattr(model_config, key):
             raise UsageError(f"{flag} {path}: does not fit this model (the checkpoint's {key} = {saved.get(key)}, "
                              f"the config's {getattr(model_config, key)})")

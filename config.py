@@ -23,7 +23,8 @@ LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
 TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 # Fields that fix the network's shape: a checkpoint loads only into a model built with the same values.
-STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "output_emb")
+STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "output_emb", "user_features",
+                  "action_emb", "time_features")
 
 
 def flag(default, help, **argparse_options):
@@ -35,7 +36,8 @@ def flag(default, help, **argparse_options):
 class DataConfig:
     data: str = flag("synthetic", "interaction log path, or 'synthetic' for the embedded default")
     data_format: Optional[str] = flag(None, "lines: 'user i1 i2 ...'; pairs: 'user item' per line; delimited: "
-                                      "CSV/TSV/RecBole .inter with a header (default: detect)", choices=FORMATS)
+                                      "CSV/TSV/RecBole .inter with a header; taac: a competition folder (jsonl or "
+                                      "parquet layout) (default: detect)", choices=FORMATS + ("taac",))
     user_col: Optional[str] = flag(None, "delimited format: user column name (default: detect)")
     item_col: Optional[str] = flag(None, "delimited format: item column name (default: detect)")
     time_col: Optional[str] = flag(None, "delimited format: timestamp column name (default: detect, optional)")
@@ -50,6 +52,13 @@ class DataConfig:
     feature_sep: str = flag("|", "separator of multi-valued cells in --item_features")
     item_emb: tuple = flag((), "frozen pretrained item vectors: .npz (ids, vectors) or .npy with <name>.ids.txt "
                            "(repeatable)", action="append", metavar="FILE")
+    # Competition folders (--data DIR, taac.py):
+    mm_emb_id: tuple = flag((), "competition folders: multimodal feature ids to load, e.g. 81 82 (as the "
+                            "basemodel's flag)", nargs="+", metavar="ID")
+    item_feature_ids: Optional[tuple] = flag(None, "competition folders: item feature ids to use (default: all "
+                                             "in the data; the flag alone: none)", nargs="*", metavar="ID")
+    user_feature_ids: Optional[tuple] = flag(None, "competition folders: user feature ids to use (default: all "
+                                             "in the data; the flag alone: none)", nargs="*", metavar="ID")
 
 
 @dataclass(frozen=True)
@@ -63,9 +72,16 @@ class ModelConfig:
     output_emb: str = flag("tied", "item table the states are scored against: the input table (tied, as in "
                            "SASRec) or one of its own", choices=("tied", "separate"))
     no_item_id: bool = flag(False, "items from side information only (cold-start tower)", action="store_true")
-    # From the data, not flags: catalogue size and the side-information shapes (features.SideInfo.spec).
+    user_features: str = flag("token", "logs with user features: a first token every position attends to (as "
+                              "the basemodel), added to every state, or unused", choices=("token", "add", "none"))
+    action_emb: bool = flag(True, "logs with action types: each input event's action embedded into its token")
+    time_features: bool = flag(False, "logs with timestamps: log-bucketed gaps to the previous event and to the "
+                               "prediction time, hour and weekday, embedded into each token")
+    # From the data, not flags: catalogue size, side-information shapes (features.SideInfo.spec), action types.
     num_items: int = 0
     item_side: Optional[dict] = None
+    user_side: Optional[dict] = None
+    num_actions: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,11 @@ class LossConfig:
     gather_negatives: bool = flag(False, "infonce / sampled_softmax under torchrun: the pool holds every rank's "
                                   "negatives (gradients flow back through the gather)")
     l2_emb: float = flag(0.0, "weight of the item-embedding norm penalty")
+    positive_actions: Optional[tuple] = flag(None, "logs with action types: actions whose events are training "
+                                             "targets, e.g. 1 2 (exposures stay inputs; default: all)", nargs="+",
+                                             type=int, metavar="ACTION")
+    action_weights: tuple = flag((), "loss weight of a target by its action, ACTION=WEIGHT, e.g. 2=2.5 (others "
+                                 "1)", nargs="+", metavar="A=W")
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,11 @@ class EvalConfig:
     keep_history: bool = flag(False, "let already-seen items compete in the ranking", action="store_true")
     rare_below: int = flag(0, "also report metrics on targets seen in training fewer than N times (rare_* keys)")
     sampled_metrics: bool = flag(False, "also report metrics against 100 random negatives (SASRec paper protocol)")
+    eval_actions: Optional[tuple] = flag(None, "logs with action types: evaluate only users whose held-out "
+                                         "target has one of these actions, e.g. 1 2 (default: all)", nargs="+",
+                                         type=int, metavar="ACTION")
+    score_weights: tuple = flag(("0=0", "1=1", "2=2.5"), "action weights of the action-weighted competition "
+                                "score (weighted_score), ACTION=WEIGHT", nargs="+", metavar="A=W")
 
 
 @dataclass(frozen=True)
@@ -169,7 +195,7 @@ def _add_flag(group, f):
     if f.type is bool:
         meta.setdefault("action", argparse.BooleanOptionalAction)
     elif meta.get("action") != "append":
-        kwargs["type"] = {int: int, float: float}.get(f.type, str)
+        kwargs["type"] = meta.pop("type", {int: int, float: float}.get(f.type, str))
     group.add_argument(*names, default=default if meta.get("action") != "append" else None, **kwargs, **meta)
 
 
@@ -280,12 +306,16 @@ def build_config(argv=None):
         paths = values[key] or []
         values[key] = tuple(os.path.abspath(resolve_data_path(p)) for p in ([paths] if isinstance(paths, str)
                                                                               else paths))
+    for key in ("mm_emb_id", "item_feature_ids", "user_feature_ids", "positive_actions", "eval_actions",
+                "action_weights", "score_weights"):  # lists from flags, a config file or config.json
+        if values[key] is not None:
+            values[key] = tuple(values[key]) if isinstance(values[key], (list, tuple)) else (values[key],)
     if values["data"] != "synthetic":
         values["data"] = os.path.abspath(values["data"])  # the saved config must work from any directory
     for key in STRUCTURE_KEYS:
         if key in saved and values[key] != saved[key]:
             raise UsageError(f"--{key} {values[key]} contradicts the checkpoint's saved config ({key} = {saved[key]})")
-    extra = {k: saved[k] for k in ("num_items", "item_side") if k in saved}
+    extra = {k: saved[k] for k in ("num_items", "item_side", "user_side", "num_actions") if k in saved}
     sections = {name: cls(**{f.name: values[f.name] if f.name in values else extra.get(f.name, f.default)
                              for f in dataclasses.fields(cls)}) for name, cls in SECTIONS.items()}
     config = Config(**sections)
@@ -323,8 +353,24 @@ def validate(c):
     if m.output_emb == "separate" and has_side:
         raise UsageError("--output_emb separate is for id embeddings only: with --item_features / --item_emb the "
                          "item tower scores the outputs")
+    for flag_name, pairs in (("action_weights", lo.action_weights), ("score_weights", c.eval.score_weights)):
+        action_weights(pairs, flag_name)
     if t.inference_only and not t.state_dict_path:
         raise UsageError("--inference_only needs --state_dict_path")
+
+
+def action_weights(pairs, flag_name="action_weights"):
+    """{action: weight} of ACTION=WEIGHT strings; one line naming the flag for a malformed pair."""
+    out = {}
+    for pair in pairs:
+        try:
+            action, weight = pair.split("=")
+            out[int(action)] = float(weight)
+        except ValueError:
+            raise UsageError(f"--{flag_name} {pair!r}: expected ACTION=WEIGHT, e.g. 2=2.5") from None
+        if out[int(action)] < 0:
+            raise UsageError(f"--{flag_name} {pair!r}: a weight must be >= 0")
+    return out
 
 
 def with_output_dirs(config):

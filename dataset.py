@@ -478,8 +478,8 @@ class LeaveOneOut:
     Users with fewer than 3 items train on everything and are not evaluated.
     """
 
-    def __init__(self, data: Interactions):
-        self.data = data
+    def __init__(self, data: Interactions, eval_actions=None):
+        self.data, self.eval_actions = data, eval_actions
         lengths = data.lengths
         self.starts = data.offsets[:-1]
         self.eval_users = np.flatnonzero(lengths >= 3)
@@ -487,11 +487,15 @@ class LeaveOneOut:
         self.train_lengths = train_lengths(lengths)
         self.history = data.history if data.history is not None else sorted_history(data)
 
-    def eval_arrays(self, split):
-        """For `split` in {'valid', 'test'}: users, history end (exclusive), history length, target item."""
+    def eval_arrays(self, split, filtered=True):
+        """For `split` in {'valid', 'test'}: users, history end (exclusive), history length, target item.
+        filtered: only targets of --eval_actions (when the log has actions)."""
         users = self.eval_users
         hist_len = self.train_lengths[users] + (1 if split == "test" else 0)
         ends = self.starts[users] + hist_len
+        if filtered and self.eval_actions is not None and self.data.actions is not None:  # targets of the chosen actions only
+            keep = np.isin(self.data.actions[ends], self.eval_actions)
+            users, hist_len, ends = users[keep], hist_len[keep], ends[keep]
         return users, ends, hist_len, self.data.items[ends].astype(np.int64)
 
     def item_counts(self, split):
@@ -501,7 +505,7 @@ class LeaveOneOut:
             return np.array(data.split_counts[SPLITS.index(split)])
         counts = np.bincount(data.items, minlength=data.num_items + 1)
         for held_out in ("test",) if split == "test" else ("test", "valid"):
-            counts -= np.bincount(self.eval_arrays(held_out)[3], minlength=data.num_items + 1)
+            counts -= np.bincount(self.eval_arrays(held_out, filtered=False)[3], minlength=data.num_items + 1)
         counts[0] = 0
         return counts
 
@@ -524,12 +528,20 @@ class LeaveOneOut:
 
 @dataclass
 class Batch:
-    """One training step's named tensors, (B, W) left-padded; only positions with positives != 0 count."""
+    """One step's named tensors, (B, W) left-padded; only positions with positives != 0 count. The
+    optional fields come with logs that have them (competition folders): what each input event was, and
+    who the user is."""
     inputs: torch.Tensor     # (B, W) item ids of the history
     positives: torch.Tensor  # (B, W) the next item at each position (0: padding)
     users: torch.Tensor      # (B,) user indices
-    rows: torch.Tensor       # (R,) flat index of each real position in the (B x W) grid (found on the host)
+    rows: torch.Tensor       # (R,) flat index of each trained position in the (B x W) grid (found on the host)
     negatives: Optional[torch.Tensor] = None  # (B, W) one sampled negative per real position, if the loss asks
+    actions: Optional[torch.Tensor] = None    # (B, W) action type + 1 of each input event (0: padding)
+    times: Optional[torch.Tensor] = None      # (B, W, 4) time codes of each input event (see time_codes)
+    user_features: Optional[torch.Tensor] = None  # (B, F) the users' feature codes, features side by side
+    weights: Optional[torch.Tensor] = None    # (R,) loss weight of each row (by its target's action), None: all 1
+
+    FIELDS = ("inputs", "positives", "users", "rows", "negatives", "actions", "times", "user_features", "weights")
 
     def to(self, device):
         """A copy on `device`; on CUDA through page-locked memory, so the copies run asynchronously."""
@@ -537,11 +549,68 @@ class Batch:
             if t is None or t.device == device:
                 return t
             return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-        return Batch(*(move(getattr(self, f)) for f in ("inputs", "positives", "users", "rows", "negatives")))
+        return Batch(*(move(getattr(self, f)) for f in self.FIELDS))
 
     @property
     def num_users(self):
         return len(self.users)
+
+
+TIME_BUCKETS = 33  # codes of a gap: 0 padding, 1 none (first event / no prediction time), 2..32 log2 buckets
+
+
+def gap_codes(seconds):
+    return 2 + np.minimum(30, np.floor(np.log2(1.0 + np.maximum(seconds, 0)))).astype(np.int64)
+
+
+def time_codes(times, idx, valid, starts, known_end):
+    """(B, W, 4) codes of each input event: gap to the previous event of its user, gap to the next one (the
+    prediction time of that position; known when idx + 1 < known_end), hour of day + 1, weekday + 1."""
+    t = times[idx]
+    has_prev = valid & (idx - 1 >= starts[:, None])
+    has_next = valid & (idx + 1 < known_end[:, None])
+    prev = np.where(has_prev, gap_codes(t - times[np.maximum(idx - 1, 0)]), 1)
+    nxt = np.where(has_next, gap_codes(times[np.minimum(idx + 1, len(times) - 1)] - t), 1)
+    hour, weekday = (t // 3600) % 24 + 1, (t // 86400 + 3) % 7 + 1  # 1970-01-01 was a Thursday (Monday = 1)
+    return np.where(valid[..., None], np.stack([prev, nxt, hour, weekday], -1), 0)
+
+
+def user_feature_codes(data, users):
+    """(B, F) the users' feature codes side by side, or None when the log has no user features."""
+    side = data.user_side
+    if side is None or not side.features:
+        return None
+    return torch.from_numpy(np.concatenate([np.asarray(f.values[users]) for f in side.features], 1).astype(np.int64))
+
+
+def history_batch(data, users, ends, lengths, width, known_end=None):
+    """The Batch of users whose histories are items[ends - lengths:ends] (no positives: evaluation and
+    inference). known_end: events before it have known timestamps (default ends + 1: the target's time,
+    the prediction time, is known)."""
+    idx, valid = event_index(ends, lengths, width)
+    inputs = np.where(valid, data.items[idx], 0).astype(np.int64)
+    empty = torch.zeros(0, dtype=torch.long)
+    batch = Batch(torch.from_numpy(inputs), torch.zeros_like(torch.from_numpy(inputs)), torch.from_numpy(users),
+                  empty)
+    add_context(batch, data, users, idx, valid, ends + 1 if known_end is None else known_end)
+    return batch
+
+
+def event_index(ends, lengths, width):
+    """(B, W) flat index of each left-padded position (0 at padding) and the mask of real positions."""
+    cols = np.arange(width)
+    valid = cols[None, :] >= width - lengths[:, None]
+    return np.where(valid, ends[:, None] - width + cols[None, :], 0), valid
+
+
+def add_context(batch, data, users, idx, valid, known_end):
+    """Fill a batch's per-event and per-user fields from the log's arrays, where the log has them."""
+    if data.actions is not None:
+        batch.actions = torch.from_numpy(np.where(valid, data.actions[idx].astype(np.int64) + 1, 0))
+    if data.times is not None:
+        starts = data.offsets[:-1][users]
+        batch.times = torch.from_numpy(time_codes(data.times, idx, valid, starts, known_end))
+    batch.user_features = user_feature_codes(data, users)
 
 
 class TrainBatches:
@@ -557,9 +626,12 @@ class TrainBatches:
     remainder of fewer than `world` batches is left out (a different one every epoch).
     """
 
-    def __init__(self, split: "LeaveOneOut", maxlen, batch_size, bucket_batches=32, rank=0, world=1, sampler=None):
+    def __init__(self, split: "LeaveOneOut", maxlen, batch_size, bucket_batches=32, rank=0, world=1, sampler=None,
+                 target_weights=None):
         self.split, self.maxlen, self.batch_size, self.bucket_batches = split, maxlen, batch_size, bucket_batches
         self.rank, self.world, self.sampler = rank, world, sampler
+        # (max action + 1,) loss weight of a target by its action (0: not a target); None: every target 1
+        self.target_weights = target_weights if split.data.actions is not None else None
         self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
         self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
 
@@ -583,15 +655,24 @@ class TrainBatches:
             yield self.make_batch(batches[step * self.world + self.rank], rng)
 
     def make_batch(self, users, rng):
-        split = self.split
+        split, data = self.split, self.split.data
         lengths = self.seq_lengths[users]
         width = int(lengths.max())
         ends = split.starts[users] + split.train_lengths[users]
-        items = split.data.items
-        seq = left_padded(items, ends - 1, lengths, width)
-        pos = left_padded(items, ends, lengths, width)
+        idx, valid = event_index(ends - 1, lengths, width)
+        seq = np.where(valid, data.items[idx], 0).astype(np.int64)
+        pos = np.where(valid, data.items[idx + 1], 0).astype(np.int64)
         neg = None
         if self.sampler is not None:
             neg = torch.from_numpy(self.sampler.draw_host(users, (width,), rng, where=pos != 0))
-        rows = torch.from_numpy(np.flatnonzero(pos != 0))
-        return Batch(torch.from_numpy(seq), torch.from_numpy(pos), torch.from_numpy(users), rows, neg)
+        weights = None
+        if self.target_weights is not None:  # by the target's action; weight 0 leaves the position out
+            weights = np.where(valid, self.target_weights[data.actions[idx + 1]], 0)
+            rows = np.flatnonzero(weights > 0)
+            weights = torch.from_numpy(weights.ravel()[rows].astype(np.float32))
+        else:
+            rows = np.flatnonzero(pos != 0)
+        batch = Batch(torch.from_numpy(seq), torch.from_numpy(pos), torch.from_numpy(users), torch.from_numpy(rows),
+                      neg, weights=weights)
+        add_context(batch, data, users, idx, valid, ends + 1)
+        return batch

@@ -7,9 +7,11 @@ sampled_softmax  softmax over N shared negatives (uniform or popularity), logQ-c
                  plus the batch's positives as extra negatives (mixed negative sampling, Yi et al. 2019)
 ce               full softmax over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023)
 
-Every loss is called as `loss(states, pos_ids, tower, negatives, with_logits)`:
+Every loss is called as `loss(states, pos_ids, tower, negatives, with_logits, weights)`:
     states (R, D)   states of the R real positions      pos_ids (R,)   their next items
     tower           model.ItemTower: ids -> vectors     negatives      samplers.BatchNegatives
+    weights (R,)    each row's weight (--action_weights by the target's action), None: all 1; the loss is
+                    then sum(w_r loss_r) / sum(w_r)
 and returns a LossOutput (the scalar loss; with_logits: detached positive / negative logits to log).
 The softmax losses share `softmax_loss`: cross-entropy of the positive (index 0) against a pool of
 negatives, where pool entries equal to the row's positive (accidental hits) are masked, in row chunks,
@@ -33,12 +35,17 @@ STAT_ROWS, STAT_COLUMNS = 256, 4096  # logits logged at most (the CE pool is the
 
 # ----------------------------------------------------------------------------- loss functions
 
-def bce_loss(pos_logits, neg_logits, pos_weight=1.0):
-    """Sum over real positions of -w log sigmoid(pos) - sum log sigmoid(-neg), divided by the positions.
+def bce_loss(pos_logits, neg_logits, pos_weight=1.0, weights=None):
+    """Sum over real positions of -b log sigmoid(pos) - sum log sigmoid(-neg), divided by the positions.
 
-    neg_logits: (R,) or (R, N); masked entries are -inf and add nothing. pos_weight = gBCE's beta.
+    neg_logits: (R,) or (R, N); masked entries are -inf and add nothing. pos_weight b = gBCE's beta.
+    weights (R,): the rows' weights (the sum is weighted, and divided by the weights' sum).
     """
-    return (pos_weight * F.softplus(-pos_logits).sum() + F.softplus(neg_logits).sum()) / pos_logits.shape[0]
+    if weights is None:
+        return (pos_weight * F.softplus(-pos_logits).sum() + F.softplus(neg_logits).sum()) / pos_logits.shape[0]
+    neg = F.softplus(neg_logits)
+    per_row = pos_weight * F.softplus(-pos_logits) + (neg.sum(-1) if neg.dim() > 1 else neg)
+    return (weights * per_row).sum() / weights.sum()
 
 
 def gbce_beta(num_negatives, num_items, t):
@@ -48,25 +55,28 @@ def gbce_beta(num_negatives, num_items, t):
 
 
 def softmax_loss(queries, pos_logits, pool, pool_ids, pos_ids, pool_bias=None, hard_negatives=0,
-                 chunk_elems=None):
-    """Mean cross-entropy of each row's positive against the pool.
+                 chunk_elems=None, weights=None):
+    """Mean cross-entropy of each row's positive against the pool (weighted mean with `weights` (R,)).
 
     queries (R, D), pool (P, D): row r's negative logits are queries[r] @ pool.T (+ pool_bias).
     pos_logits (R,): already final (bias included). Pool entries whose id equals the row's positive
     are masked. hard_negatives K > 0 keeps only each row's K highest negative logits.
     """
     rows = max(1, (chunk_elems or SOFTMAX_CHUNK_ELEMS) // max(1, len(pool)))
+    total_weight = len(queries) if weights is None else weights.sum()
     if 0 < hard_negatives < len(pool):
+        w = weights if weights is not None else queries.new_ones(len(queries))
         total = sum(checkpoint(_hardest_rows, queries[i:i + rows], pos_logits[i:i + rows], pos_ids[i:i + rows], pool,
-                               pool_ids, pool_bias, hard_negatives, use_reentrant=False)
+                               pool_ids, pool_bias, hard_negatives, w[i:i + rows], use_reentrant=False)
                     for i in range(0, len(queries), rows))
-        return total / len(queries)
+        return total / total_weight
     hit_rows, hit_cols = accidental_hits(pos_ids, pool_ids)
-    return ChunkedSoftmaxCE.apply(queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, rows) / len(queries)
+    return ChunkedSoftmaxCE.apply(queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, rows, weights) / total_weight
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
-    """Summed cross-entropy of rows [pos_logits[r], queries[r] @ pool.T + pool_bias], hits masked.
+    """Summed cross-entropy of rows [pos_logits[r], queries[r] @ pool.T + pool_bias], hits masked (each
+    row's term times weights[r] when weights are given).
 
     Runs over row chunks and computes each chunk's gradients inside the forward pass (the loss is a
     scalar, so backward only rescales them): the (R x P) logits never exist at once, each chunk's
@@ -76,7 +86,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # under --amp bf16 too: exp / sums in fp32
-    def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows):
+    def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows, weights=None):
         rows, need_grad = len(queries), any(ctx.needs_input_grad[:3])
         # Per row: the shift (max logit), exp(positive - shift), 1 / sum of exps; per-row work is done once,
         # after the loop, so a chunk costs few ops (the step is bound by per-op overhead at small sizes).
@@ -97,26 +107,31 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
             probs = logits.sub_(shift[s:e, None]).exp_()  # in place: the chunk's logits become exp(logit - shift)
             torch.exp(pos_logits[s:e] - shift[s:e], out=pos_exp[s:e])
             torch.reciprocal(probs.sum(dim=1) + pos_exp[s:e], out=inv[s:e])
+            scale = inv[s:e] if weights is None else inv[s:e] * weights[s:e]
             if need_grad:  # d loss / d logit = softmax probability = probs * inv (minus 1 for the positive);
                 torch.mm(probs, pool, out=grad_q[s:e])  # inv scales the small (rows x D) factors, not the
-                grad_pool_t.addmm_(q.T * inv[s:e], probs)  # (rows x P) matrix
-        ctx.save_for_backward(grad_q.mul_(inv[:, None]), pos_exp * inv - 1, grad_pool_t.T)
-        return (shift - pos_logits - inv.log()).sum()
+                grad_pool_t.addmm_(q.T * scale, probs)  # (rows x P) matrix
+        if weights is None:
+            ctx.save_for_backward(grad_q.mul_(inv[:, None]), pos_exp * inv - 1, grad_pool_t.T)
+            return (shift - pos_logits - inv.log()).sum()
+        ctx.save_for_backward(grad_q.mul_((inv * weights)[:, None]), (pos_exp * inv - 1) * weights, grad_pool_t.T)
+        return ((shift - pos_logits - inv.log()) * weights).sum()
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_total):
         grad_q, grad_pos, grad_pool = ctx.saved_tensors
-        return grad_q * grad_total, grad_pos * grad_total, grad_pool * grad_total, None, None, None, None
+        return grad_q * grad_total, grad_pos * grad_total, grad_pool * grad_total, None, None, None, None, None
 
 
-def _hardest_rows(queries, pos_logits, pos_ids, pool, pool_ids, pool_bias, hard_negatives):
+def _hardest_rows(queries, pos_logits, pos_ids, pool, pool_ids, pool_bias, hard_negatives, weights):
     logits = queries @ pool.T
     if pool_bias is not None:
         logits = logits + pool_bias
     logits[accidental_hits(pos_ids, pool_ids)] = float("-inf")  # in place: mm / add keep no output for backward
     logits = torch.cat([pos_logits[:, None], logits.topk(hard_negatives, dim=1).values], dim=1)
-    return F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long), reduction="sum")
+    per_row = F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long), reduction="none")
+    return (per_row * weights).sum()
 
 
 def accidental_hits(pos_ids, pool_ids):
@@ -219,11 +234,11 @@ class Loss(nn.Module):
 class BCE(Loss):
     per_position_negatives = True
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
         q = self.similarity.queries(states)
         pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
         pos_logits, neg_logits = (q * pos).sum(-1), (q * neg).sum(-1)
-        out = LossOutput(bce_loss(pos_logits, neg_logits))
+        out = LossOutput(bce_loss(pos_logits, neg_logits, weights=weights))
         if with_logits:
             out.pos_logits, out.neg_logits = pos_logits.detach(), neg_logits[:STAT_ROWS].detach()
         return out
@@ -237,7 +252,7 @@ class GBCE(Loss):
         super().__init__(similarity)
         self.num_negatives, self.beta = num_negatives, gbce_beta(num_negatives, num_items, t)
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
         (B, W), rows = negatives.shape, negatives.rows
         neg_ids = negatives.draw((B, self.num_negatives), states.device)
         q = self.similarity.queries(states)
@@ -249,7 +264,7 @@ class GBCE(Loss):
         neg_logits = torch.bmm(grid, neg.view(B, self.num_negatives, -1).transpose(1, 2)).flatten(0, 1)
         hits = neg_ids[negatives.sequence_of_row] == pos_ids[:, None]
         neg_logits = neg_logits.index_select(0, rows).masked_fill(hits, float("-inf"))
-        out = LossOutput(bce_loss(pos_logits, neg_logits, self.beta))
+        out = LossOutput(bce_loss(pos_logits, neg_logits, self.beta, weights))
         if with_logits:
             sample = neg_logits[:STAT_ROWS].detach()
             out.pos_logits, out.neg_logits = pos_logits.detach(), sample[sample.isfinite()]
@@ -267,12 +282,12 @@ class SoftmaxLoss(Loss):
         """(pos vectors (R, D), pool vectors (P, D), pool ids (P,), pos bias, pool bias (P,) or None)."""
         raise NotImplementedError
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
         q = self.similarity.queries(states)
         pos, pool, pool_ids, pos_bias, pool_bias = self.pool(pos_ids, tower, negatives, states.device)
         pos_logits = (q * pos).sum(-1)
         out = LossOutput(softmax_loss(q, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
-                                      self.hard_negatives))
+                                      self.hard_negatives, weights=weights))
         if with_logits:  # in the loss's units, before any logQ correction
             with torch.no_grad():
                 sample = q[:STAT_ROWS] @ pool[:STAT_COLUMNS].T

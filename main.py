@@ -22,6 +22,7 @@ from eval.metrics import evaluate, popularity_scorer
 from features import load_side_info
 from files import write_json
 from losses import build_loss, popularity
+from taac import load_taac
 from model import SASRec
 from samplers import NegativeSampler
 from train import Interrupted, LoopState, fit, run_evaluation
@@ -59,8 +60,11 @@ def load_data(config):
     if cache_first and not distributed.is_main():
         distributed.barrier()
     try:
-        data = load_interactions(d.data, d.data_format, d.cache_dir or None, d.user_col, d.item_col, d.time_col,
-                                 d.id_type)
+        if d.data_format == "taac" or os.path.isdir(d.data):
+            data = load_taac(d.data, d.cache_dir or None, d.mm_emb_id, d.item_feature_ids, d.user_feature_ids)
+        else:
+            data = load_interactions(d.data, d.data_format, d.cache_dir or None, d.user_col, d.item_col, d.time_col,
+                                     d.id_type)
     except DataError as e:
         raise UsageError(str(e)) from None
     if cache_first and distributed.is_main():
@@ -70,7 +74,7 @@ def load_data(config):
         raise UsageError(f"{d.data}: {len(single)} user(s) with a single interaction, e.g. user "
                          f"{str(data.user_ids[single[0]])!r}: nothing to train or evaluate on (expected >= 2 per "
                          f"user; --single_item_users ignore skips them)")
-    split = LeaveOneOut(data)
+    split = LeaveOneOut(data, config.eval.eval_actions)
     if len(split.eval_users) == 0:
         raise UsageError(f"{d.data}: no user has the 3 or more interactions that leave-one-out needs "
                          f"(one to train on, one to validate, one to test)")
@@ -81,13 +85,22 @@ def load_data(config):
 
 
 def complete_config(config, data):
-    """The config with the model's data-given fields: catalogue size and side-information shapes.
-    Returns (config, the side information's arrays)."""
+    """The config with the model's data-given fields: catalogue size, side-information shapes, action types.
+    Returns (config, the item side information's arrays)."""
+    d = config.data
+    if data.item_side is not None and (d.item_features or d.item_emb):
+        raise UsageError("--item_features / --item_emb are for log files: a competition folder brings its own item "
+                         "features (--item_feature_ids, --mm_emb_id choose among them)")
+    if d.mm_emb_id and data.item_side is None:
+        raise UsageError("--mm_emb_id is for competition folders (--data DIR); for a log file use --item_emb FILE")
     try:
-        side = load_side_info(data.item_ids, config.data.item_features, config.data.item_emb, config.data.feature_sep)
+        side = data.item_side or load_side_info(data.item_ids, d.item_features, d.item_emb, d.feature_sep)
     except DataError as e:
         raise UsageError(str(e)) from None
-    model_config = dataclasses.replace(config.model, num_items=data.num_items, item_side=side.spec())
+    num_actions = int(data.actions.max()) + 1 if data.actions is not None else 0
+    model_config = dataclasses.replace(config.model, num_items=data.num_items, item_side=side.spec(),
+                                       user_side=data.user_side.spec() if data.user_side is not None else None,
+                                       num_actions=num_actions)
     return dataclasses.replace(config, model=model_config), side
 
 
@@ -154,7 +167,9 @@ def final_report(model, split, config, device, summary):
         results[f"popularity_{which}"] = evaluate(pop, split, which, exclude_history=not e.keep_history,
                                                   sampled=e.sampled_metrics, seed=config.train.seed,
                                                   rare_below=e.rare_below)
-    keys = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"]
+    keys = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR", "score"]
+    if "weighted_score" in results["test"]:
+        keys.append("weighted_score")
     if e.sampled_metrics:
         keys += ["sampled_HR@10", "sampled_NDCG@10"]
     if "rare_HR@10" in results["test"]:

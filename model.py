@@ -102,8 +102,8 @@ class ItemTower(nn.Module):
         self.vector_default = nn.Parameter(torch.zeros(len(vectors), hidden_units)) if vectors else None
         for i, f in enumerate(features):
             self.register_buffer(f"feature_values{i}", torch.zeros(num_items + 1, f["width"], dtype=torch.long))
-        for j, v in enumerate(vectors):
-            self.register_buffer(f"vectors{j}", torch.zeros(num_items + 1, v["dim"]))
+        for j, v in enumerate(vectors):  # float16: a 500k x 1024 table is 1 GB, not 2
+            self.register_buffer(f"vectors{j}", torch.zeros(num_items + 1, v["dim"], dtype=torch.float16))
             self.register_buffer(f"has_vector{j}", torch.zeros(num_items + 1, dtype=torch.bool))
         parts = int(use_id) + len(features) + len(vectors)
         self.fuse = nn.Linear(parts * hidden_units, hidden_units) if features or vectors else None
@@ -112,10 +112,10 @@ class ItemTower(nn.Module):
         """Copy a features.SideInfo's arrays into the buffers."""
         with torch.no_grad():
             for i, f in enumerate(info.features):
-                getattr(self, f"feature_values{i}").copy_(torch.from_numpy(f.values))
+                getattr(self, f"feature_values{i}").copy_(torch.from_numpy(np.asarray(f.values)))
             for j, v in enumerate(info.vectors):
-                getattr(self, f"vectors{j}").copy_(torch.from_numpy(v.vectors))
-                getattr(self, f"has_vector{j}").copy_(torch.from_numpy(v.present))
+                getattr(self, f"vectors{j}").copy_(torch.from_numpy(np.asarray(v.vectors)))
+                getattr(self, f"has_vector{j}").copy_(torch.from_numpy(np.asarray(v.present)))
 
     def forward(self, ids):
         """(...) item ids -> (..., D) vectors; id 0 (padding) gives zeros."""
@@ -123,11 +123,9 @@ class ItemTower(nn.Module):
             return self.id_emb(ids)
         parts = [self.id_emb(ids)] if self.id_emb is not None else []
         for i, emb in enumerate(self.feature_emb):
-            codes = getattr(self, f"feature_values{i}")[ids]  # (..., width); code 0 = an empty slot
-            filled = (codes != 0).unsqueeze(-1)
-            parts.append((emb(codes) * filled).sum(-2) / filled.sum(-2).clamp_min(1))
+            parts.append(pooled(emb, getattr(self, f"feature_values{i}")[ids]))  # (..., width) codes
         for j, proj in enumerate(self.vector_proj):
-            projected = proj(getattr(self, f"vectors{j}")[ids])
+            projected = proj(getattr(self, f"vectors{j}")[ids].to(proj.weight.dtype))
             parts.append(torch.where(getattr(self, f"has_vector{j}")[ids].unsqueeze(-1), projected,
                                      self.vector_default[j]))
         return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
@@ -141,6 +139,50 @@ class ItemTower(nn.Module):
     def id_tables(self):
         """The id embedding tables (what --l2_emb penalises)."""
         return [self.id_emb.weight] if self.id_emb is not None else []
+
+
+def pooled(emb, codes):
+    """Mean of the embeddings of each row's codes (code 0 = an empty slot): (..., width) -> (..., D)."""
+    filled = (codes != 0).unsqueeze(-1)
+    return (emb(codes) * filled).sum(-2) / filled.sum(-2).clamp_min(1)
+
+
+class UserTower(nn.Module):
+    """A user's vector from their features (sparse and array, as the basemodel's user token): one pooled
+    embedding per feature, concatenated, then a dense layer. `spec` is features.SideInfo.spec() of users."""
+
+    def __init__(self, spec, hidden_units):
+        super().__init__()
+        self.widths = [f["width"] for f in spec["features"]]
+        self.emb = nn.ModuleList(nn.Embedding(f["vocab_size"], hidden_units, padding_idx=0) for f in spec["features"])
+        self.fuse = nn.Linear(len(self.widths) * hidden_units, hidden_units)
+
+    def forward(self, codes):
+        """(B, F) feature codes, features side by side -> (B, D)."""
+        parts = [pooled(emb, c) for emb, c in zip(self.emb, codes.split(self.widths, dim=1))]
+        return self.fuse(torch.cat(parts, -1))
+
+
+class EventContext(nn.Module):
+    """What the log says of each input event besides its item: action type and time codes, embedded and
+    summed into its token (dataset.time_codes: gap to previous, gap to prediction time, hour, weekday)."""
+    TIME_VOCABS = (33, 33, 25, 8)
+
+    def __init__(self, hidden_units, num_actions, time_features):
+        super().__init__()
+        self.action_emb = nn.Embedding(num_actions + 1, hidden_units, padding_idx=0) if num_actions else None
+        self.time_emb = nn.ModuleList(nn.Embedding(v, hidden_units, padding_idx=0) for v in self.TIME_VOCABS) \
+            if time_features else None
+
+    def forward(self, batch):
+        """(B, W, D) to add to the item tokens, or None."""
+        out = None
+        if self.action_emb is not None and batch.actions is not None:
+            out = self.action_emb(batch.actions)
+        if self.time_emb is not None and batch.times is not None:
+            for k, emb in enumerate(self.time_emb):
+                out = emb(batch.times[..., k]) if out is None else out + emb(batch.times[..., k])
+        return out
 
 
 class SASRec(nn.Module):
@@ -160,6 +202,10 @@ class SASRec(nn.Module):
         # Scoring table: the input tower itself (tied, SASRec's default), or an id table of its own.
         self.output_tower = ItemTower(c.num_items, c.hidden_units) if c.output_emb == "separate" else None
         self.pos_emb = nn.Embedding(c.maxlen, c.hidden_units)
+        has_users = bool(c.user_side and c.user_side["features"]) and c.user_features != "none"
+        self.user_tower = UserTower(c.user_side, c.hidden_units) if has_users else None
+        actions = c.num_actions if c.action_emb else 0
+        self.context = EventContext(c.hidden_units, actions, c.time_features) if actions or c.time_features else None
         self.emb_dropout = Dropout(c.dropout_rate)
         self.blocks = nn.ModuleList(Block(c.hidden_units, c.num_heads, c.dropout_rate, c.norm_first)
                                     for _ in range(c.num_blocks))
@@ -189,11 +235,18 @@ class SASRec(nn.Module):
         return self.item_tower.id_tables() + (self.output_tower.id_tables() if self.output_tower else [])
 
     def encode(self, batch):
-        """A dataset.Batch -> (B, W, D) states of its inputs."""
-        return self.sequence_states(batch.inputs)
+        """A dataset.Batch -> (B, W, D) states of its inputs (with the user's and each event's context when
+        the model has them and the batch carries them)."""
+        extra = self.context(batch) if self.context is not None else None
+        user = None
+        if self.user_tower is not None and batch.user_features is not None:
+            user = self.user_tower(batch.user_features)
+        return self.sequence_states(batch.inputs, extra, user)
 
-    def sequence_states(self, seqs):
-        """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero."""
+    def sequence_states(self, seqs, token_extra=None, user=None):
+        """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero.
+        token_extra (B, W, D): added to the item tokens; user (B, D): the user's vector, as a first token
+        every real position attends to (user_features 'token') or added to every state ('add')."""
         B, W = seqs.shape
         maxlen, hidden = self.config.maxlen, self.config.hidden_units
         if W > maxlen:
@@ -201,20 +254,34 @@ class SASRec(nn.Module):
         real = seqs != 0
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
-        x = self.emb_dropout(self.item_tower(seqs) * math.sqrt(hidden) + self.pos_emb.weight[maxlen - W:])
-        causal = torch.ones(W, W, dtype=torch.bool, device=seqs.device).tril()
+        x = self.item_tower(seqs) * math.sqrt(hidden) + self.pos_emb.weight[maxlen - W:]
+        if token_extra is not None:
+            x = x + token_extra
+        prefix = user is not None and self.config.user_features == "token"
+        if prefix:  # the user token sits left of every item, so causality lets every position see it
+            x, real_keys = torch.cat([user[:, None] * math.sqrt(hidden), x], 1), F.pad(real, (1, 0), value=True)
+        else:
+            real_keys = real
+        x = self.emb_dropout(x)
+        L = x.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
         # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).
         # So padding never reaches a real position and is zeroed once, at the end, not in every block.
-        attn_mask = (causal & real[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=seqs.device)
+        attn_mask = (causal & real_keys[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=seqs.device)
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.last_norm(x) * real.unsqueeze(-1).to(x.dtype)
+        states = self.last_norm(x[:, 1:] if prefix else x)
+        if user is not None and not prefix:
+            states = states + user[:, None]
+        return states * real.unsqueeze(-1).to(x.dtype)
 
     forward = sequence_states
 
-    def user_embeddings(self, seqs, normalize=False):
-        """State at the last real position of each (left-padded) sequence: the user's query vector."""
-        users = self.sequence_states(seqs)[:, -1]
+    def user_embeddings(self, batch, normalize=False):
+        """State at the last real position of each (left-padded) history: the user's query vector.
+        batch: a dataset.Batch, or (B, W) item ids alone."""
+        states = self.encode(batch) if hasattr(batch, "inputs") else self.sequence_states(batch)
+        users = states[:, -1]
         return F.normalize(users, dim=-1) if normalize else users
 
     def item_embeddings(self, item_ids=None, normalize=False):
@@ -223,9 +290,9 @@ class SASRec(nn.Module):
         items = tower.all_items() if item_ids is None else tower(item_ids)
         return F.normalize(items, dim=-1) if normalize else items
 
-    def score(self, seqs, item_ids=None, normalize=False):
-        """Scores of each user against items: (B, N + 1), or (B, K) for (K,) ids.
+    def score(self, batch, item_ids=None, normalize=False):
+        """Scores of each user (a Batch, or (B, W) item ids) against items: (B, N + 1), or (B, K) for (K,) ids.
         Dot products, or cosines with `normalize` (how a cosine-trained model ranks)."""
-        return self.user_embeddings(seqs, normalize) @ self.item_embeddings(item_ids, normalize).T
+        return self.user_embeddings(batch, normalize) @ self.item_embeddings(item_ids, normalize).T
 
     full_sort_predict = score

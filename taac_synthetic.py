@@ -9,10 +9,11 @@ truth.json: each predicted user's hidden next click, so a run can be scored end 
 The planted process (each family is needed to reach the best score):
 - items sit in cells (topic x category); the category is item sparse feature 100, the topic is visible only
   through the multimodal vectors (81: topic centroid + noise; 82: a random projection of it + noise);
-- a user clicks inside the cell of their last click, except after a long gap (a new session: the gap to
-  the prediction time tells it), when they return to their home cell: category = user feature 103,
-  topic = the first value of user array feature 106;
-- before a click there may be an exposure (action 0) of a random item, which does not move the user
+- a user starts anywhere and clicks inside the cell of their last click or, half the time, anywhere (so the
+  history does not give the home cells away), except after a long gap (a new session: the gap to the
+  prediction time tells it), when they return to one of their home cells: category = user feature 103,
+  topic = one of the values of user array feature 106;
+- after a click there may be an exposure (action 0) of a random item, which does not move the user
   (action types tell noise from intent); 10% of clicks are conversions (action 2);
 - the other competition feature ids carry random values, as uninformative columns do in real logs.
 """
@@ -89,24 +90,27 @@ class Cells:
         return np.where(count > 0, picked, rng.integers(len(self.order), size=len(cells)))
 
 
-def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories=12, mean_clicks=14,
-             exposure_rate=0.4, long_gap_rate=0.25):
+def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories=12, mean_clicks=10,
+             exposure_rate=0.4, long_gap_rate=0.3, drift=0.5):
     rng = np.random.default_rng(seed)
     topic, category, item_features, vectors = make_items(num_items, topics, categories, mm_ids, rng)
     cells = Cells(topic, category, categories)
-    home_topic, home_cat = rng.integers(topics, size=num_users), rng.integers(categories, size=num_users)
-    home_cell = home_topic * categories + home_cat
+    home_topics = rng.integers(topics, size=(num_users, ARRAY_WIDTH))
+    home_cat = rng.integers(categories, size=num_users)
     clicks = np.clip(rng.geometric(1 / (mean_clicks - 3), size=num_users) + 3, 4, 200)
     # Clicks, position by position, vectorised over the users still active.
     width = int(clicks.max())
     click_items = np.zeros((num_users, width), np.int64)
     long_gap = np.zeros((num_users, width), bool)
-    current = cells.draw(home_cell, rng)
+    current = rng.integers(num_items, size=num_users)
     for k in range(width):
         active = np.flatnonzero(clicks > k)
         new_session = rng.random(len(active)) < (1.0 if k == 0 else long_gap_rate)
-        target = np.where(new_session, home_cell[active], cells.cell_of[current[active]])
-        stray = rng.random(len(active)) < 0.1  # a click anywhere: the ceiling is not 1
+        home = home_topics[active, rng.integers(ARRAY_WIDTH, size=len(active))] * categories + home_cat[active]
+        target = np.where(new_session & (k > 0), home, cells.cell_of[current[active]])
+        # a click anywhere (the ceiling is not 1): often inside a session, so its history does not give the
+        # home cells away, rarely at a session's start
+        stray = rng.random(len(active)) < np.where(new_session, 0.1, drift)
         target = np.where(stray, rng.integers(topics * categories, size=len(active)), target)
         current[active] = cells.draw(target, rng)
         click_items[active, k] = current[active]
@@ -137,11 +141,12 @@ def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories
     pos = click_pos[u_idx, k_idx] - 1
     items[pos] = rng.integers(1, num_items + 1, size=len(pos))
     actions[pos] = EXPOSURE
-    times[pos] = click_times[u_idx, k_idx] - rng.integers(1, 5, size=len(pos))
+    times[pos] = click_times[u_idx, k_idx] - gaps[u_idx, k_idx] + rng.integers(1, 5, size=len(pos))  # seconds
+    # after the previous click: a session's long gap stays right before its first click
     user_sparse = {fid: rng.integers(1, NOISE_VOCAB + 1, size=num_users) for fid in USER_SPARSE}
     user_sparse["103"] = home_cat + 1
     user_array = {fid: rng.integers(1, NOISE_VOCAB + 1, size=(num_users, ARRAY_WIDTH)) for fid in USER_ARRAY}
-    user_array["106"][:, 0] = home_topic + 1
+    user_array["106"] = home_topics + 1
     vocab = {fid: NOISE_VOCAB for fid in ITEM_SPARSE + USER_SPARSE + USER_ARRAY}
     vocab.update({"100": categories, "103": categories, "106": max(topics, NOISE_VOCAB)})
     creative_ids = 20_000_000 + rng.choice(10 * num_items, size=num_items, replace=False)
@@ -327,7 +332,7 @@ def main(argv=None):
     p.add_argument("--users", type=int, default=20000, help="training users (10%% more are written to predict)")
     p.add_argument("--items", type=int, default=8000)
     p.add_argument("--predict_users", type=int, default=None, help="users to predict (default: users / 10)")
-    p.add_argument("--mean_clicks", type=int, default=14, help="mean clicks per user (exposures come on top)")
+    p.add_argument("--mean_clicks", type=int, default=10, help="mean clicks per user (exposures come on top)")
     p.add_argument("--mm_emb_id", nargs="+", default=["81"], choices=sorted(MM_DIMS))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

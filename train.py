@@ -27,6 +27,7 @@ from tqdm import tqdm
 import checkpoint
 import distributed
 from cli import RunError, UsageError, first_line
+from config import action_weights
 from dataset import TrainBatches
 from eval.metrics import encode_floats, evaluate, model_scorer
 from files import remove_stale_temp_files
@@ -107,7 +108,7 @@ class TrainStep(nn.Module):
         pos_ids = batch.positives.view(-1).index_select(0, batch.rows)
         per_position = None if batch.negatives is None else batch.negatives.view(-1).index_select(0, batch.rows)
         negatives = BatchNegatives(self.sampler, batch.rows, tuple(batch.positives.shape), per_position)
-        out = self.loss(states, pos_ids, self.model.target_tower, negatives, with_logits)
+        out = self.loss(states, pos_ids, self.model.target_tower, negatives, with_logits, batch.weights)
         if self.l2_emb:
             out.loss = out.loss + self.l2_emb * sum(table.norm() for table in self.model.id_tables())
         return out
@@ -125,6 +126,20 @@ class TrainStep(nn.Module):
             print(f"warning: --compile failed ({type(e).__name__}: {first_line(e)}); continuing without it")
             self.compiled = None
             return self.eager(batch, with_logits)
+
+
+def target_weights(loss_config, data):
+    """(max action + 1,) loss weight of a target by its action (0: never a target), from --positive_actions
+    and --action_weights; None when every target weighs 1 (or the log has no actions)."""
+    if data.actions is None or not (loss_config.positive_actions or loss_config.action_weights):
+        return None
+    weights = np.ones(int(data.actions.max()) + 1, np.float32)
+    for action, weight in action_weights(loss_config.action_weights).items():
+        if action < len(weights):
+            weights[action] = weight
+    if loss_config.positive_actions:
+        weights[~np.isin(np.arange(len(weights)), loss_config.positive_actions)] = 0
+    return weights
 
 
 def make_step(model, loss, sampler, config, device):
@@ -260,11 +275,12 @@ def run_evaluation(model, split, config, device, which, sharded=False):
     e = config.eval
     return evaluate(score, split, which, exclude_history=not e.keep_history, sampled=e.sampled_metrics,
                     seed=config.train.seed, rare_below=e.rare_below, sharded=sharded,
-                    encode_cost=lambda width: encode_floats(config.model, width))
+                    encode_cost=lambda width: encode_floats(config.model, width),
+                    score_weights=action_weights(e.score_weights, "score_weights"))
 
 
-def format_metrics(m, keys=("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")):
-    return " ".join(f"{k} {m[k]:.4f}" for k in keys)
+def format_metrics(m, keys=("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR", "score", "weighted_score")):
+    return " ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
 
 
 class Interrupted(Exception):
@@ -275,7 +291,8 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
     """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files."""
     main_rank, out = distributed.is_main(), config.output
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, rank=distributed.rank(),
-                           world=distributed.world_size(), sampler=sampler if loss.per_position_negatives else None)
+                           world=distributed.world_size(), sampler=sampler if loss.per_position_negatives else None,
+                           target_weights=target_weights(config.loss, split.data))
     if len(batches) == 0:  # every rank computes the same: all stop here
         raise UsageError(f"{config.data.data}: {len(batches.users)} trainable users make fewer batches of "
                          f"--batch_size {config.train.batch_size} than the {distributed.world_size()} processes "

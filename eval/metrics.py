@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 import distributed
-from dataset import LeaveOneOut, left_padded, ragged_positions
+from dataset import LeaveOneOut, history_batch, ragged_positions
 from samplers import NegativeSampler
 
 HR_KS = (1, 5, 10, 20)
@@ -11,6 +11,7 @@ NDCG_KS = (5, 10, 20)
 SAMPLED_NEGATIVES = 100
 MISS = 1 << 40  # rank of a target that cannot be recommended
 MEMORY_BUDGET = 1 << 25  # floats an evaluation batch holds at once (scores + encoding), 128 MB fp32
+SCORE_HR, SCORE_NDCG = 0.31, 0.69  # the TAAC 2025 competition score: 0.31 HR@10 + 0.69 NDCG@10
 
 
 def encode_floats(model_config, width):
@@ -32,7 +33,19 @@ def metrics_from_ranks(ranks, prefix=""):
     gains = 1.0 / np.log2(ranks + 2.0)
     out.update({f"{prefix}NDCG@{k}": float(np.where(ranks < k, gains, 0.0).mean()) for k in NDCG_KS})
     out[f"{prefix}MRR"] = float((1.0 / (ranks + 1.0)).mean())
+    out[f"{prefix}score"] = SCORE_HR * out[f"{prefix}HR@10"] + SCORE_NDCG * out[f"{prefix}NDCG@10"]
     return out
+
+
+def weighted_score(ranks, weights):
+    """The competition score with each user's target weighted (by its action): 0.31 weighted HR@10 +
+    0.69 weighted NDCG@10, each a weighted mean over users. 0 when every weight is 0."""
+    ranks, weights = np.asarray(ranks, np.float64), np.asarray(weights, np.float64)
+    if weights.sum() <= 0:
+        return 0.0
+    hit = ranks < 10
+    ndcg = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    return float((SCORE_HR * (weights * hit).sum() + SCORE_NDCG * (weights * ndcg).sum()) / weights.sum())
 
 
 def metrics_at_k(ranks, k):
@@ -62,26 +75,27 @@ def full_ranks(scores, targets, exclude_rows=None, exclude_items=None):
 
 
 def model_scorer(model, data, maxlen, device, cosine=False):
-    """score(ends, lengths) -> (B, N + 1) scores of users whose history is items[ends - lengths:ends]."""
+    """score(users, ends, lengths) -> (B, N + 1) scores of users whose history is items[ends - lengths:ends]
+    (with the log's user and event context, the target's timestamp as the prediction time)."""
     with torch.no_grad():  # the item side once per evaluation, not once per user batch
         items = model.item_embeddings(normalize=cosine)
 
-    def score(ends, lengths):
+    def score(users, ends, lengths):
         lengths = np.minimum(lengths, maxlen)
-        seqs = torch.from_numpy(left_padded(data.items, ends, lengths, int(lengths.max()))).to(device)
+        batch = history_batch(data, users, ends, lengths, int(lengths.max())).to(device)
         with torch.no_grad():
-            return (model.user_embeddings(seqs, normalize=cosine) @ items.T).float().cpu()
+            return (model.user_embeddings(batch, normalize=cosine) @ items.T).float().cpu()
     return score
 
 
 def popularity_scorer(counts):
     """Every user gets item counts; equal counts are broken by item index so ties do not flatter the baseline."""
     scores = torch.as_tensor(counts, dtype=torch.float64) - torch.arange(len(counts)) / (len(counts) + 1.0)
-    return lambda ends, lengths: scores.expand(len(ends), -1).clone()
+    return lambda users, ends, lengths: scores.expand(len(ends), -1).clone()
 
 
 def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=False, seed=0, rare_below=0,
-             sharded=False, encode_cost=None):
+             sharded=False, encode_cost=None, score_weights=None):
     """Metrics for `which` in {'valid', 'test'}: full ranking, plus sampled-metric variants if asked, plus
     `rare_*` metrics over the users whose target was seen fewer than `rare_below` times before (cold items).
 
@@ -89,6 +103,8 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
     score, so the numbers are the same) and rank 0 gets the metrics; the other ranks get None.
     encode_cost(width): floats that encoding one user's history of that width holds (attention and
     activations); users per batch are sized so that scores and encoding stay within MEMORY_BUDGET.
+    score_weights {action: weight}: with a log of actions, also the action-weighted competition score.
+    Every report has `score` (0.31 HR@10 + 0.69 NDCG@10).
     """
     data = split.data
     users, ends, hist_len, targets = split.eval_arrays(which)
@@ -99,7 +115,7 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
     ranks, sampled_ranks = {}, {}
     for s in starts:
         b_users, b_ends, b_len, b_tgt = users[s:s + batch], ends[s:s + batch], hist_len[s:s + batch], targets[s:s + batch]
-        scores = score(b_ends, b_len)
+        scores = score(b_users, b_ends, b_len)
         if sampled:  # each batch its own negatives' stream, whichever process scores it
             sampled_ranks[s] = _sampled_ranks(scores, split, b_users, b_tgt, np.random.default_rng([seed, s]))
         rows = items = None
@@ -122,6 +138,9 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
     if sampled:
         out.update(metrics_from_ranks(np.concatenate([sampled_ranks[s] for s in sorted(sampled_ranks)]),
                                       prefix="sampled_"))
+    if data.actions is not None:
+        weights = score_weights if score_weights is not None else {0: 0.0, 1: 1.0, 2: 2.5}
+        out["weighted_score"] = weighted_score(ranks, [weights.get(int(a), 1.0) for a in data.actions[ends]])
     out["users"] = int(len(users))
     return out
 
