@@ -130,6 +130,28 @@ class ItemTower(nn.Module):
                                      self.vector_default[j]))
         return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
 
+    @torch.no_grad()
+    def extend(self, side):
+        """Append K items unknown to training (inference over new candidates): no id embedding (zeros), their
+        features and vectors from `side` (a features.SideInfo of K rows, in this tower's order; codes past
+        a feature's vocabulary become 'unknown')."""
+        count = len(side.features[0].values) if side.features else len(side.vectors[0].vectors)
+        if self.id_emb is not None:
+            w = self.id_emb.weight
+            self.id_emb = nn.Embedding.from_pretrained(torch.cat([w, w.new_zeros(count, w.shape[1])]), padding_idx=0)
+        for i, (emb, f) in enumerate(zip(self.feature_emb, side.features)):
+            codes = torch.from_numpy(np.asarray(f.values, np.int64))
+            codes = torch.where(codes < emb.num_embeddings, codes, torch.ones_like(codes))
+            name = f"feature_values{i}"
+            width = getattr(self, name).shape[1]  # pad or trim to the training width
+            codes = F.pad(codes, (0, max(0, width - codes.shape[1])))[:, :width]
+            setattr(self, name, torch.cat([getattr(self, name), codes.to(getattr(self, name).device)]))
+        for j, v in enumerate(side.vectors):
+            for name, rows in ((f"vectors{j}", np.asarray(v.vectors, np.float16)), (f"has_vector{j}", np.asarray(v.present))):
+                old = getattr(self, name)
+                setattr(self, name, torch.cat([old, torch.from_numpy(rows).to(old.device, old.dtype)]))
+        self.num_items += count
+
     def all_items(self):
         """(N + 1, D): every item's vector, row 0 the padding's."""
         if self.fuse is None:

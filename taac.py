@@ -54,14 +54,15 @@ def detect_layout(folder):
     return "parquet"
 
 
-def read_taac(folder, mm_ids=(), item_feature_ids=None, user_feature_ids=None):
+def read_taac(folder, mm_ids=(), item_feature_ids=None, user_feature_ids=None, seq_file="seq.jsonl"):
     """Interactions (with actions, times, item_side, user_side) of a competition folder.
 
-    mm_ids: multimodal feature ids (--mm_emb_id); *_feature_ids: which feature ids to use (None: all present)."""
-    layout = detect_layout(folder)
+    mm_ids: multimodal feature ids (--mm_emb_id); *_feature_ids: which feature ids to use (None: all present);
+    seq_file: the jsonl layout's sequences (predict_seq.jsonl for the users to predict)."""
+    layout = "jsonl" if seq_file != "seq.jsonl" else detect_layout(folder)
     indexer = read_indexer(os.path.join(folder, "indexer.pkl"))
     if layout == "jsonl":
-        users, offsets, items, actions, times, user_cols, item_cols = read_seq_jsonl(folder)
+        users, offsets, items, actions, times, user_cols, item_cols = read_seq_jsonl(folder, seq_file)
         vectors = [read_jsonl_vectors(folder, mm, indexer) for mm in mm_ids]
     else:
         users, offsets, items, actions, times, user_cols, item_cols = read_parquet_folder(folder)
@@ -150,10 +151,10 @@ def read_indexer(path):
 
 # ----------------------------------------------------------------------------- competition era (jsonl)
 
-def read_seq_jsonl(folder):
-    """Per user (one line each): re-id, events (item, action, timestamp) and the profile's features; item
-    features come from item_feat_dict.json."""
-    path = os.path.join(folder, "seq.jsonl")
+def read_seq_jsonl(folder, seq_file="seq.jsonl"):
+    """Per user (one line each): re-id (or raw id, in predict_seq.jsonl), events (item, action, timestamp) and
+    the profile's features; item features come from item_feat_dict.json."""
+    path = os.path.join(folder, seq_file)
     users, lengths, items, actions, times, profiles = [], [], [], [], [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -166,7 +167,8 @@ def read_seq_jsonl(folder):
                 items += [int(r[1]) for r in events]
                 actions += [int(r[4]) if r[4] is not None else 1 for r in events]
                 times += [int(r[5]) for r in events]
-                users.append(int(records[0][0]))
+                user = records[0][0]
+                users.append(user if isinstance(user, str) else int(user))
             except (ValueError, TypeError, IndexError, KeyError) as e:
                 raise DataError(f"{path}:{lineno}: expected a JSON list of [user_id, item_id, user_feat, item_feat, "
                                 f"action_type, timestamp] records ({type(e).__name__}: {e})") from None
@@ -185,7 +187,7 @@ def read_seq_jsonl(folder):
         raise DataError(f"{item_path}: not valid JSON ({e})") from None
     num_items = max([int(k) for k in item_table] + [max(items)])
     item_rows = [item_table.get(str(i)) for i in range(1, num_items + 1)]
-    return (np.array(users), offsets, np.array(items, np.int64), np.array(actions), np.array(times),
+    return (np.array(users, dtype=object), offsets, np.array(items, np.int64), np.array(actions), np.array(times),
             dict_columns(profiles), dict_columns(item_rows))
 
 

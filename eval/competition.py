@@ -1,0 +1,233 @@
+"""Competition inference: a checkpoint + the competition's evaluation folder -> top-10 creatives per user.
+
+    python eval/competition.py --ckpt runs/<name>/ckpt --eval_data DIR/eval [--hnsw] [--out DIR]
+
+The evaluation folder is either layout: predict_seq.jsonl + predict_set.jsonl (+ indexer.pkl,
+item_feat_dict.json, creative_emb/), or the 2026 release's seq/, user_feat/, item_feat/, mm_emb/,
+indexer.pkl + candidate/. Each user's whole sequence is the query, most recent event included; the
+prediction time is unknown, so the last event's gap-to-prediction code is 'none'. Candidates the
+training catalogue lacks are appended to the item tower with their own features (no id embedding).
+
+Writes result.json ({"time", "top10s": [[creative id x 10] per user], "user": [user ids]}, the baseline
+eval's shape) and, for users of the baseline's ANN binary, embedding.fbin / id.u64bin (candidates and their
+retrieval ids) and query.fbin (users): a uint32 count and dimension, then float32 / uint64 rows.
+With truth.json ({user: creative id}, as taac_synthetic.py writes) beside it, also the competition score.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cli import ArgumentParser, UsageError, exits, make_writable_folder  # noqa: E402
+from dataset import DataError, history_batch  # noqa: E402
+from eval.infer import build_index, load_run  # noqa: E402
+from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k, SCORE_HR, SCORE_NDCG  # noqa: E402
+from features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
+from files import atomic_write, write_json  # noqa: E402
+import taac  # noqa: E402
+
+HNSW = dict(hnsw_m=64, ef_construction=1280, ef_search=640)  # the baseline's faiss_demo parameters
+
+
+def build_parser():
+    p = ArgumentParser(description="Top-10 creatives per user on the competition's evaluation data.",
+                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory written by main.py")
+    p.add_argument("--weights", default="best.pt", help="checkpoint file inside --ckpt")
+    p.add_argument("--eval_data", required=True, help="the competition's evaluation folder (either layout)")
+    p.add_argument("--out", help="output directory (default: <run dir>/competition)")
+    p.add_argument("--k", type=int, default=10, help="creatives per user")
+    p.add_argument("--hnsw", action="store_true", help="HNSW at the baseline's parameters (M 64, efConstruction "
+                   "1280, efSearch 640) instead of the exact index")
+    p.add_argument("--batch_size", type=int, default=1024, help="users embedded at once")
+    p.add_argument("--device", default="auto", help="torch device for the model")
+    for flag in ("maxlen", "hidden_units", "num_blocks", "num_heads"):  # load_run checks them when given
+        p.add_argument(f"--{flag}", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_users(folder, config):
+    """The users to predict, as Interactions of the evaluation folder (feature ids as in training)."""
+    model = config
+    item_ids = [f["name"] for f in (model.get("item_side") or {}).get("features", [])]
+    user_ids = [f["name"] for f in (model.get("user_side") or {}).get("features", [])]
+    seq_file = "predict_seq.jsonl" if os.path.isfile(os.path.join(folder, "predict_seq.jsonl")) else "seq.jsonl"
+    return taac.read_taac(folder, config.get("mm_emb_id") or (), item_ids or None, user_ids or None, seq_file)
+
+
+def read_candidates(folder):
+    """(creative ids, retrieval ids, {feature id: [value per candidate]}) of predict_set.jsonl or candidate/."""
+    path = os.path.join(folder, "predict_set.jsonl")
+    if os.path.isfile(path):
+        creatives, retrievals, rows = [], [], []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    creatives.append(int(row["creative_id"]))
+                    retrievals.append(int(row["retrieval_id"]))
+                    rows.append(row.get("features") or {})
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{lineno}: expected {{\"creative_id\", \"retrieval_id\", \"features\"}} "
+                                    f"({type(e).__name__}: {e})") from None
+        return np.array(creatives), np.array(retrievals), taac.dict_columns(rows)
+    path = os.path.join(folder, "candidate")
+    if not os.path.isdir(path):
+        raise DataError(f"{folder}: no predict_set.jsonl or candidate/ (the candidate set to retrieve from)")
+    table = taac._dataset(path).to_table()
+    columns = {}
+    for name in table.column_names:
+        if name in ("creative_id", "reid_creative_id", "retrieval_id"):
+            continue
+        cells = table.column(name).to_pylist()  # {feature_value, is_str}: a string value is unknown here
+        columns[name] = [None if c is None or c.get("is_str") else c.get("feature_value") for c in cells]
+    return (table.column("creative_id").to_numpy(), table.column("retrieval_id").to_numpy(), columns)
+
+
+# ----------------------------------------------------------------------------- items
+
+def item_rows(model, id_map, data, creatives, candidate_features):
+    """Tower rows of the evaluation folder's items and of the candidates: training rows where training knew
+    the creative, new rows (appended to the tower) otherwise. Returns (row of each evaluation item re-id
+    (0..N_eval), row of each candidate)."""
+    train_row = {raw: i + 1 for i, raw in enumerate(id_map["items"])}
+    eval_creatives = [str(c) for c in data.item_ids]
+    new = {}
+    for c in eval_creatives + [str(c) for c in creatives]:
+        if c not in train_row and c not in new:
+            new[c] = model.item_tower.num_items + 1 + len(new)
+    rows = lambda cs: np.array([train_row.get(c) or new[c] for c in cs], np.int64)  # noqa: E731
+    eval_rows, cand_rows = np.concatenate([[0], rows(eval_creatives)]), rows([str(c) for c in creatives])
+    if new:
+        model.item_tower.extend(new_item_side(model, data, new, eval_creatives, creatives, candidate_features))
+        print(f"{len(new)} creatives unknown to training: embedded from their features alone")
+    return eval_rows, cand_rows
+
+
+def new_item_side(model, data, new, eval_creatives, creatives, candidate_features):
+    """SideInfo of the new rows, in the tower's feature / vector order: values from the evaluation folder's
+    item features, else from the candidate records; multimodal vectors from the evaluation folder."""
+    spec = model.config.item_side
+    eval_pos = {c: i + 1 for i, c in enumerate(eval_creatives)}
+    cand_pos = {str(c): i for i, c in enumerate(creatives)}
+    order = sorted(new, key=new.get)
+    features = []
+    for f in spec["features"]:
+        given = next((x for x in data.item_side.features if x.name == f["name"]), None)
+        values = np.full((len(order), f["width"]), 0, np.int64)
+        values[:, 0] = UNKNOWN
+        for r, c in enumerate(order):
+            if given is not None and c in eval_pos:
+                values[r] = np.asarray(given.values[eval_pos[c]])[:f["width"]]
+            elif c in cand_pos and candidate_features.get(f["name"]):
+                v = candidate_features[f["name"]][cand_pos[c]]
+                values[r, 0] = int(v) + 1 if isinstance(v, (int, np.integer)) else UNKNOWN
+        features.append(Feature(f["name"], values, f["vocab_size"]))
+    vectors = []
+    for v in spec["vectors"]:
+        given = next((x for x in data.item_side.vectors if x.name == v["name"]), None)
+        rows = np.zeros((len(order), v["dim"]), np.float16)
+        present = np.zeros(len(order), bool)
+        for r, c in enumerate(order):
+            if given is not None and c in eval_pos:
+                rows[r], present[r] = given.vectors[eval_pos[c]], given.present[eval_pos[c]]
+        vectors.append(Vectors(v["name"], rows, present))
+    return SideInfo(features, vectors)
+
+
+# ----------------------------------------------------------------------------- embedding, search, files
+
+@torch.no_grad()
+def embed_users(model, data, eval_rows, normalize, batch_size, device):
+    """Each user's query vector after their whole sequence (the most recent event included)."""
+    data.items = eval_rows[data.items]  # evaluation re-ids -> tower rows
+    ends, lengths = data.offsets[1:], np.minimum(data.lengths, model.config.maxlen)
+    batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max()))))
+    users = np.arange(data.num_users)
+    out = []
+    for s in range(0, len(users), batch_size):
+        b = slice(s, s + batch_size)
+        batch = history_batch(data, users[b], ends[b], lengths[b], int(lengths[b].max()), known_end=ends[b])
+        out.append(model.user_embeddings(batch.to(device), normalize).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def write_bin(path, array):
+    """The baseline's ANN files: uint32 rows, uint32 columns, then the rows (float32 or uint64)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.array(array.shape if array.ndim == 2 else (len(array), 1), np.uint32).tofile(f)
+            np.ascontiguousarray(array).tofile(f)
+    atomic_write(path, write)
+
+
+def read_bin(path, dtype):
+    """(rows, columns) array of an .fbin / .u64bin file."""
+    with open(path, "rb") as f:
+        rows, cols = np.fromfile(f, np.uint32, 2)
+        return np.fromfile(f, dtype, int(rows) * int(cols)).reshape(int(rows), int(cols))
+
+
+def competition_score(top, users, truth):
+    """0.31 HR@10 + 0.69 NDCG@10 of the top lists against truth {user: creative id} (users without one skipped)."""
+    known = [(row, truth[u]) for row, u in zip(top, users) if u in truth]
+    ranks = [list(row).index(t) if t in row else len(row) for row, t in known]
+    m = metrics_at_k(np.array(ranks), len(top[0]))
+    return {"users": len(known), "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"],
+            "score": SCORE_HR * m["HR@10"] + SCORE_NDCG * m["NDCG@10"]}
+
+
+@exits
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    config, id_map, model = load_run(args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    normalize = config.get("similarity") == "cosine"
+    try:
+        data = read_users(args.eval_data, config)
+        creatives, retrievals, candidate_features = read_candidates(args.eval_data)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "competition")
+    make_writable_folder(out, "--out")
+    eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
+    model.to(device)
+    user_vecs = embed_users(model, data, eval_rows, normalize, args.batch_size, device)
+    with torch.no_grad():
+        item_vecs = model.item_embeddings(torch.from_numpy(cand_rows).to(device), normalize).float().cpu().numpy()
+    index = build_index(item_vecs, "hnsw" if args.hnsw else "flat", "auto", **(HNSW if args.hnsw else {}))
+    _, top = index.search(user_vecs, min(args.k, len(creatives)))
+    top10s = [[int(creatives[i]) for i in row if i >= 0] for row in top]
+    users = [str(u) for u in data.user_ids]
+    write_bin(os.path.join(out, "embedding.fbin"), item_vecs.astype(np.float32))
+    write_bin(os.path.join(out, "id.u64bin"), retrievals.astype(np.uint64))
+    write_bin(os.path.join(out, "query.fbin"), user_vecs.astype(np.float32))
+    result = {"time": time.perf_counter() - start, "top10s": top10s, "user": users}
+    write_json(os.path.join(out, "result.json"), result)
+    print(f"top-{args.k} for {len(users)} users over {len(creatives)} candidates written to {out}/result.json "
+          f"({result['time']:.1f} s)")
+    truth_path = os.path.join(args.eval_data, "truth.json")
+    if os.path.isfile(truth_path):
+        with open(truth_path) as f:
+            truth = {str(k): int(v) for k, v in json.load(f).items()}
+        scored = competition_score(top10s, users, truth)
+        write_json(os.path.join(out, "score.json"), scored)
+        print("against truth.json: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in scored.items()))
+
+
+if __name__ == "__main__":
+    main()
