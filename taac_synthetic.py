@@ -238,7 +238,7 @@ def write_jsonl_vectors(folder, log):
         os.makedirs(sub, exist_ok=True)
         with open(os.path.join(sub, "part-00000.json"), "w", encoding="utf-8") as f:
             for c, v in zip(log.creative_ids, vectors):
-                f.write(json.dumps({"anonymous_cid": int(c), "emb": [round(float(x), 6) for x in v]}) + "\n")
+                f.write(json.dumps({"anonymous_cid": int(c), "emb": v.tolist()}) + "\n")  # exact float32 values
 
 
 def write_jsonl_predict(folder, train, predict):

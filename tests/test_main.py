@@ -160,7 +160,7 @@ def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
             return batch.inputs.float()[..., None]
 
     class Loss(torch.nn.Module):
-        def forward(self, states, pos_ids, tower, negatives, with_logits=False):
+        def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
             return LossOutput(states.sum())
 
     def broken(*args):
