@@ -36,6 +36,7 @@ ARRAY_WIDTH = 3   # values per user array feature
 LONG_GAP_S = (86_400, 5 * 86_400)  # a new session
 SHORT_GAP_S = 300                   # mean gap inside a session
 START_TIME = 1_720_000_000
+BLOCK_USERS = 100_000
 
 
 @dataclass
@@ -90,11 +91,9 @@ class Cells:
         return np.where(count > 0, picked, rng.integers(len(self.order), size=len(cells)))
 
 
-def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories=12, mean_clicks=10,
-             exposure_rate=0.4, long_gap_rate=0.3, drift=0.5):
-    rng = np.random.default_rng(seed)
-    topic, category, item_features, vectors = make_items(num_items, topics, categories, mm_ids, rng)
-    cells = Cells(topic, category, categories)
+def simulate_users(num_users, num_items, cells, topics, categories, mean_clicks, exposure_rate, long_gap_rate,
+                   drift, rng):
+    """One block of users: (home topics, home category, events per user, items, actions, times)."""
     home_topics = rng.integers(topics, size=(num_users, ARRAY_WIDTH))
     home_cat = rng.integers(categories, size=num_users)
     clicks = np.clip(rng.geometric(1 / (mean_clicks - 3), size=num_users) + 3, 4, 200)
@@ -143,6 +142,19 @@ def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories
     actions[pos] = EXPOSURE
     times[pos] = click_times[u_idx, k_idx] - gaps[u_idx, k_idx] + rng.integers(1, 5, size=len(pos))  # seconds
     # after the previous click: a session's long gap stays right before its first click
+    return home_topics, home_cat, per_user, items, actions, times
+
+
+def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories=12, mean_clicks=10,
+             exposure_rate=0.4, long_gap_rate=0.3, drift=0.5):
+    rng = np.random.default_rng(seed)
+    topic, category, item_features, vectors = make_items(num_items, topics, categories, mm_ids, rng)
+    cells = Cells(topic, category, categories)
+    blocks = [simulate_users(min(BLOCK_USERS, num_users - s), num_items, cells, topics, categories, mean_clicks,
+                             exposure_rate, long_gap_rate, drift, rng)
+              for s in range(0, num_users, BLOCK_USERS)]  # blocks bound the (users x clicks) temporaries
+    home_topics, home_cat, per_user, items, actions, times = (np.concatenate(parts) for parts in zip(*blocks))
+    offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
     user_sparse = {fid: rng.integers(1, NOISE_VOCAB + 1, size=num_users) for fid in USER_SPARSE}
     user_sparse["103"] = home_cat + 1
     user_array = {fid: rng.integers(1, NOISE_VOCAB + 1, size=(num_users, ARRAY_WIDTH)) for fid in USER_ARRAY}

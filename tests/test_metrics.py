@@ -34,7 +34,7 @@ def test_evaluate_with_oracle_and_popularity(tmp_path):
     split = LeaveOneOut(data)
     _, _, _, targets = split.eval_arrays("test")
 
-    def oracle(ends, lengths):  # puts each user's test target first
+    def oracle(users, ends, lengths):  # puts each user's test target first
         scores = torch.zeros(len(ends), data.num_items + 1)
         scores[torch.arange(len(ends)), torch.from_numpy(data.items[ends].astype(np.int64))] = 1.0
         return scores
