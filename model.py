@@ -232,6 +232,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(c.hidden_units, c.num_heads, c.dropout_rate, c.norm_first)
                                     for _ in range(c.num_blocks))
         self.last_norm = nn.LayerNorm(c.hidden_units, eps=1e-8)
+        self._item_table = None  # see input_vectors
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
@@ -239,6 +240,27 @@ class SASRec(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
+
+    def input_vectors(self, seqs):
+        """Item vectors of the inputs. Outside training (eval mode, no grad) from a table of every item computed
+        once and kept until the weights can change (train(), load_state_dict, extend): with features and
+        multimodal vectors, a tower pass per position cost most of embedding a user."""
+        if self.training or torch.is_grad_enabled():
+            return self.item_tower(seqs)
+        if self._item_table is None:
+            tower = self.item_tower
+            self._item_table = torch.cat([tower(torch.arange(s, min(s + 65536, tower.num_items + 1),
+                                                             device=seqs.device))
+                                          for s in range(0, tower.num_items + 1, 65536)])
+        return F.embedding(seqs, self._item_table)
+
+    def train(self, mode=True):
+        self._item_table = None
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._item_table = None
+        return super().load_state_dict(*args, **kwargs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
@@ -276,7 +298,7 @@ class SASRec(nn.Module):
         real = seqs != 0
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
-        x = self.item_tower(seqs) * math.sqrt(hidden) + self.pos_emb.weight[maxlen - W:]
+        x = self.input_vectors(seqs) * math.sqrt(hidden) + self.pos_emb.weight[maxlen - W:]
         if token_extra is not None:
             x = x + token_extra
         prefix = user is not None and self.config.user_features == "token"

@@ -86,8 +86,8 @@ def stage_infer(args):
     ends, lengths = data.offsets[1:], np.minimum(data.lengths, config.model.maxlen)
     users, vecs = np.arange(data.num_users), []
     with torch.no_grad():
-        for s in range(0, len(users), 4096):
-            b = slice(s, s + 4096)
+        for s in range(0, len(users), 1024):
+            b = slice(s, s + 1024)
             batch = history_batch(data, users[b], ends[b], lengths[b], int(lengths[b].max()), known_end=ends[b])
             vecs.append(model.user_embeddings(batch).numpy())
         items = model.item_embeddings().numpy()[1:]

@@ -204,6 +204,7 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "competition")
     make_writable_folder(out, "--out")
     eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
+    model.eval()  # a new table of input vectors, with the appended creatives
     model.to(device)
     user_vecs = embed_users(model, data, eval_rows, normalize, args.batch_size, device)
     with torch.no_grad():
