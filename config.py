@@ -227,7 +227,7 @@ def load_config_file(path, parser, loss=None):
                              f"or tables {list(LOSSES)})")
         if action.type is not None and not isinstance(value, bool):
             try:
-                value = action.type(value)
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
             except (TypeError, ValueError):
                 raise UsageError(f"--config {path}: key {key!r} expects {action.type.__name__}, got {value!r}") \
                     from None

@@ -557,6 +557,7 @@ class Batch:
 
 
 TIME_BUCKETS = 33  # codes of a gap: 0 padding, 1 none (first event / no prediction time), 2..32 log2 buckets
+UNKNOWN_PREDICTION_TIME = 0.1  # training positions whose gap to the prediction time is hidden ("none")
 
 
 def gap_codes(seconds):
@@ -675,4 +676,7 @@ class TrainBatches:
         batch = Batch(torch.from_numpy(seq), torch.from_numpy(pos), torch.from_numpy(users), torch.from_numpy(rows),
                       neg, weights=weights)
         add_context(batch, data, users, idx, valid, ends + 1)
+        if batch.times is not None:  # inference may not know the prediction time: "none" must be a code it learnt
+            unknown = torch.from_numpy(rng.random(seq.shape) < UNKNOWN_PREDICTION_TIME) & (batch.inputs != 0)
+            batch.times[..., 1].masked_fill_(unknown, 1)
         return batch

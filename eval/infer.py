@@ -29,6 +29,23 @@ from model import SASRec  # noqa: E402
 STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")
 
 
+def choose_blas_kernel(cpuinfo="/proc/cpuinfo"):
+    """Name the CPU's kernel family for the OpenBLAS inside faiss-cpu wheels, unless the user did: on this
+    project's Xeons it fell back to its Prescott (SSE3) kernels. Why: the exact top-10 of 16,384 queries over
+    500k items (d 32) took 21.8 s with its own choice, 10.4 s with Haswell, 9.3 s with SkylakeX (same
+    process order, one run each; docs/competition.md). Takes effect only before faiss is first imported."""
+    if "OPENBLAS_CORETYPE" in os.environ or not os.path.isfile(cpuinfo):
+        return
+    with open(cpuinfo) as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    kernel = "SkylakeX" if "avx512f" in flags else ("Haswell" if "avx2" in flags and "fma" in flags else None)
+    if kernel:
+        os.environ["OPENBLAS_CORETYPE"] = kernel
+
+
+choose_blas_kernel()
+
+
 def build_parser():
     p = ArgumentParser(description="Top-k retrieval with a trained SASRec checkpoint.", allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -95,6 +112,9 @@ def load_run(args):
 def training_histories(config, id_map, args):
     """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log."""
     path = args.data or config["data"]
+    if os.path.isdir(path) or config.get("data_format") == "taac":
+        raise UsageError(f"--ckpt {args.ckpt}: trained on the competition folder {path}; its inference is "
+                         f"eval/competition.py --ckpt {args.ckpt} --eval_data <evaluation folder>")
     data = load_interactions(path, config.get("data_format"), config.get("cache_dir") or None,
                              config.get("user_col"), config.get("item_col"), config.get("time_col"),
                              config.get("id_type", "auto"))
