@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,15 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-FULL = ["--mm_emb_id", "81", "--positive_actions", "1", "2", "--time_features"]
-VARIANTS = {
+FULL = ["--mm_emb_id", "81", "--positive_actions", "1", "2", "--time_features", "--user_feature_ids", "103", "106"]
+VARIANTS = {  # each removes one family from the full model (user features: the two that carry signal)
     "full": FULL,
     "without user features": FULL + ["--user_features", "none"],
     "user features added to the states": FULL + ["--user_features", "add"],
+    "all 8 user features (6 are noise)": [f for f in FULL if f not in ("--user_feature_ids", "103", "106")],
     "without item features": FULL + ["--item_feature_ids"],
-    "without multimodal vectors": ["--positive_actions", "1", "2", "--time_features"],
-    "without action types": ["--mm_emb_id", "81", "--time_features", "--no-action_emb"],
-    "without time features": ["--mm_emb_id", "81", "--positive_actions", "1", "2"],
+    "without multimodal vectors": FULL[2:],
+    "without action types": ["--mm_emb_id", "81", "--time_features", "--user_feature_ids", "103", "106",
+                             "--no-action_emb"],
+    "without time features": [f for f in FULL if f != "--time_features"],
 }
 
 
@@ -36,6 +39,7 @@ def train(args, seed, name, flags):
     run_dir = os.path.join(args.out, f"seed{seed}", name.replace(" ", "_"))
     results = os.path.join(run_dir, "results.json")
     if not os.path.exists(results):
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier run: start it again
         cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--data", os.path.join(args.out, f"seed{seed}", "train"),
                "--seed", str(seed), "--run_dir", run_dir, "--cache_dir", os.path.join(args.out, "cache"),
                "--use_infonce", "--keep_history", "--eval_actions", "1", "2", "--device", "cpu", *args.flags, *flags]
@@ -57,8 +61,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("flags", nargs="*", default=["--maxlen", "50", "--hidden_units", "48", "--num_blocks", "2",
-                                                "--batch_size", "128", "--num_epochs", "30", "--eval_every", "2",
-                                                "--patience", "3"],
+                                                "--batch_size", "128", "--num_epochs", "40", "--eval_every", "2",
+                                                "--patience", "6"],
                    help="training flags after --, shared by every variant")
     args = p.parse_args(argv)
     import taac_synthetic
