@@ -152,11 +152,15 @@ class ItemTower(nn.Module):
                 setattr(self, name, torch.cat([old, torch.from_numpy(rows).to(old.device, old.dtype)]))
         self.num_items += count
 
-    def all_items(self):
-        """(N + 1, D): every item's vector, row 0 the padding's."""
+    def all_items(self, chunk=65536):
+        """(N + 1, D): every item's vector, row 0 the padding's. Without grad in blocks of `chunk` items: a
+        500k-item table with 1024-d vectors would otherwise hold several GB of temporaries at once."""
         if self.fuse is None:
             return self.id_emb.weight
-        return self(torch.arange(self.num_items + 1, device=self.fuse.weight.device))
+        ids = torch.arange(self.num_items + 1, device=self.fuse.weight.device)
+        if torch.is_grad_enabled():
+            return self(ids)
+        return torch.cat([self(ids[s:s + chunk]) for s in range(0, len(ids), chunk)])
 
     def id_tables(self):
         """The id embedding tables (what --l2_emb penalises)."""
@@ -248,10 +252,7 @@ class SASRec(nn.Module):
         if self.training or torch.is_grad_enabled():
             return self.item_tower(seqs)
         if self._item_table is None:
-            tower = self.item_tower
-            self._item_table = torch.cat([tower(torch.arange(s, min(s + 65536, tower.num_items + 1),
-                                                             device=seqs.device))
-                                          for s in range(0, tower.num_items + 1, 65536)])
+            self._item_table = self.item_tower.all_items().detach()  # a tensor, never a registered Parameter
         return F.embedding(seqs, self._item_table)
 
     def train(self, mode=True):

@@ -156,26 +156,23 @@ def read_seq_jsonl(folder, seq_file="seq.jsonl"):
     the profile's features; item features come from item_feat_dict.json."""
     path = os.path.join(folder, seq_file)
     users, lengths, items, actions, times, profiles = [], [], [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records = json.loads(line)
-                events = [r for r in records if r[1] is not None]
-                profile = next((r[2] for r in records if r[1] is None and r[2]), None)
-                items += [int(r[1]) for r in events]
-                actions += [int(r[4]) if r[4] is not None else 1 for r in events]
-                times += [int(r[5]) for r in events]
-                user = records[0][0]
-                users.append(user if isinstance(user, str) else int(user))
-            except (ValueError, TypeError, IndexError, KeyError) as e:
-                raise DataError(f"{path}:{lineno}: expected a JSON list of [user_id, item_id, user_feat, item_feat, "
-                                f"action_type, timestamp] records ({type(e).__name__}: {e})") from None
-            if not events:
-                raise DataError(f"{path}:{lineno}: user {records[0][0]} has no item records")
-            lengths.append(len(events))
-            profiles.append(profile or {})
+    expected = "a JSON list of [user_id, item_id, user_feat, item_feat, action_type, timestamp] records"
+
+    def parse(records):
+        events = [r for r in records if r[1] is not None]
+        profile = next((r[2] for r in records if r[1] is None and r[2]), None)
+        user = records[0][0]
+        return (user if isinstance(user, str) else int(user), [int(r[1]) for r in events],
+                [int(r[4]) if r[4] is not None else 1 for r in events], [int(r[5]) for r in events], profile)
+    for where, (user, user_items, user_actions, user_times, profile) in json_lines(path, expected, parse):
+        if not user_items:
+            raise DataError(f"{where}: user {user} has no item records")
+        users.append(user)
+        items += user_items
+        actions += user_actions
+        times += user_times
+        lengths.append(len(user_items))
+        profiles.append(profile or {})
     if not users:
         raise DataError(f"{path}: file has no users")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -189,6 +186,20 @@ def read_seq_jsonl(folder, seq_file="seq.jsonl"):
     item_rows = [item_table.get(str(i)) for i in range(1, num_items + 1)]
     return (np.array(users, dtype=object), offsets, np.array(items, np.int64), np.array(actions), np.array(times),
             dict_columns(profiles), dict_columns(item_rows))
+
+
+def json_lines(path, expected, parse):
+    """(file:line, parse(value)) of each non-blank line of a JSON-lines file; a line that is not JSON, or that
+    `parse` cannot read, is one DataError naming its file and line and what was expected."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                parsed = parse(json.loads(line))
+            except (ValueError, TypeError, IndexError, KeyError) as e:
+                raise DataError(f"{path}:{lineno}: expected {expected} ({type(e).__name__}: {e})") from None
+            yield f"{path}:{lineno}", parsed
 
 
 def dict_columns(rows):
@@ -216,16 +227,9 @@ def read_jsonl_vectors(folder, mm, indexer):
 
     def pairs():
         for path in files:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        yield row["anonymous_cid"], row["emb"], f"{path}:{lineno}"
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise DataError(f"{path}:{lineno}: expected {{\"anonymous_cid\": id, \"emb\": [floats]}} "
-                                        f"({type(e).__name__}: {e})") from None
+            for where, (cid, emb) in json_lines(path, '{"anonymous_cid": id, "emb": [floats]}',
+                                                lambda row: (row["anonymous_cid"], row["emb"])):
+                yield cid, emb, where
     return vectors_from_pairs(pairs(), mm, dim, indexer)
 
 

@@ -68,20 +68,10 @@ def read_candidates(folder):
     """(creative ids, retrieval ids, {feature id: [value per candidate]}) of predict_set.jsonl or candidate/."""
     path = os.path.join(folder, "predict_set.jsonl")
     if os.path.isfile(path):
-        creatives, retrievals, rows = [], [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    creatives.append(int(row["creative_id"]))
-                    retrievals.append(int(row["retrieval_id"]))
-                    rows.append(row.get("features") or {})
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{lineno}: expected {{\"creative_id\", \"retrieval_id\", \"features\"}} "
-                                    f"({type(e).__name__}: {e})") from None
-        return np.array(creatives), np.array(retrievals), taac.dict_columns(rows)
+        parse = lambda row: (int(row["creative_id"]), int(row["retrieval_id"]), row.get("features") or {})  # noqa: E731
+        read = [parsed for _, parsed in taac.json_lines(path, '{"creative_id", "retrieval_id", "features"}', parse)]
+        creatives, retrievals, rows = zip(*read) if read else ((), (), ())
+        return np.array(creatives), np.array(retrievals), taac.dict_columns(list(rows))
     path = os.path.join(folder, "candidate")
     if not os.path.isdir(path):
         raise DataError(f"{folder}: no predict_set.jsonl or candidate/ (the candidate set to retrieve from)")

@@ -254,3 +254,15 @@ def test_pickled_files_are_read_without_resolving_globals(folders, tmp_path):
         pickle.dump({"u": {}, "i": {}, "f": Payload()}, f)
     with pytest.raises(DataError, match=r"indexer\.pkl: refused pickle global (posix|nt)\.system"):
         taac.read_taac(str(evil))
+
+
+def test_feature_columns_become_codes_and_continual_vectors():
+    """Integers are value re-ids (code = value + 1, 1 unknown), lists array features, floats continual."""
+    columns = {"100": [3, None, 7], "106": [[1, 2], [], None], "200": [0.5, None, 1.25]}
+    features, continual = taac.encode_columns(columns, 3, None, "--item_feature_ids", "DIR", "item")
+    assert [f.name for f in features] == ["100", "106"] and [v.name for v in continual] == ["200"]
+    assert features[0].values.tolist() == [[0], [4], [1], [8]]  # row 0 is the padding item
+    assert features[1].values.tolist() == [[0, 0], [2, 3], [1, 0], [1, 0]]
+    assert features[0].vocab_size == 9
+    np.testing.assert_array_equal(continual[0].vectors.ravel(), [0, 0.5, 0, 1.25])
+    np.testing.assert_array_equal(continual[0].present, [False, True, False, True])
