@@ -100,6 +100,8 @@ class LossConfig:
                                     "hits masked)")
     gbce_t: float = flag(0.75, "gbce: calibration t in [0, 1] (0 = plain BCE)")
     hard_negatives: int = flag(0, "softmax losses: keep each row's K highest-scoring negatives (0: all)")
+    symmetric: bool = flag(False, "infonce: add the item-to-sequence direction (each positive item against the "
+                           "batch's states) and take the mean of both", action="store_true")
     gather_negatives: bool = flag(False, "infonce / sampled_softmax under torchrun: the pool holds every rank's "
                                   "negatives (gradients flow back through the gather)")
     l2_emb: float = flag(0.0, "weight of the item-embedding norm penalty")

@@ -286,14 +286,19 @@ class SoftmaxLoss(Loss):
         q = self.similarity.queries(states)
         pos, pool, pool_ids, pos_bias, pool_bias = self.pool(pos_ids, tower, negatives, states.device)
         pos_logits = (q * pos).sum(-1)
-        out = LossOutput(softmax_loss(q, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
-                                      self.hard_negatives, weights=weights))
+        out = LossOutput(self.combine(softmax_loss(q, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
+                                                   self.hard_negatives, weights=weights), q, pos, pos_logits, pos_ids,
+                                      weights))
         if with_logits:  # in the loss's units, before any logQ correction
             with torch.no_grad():
                 sample = q[:STAT_ROWS] @ pool[:STAT_COLUMNS].T
                 keep = pool_ids[None, :STAT_COLUMNS] != pos_ids[:STAT_ROWS, None]
                 out.pos_logits, out.neg_logits = pos_logits.detach(), sample[keep]
         return out
+
+    def combine(self, loss, queries, pos, pos_logits, pos_ids, weights):
+        """The loss from the batch's other terms (a subclass may add a direction); here, as it is."""
+        return loss
 
     def gathered(self, pool, pool_ids):
         """Every rank's pool under torchrun with --gather_negatives (padding has bias -inf), else this one's."""
@@ -303,8 +308,20 @@ class SoftmaxLoss(Loss):
 
 
 class InfoNCE(SoftmaxLoss):
-    """The pool is the batch's per-position negatives (each drawn outside its own user's history)."""
+    """The pool is the batch's per-position negatives (each drawn outside its own user's history).
+    symmetric: also the item-to-sequence direction (each positive item against every state of the batch,
+    states whose positive is the same item masked), and the loss is the mean of the two directions."""
     per_position_negatives = True
+
+    def __init__(self, similarity, hard_negatives=0, gather_negatives=False, symmetric=False):
+        super().__init__(similarity, hard_negatives, gather_negatives)
+        self.symmetric = symmetric
+
+    def combine(self, loss, queries, pos, pos_logits, pos_ids, weights):
+        if not self.symmetric:
+            return loss
+        # pos (unit) against queries (states scaled by 1 / T): the same cos / T logits, read column-wise
+        return (loss + softmax_loss(pos, pos_logits, queries, pos_ids, pos_ids, weights=weights)) / 2
 
     def pool(self, pos_ids, tower, negatives, device):
         pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
@@ -362,7 +379,7 @@ def build_loss(config, item_counts):
         return GBCE(similarity, config.num_negatives, num_items, config.gbce_t)
     softmax = dict(hard_negatives=config.hard_negatives, gather_negatives=config.gather_negatives)
     if config.loss == "infonce":
-        return InfoNCE(similarity, **softmax)
+        return InfoNCE(similarity, symmetric=config.symmetric, **softmax)
     if config.loss == "sampled_softmax":
         return SampledSoftmax(similarity, config.num_negatives, popularity(item_counts), config.in_batch_negatives,
                               config.logq_correction, **softmax)

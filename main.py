@@ -152,6 +152,8 @@ def describe_loss(c):
         parts.append(f"t={c.gbce_t:g}")
     if c.loss == "sampled_softmax":
         parts.append(f"{c.neg_sampler}{' + in-batch' if c.in_batch_negatives else ''}{', logQ' if c.logq_correction else ''}")
+    if c.symmetric and c.loss == "infonce":
+        parts.append("symmetric")
     if c.hard_negatives and c.loss in ("infonce", "sampled_softmax", "ce"):
         parts.append(f"{c.hard_negatives} hardest negatives")
     return ", ".join(parts)

@@ -286,3 +286,22 @@ def test_every_loss_logs_logit_statistics_and_trains(loss_name):
     assert torch.isfinite(out.loss) and out.pos_logits.shape == (21,) and out.neg_logits.numel() > 0
     out.loss.backward()
     assert model.item_tower.id_emb.weight.grad.abs().sum() > 0
+
+
+def test_symmetric_infonce_hand_computed_2x3():
+    """--symmetric adds the item-to-sequence direction: each positive item against the batch's states."""
+    from types import SimpleNamespace
+    from losses import InfoNCE, Similarity
+    table = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])  # items 1..4
+    states = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0]])
+    pos_ids, negatives = torch.tensor([1, 2]), SimpleNamespace(per_position=torch.tensor([3, 4]))
+    c = 1 / math.sqrt(2)
+    forward = [-1 + math.log(E + 1 + E ** c),                   # state 1: item 1 (cos 1) vs items 3 (0), 4 (c)
+               -0.8 + math.log(E ** 0.8 + 1 + E ** (1.4 * c))]  # state 2: item 2 (0.8) vs 3 (0), 4 (1.4 c)
+    backward = [-1 + math.log(E + E ** 0.6),                   # item 1: state 1 (1) vs state 2 (0.6)
+                -0.8 + math.log(E ** 0.8 + 1)]                 # item 2: state 2 (0.8) vs state 1 (0)
+    loss = lambda symmetric: InfoNCE(Similarity(True, 1.0), symmetric=symmetric)(  # noqa: E731
+        states, pos_ids, lambda ids: table[ids], negatives).loss.item()
+    assert loss(False) == pytest.approx(sum(forward) / 2, rel=1e-6)
+    assert loss(True) == pytest.approx((sum(forward) / 2 + sum(backward) / 2) / 2, rel=1e-6)
+    assert build_config(["--use_infonce", "--symmetric"]).loss.symmetric
