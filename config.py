@@ -100,6 +100,9 @@ class LossConfig:
                                     "hits masked)")
     gbce_t: float = flag(0.75, "gbce: calibration t in [0, 1] (0 = plain BCE)")
     hard_negatives: int = flag(0, "softmax losses: keep each row's K highest-scoring negatives (0: all)")
+    negatives_per_position: bool = flag(False, "sampled_softmax: --num_negatives uniform negatives drawn for "
+                                        "every real position (as RecTools / eSASRec) instead of one pool shared "
+                                        "by the batch", action="store_true")
     symmetric: bool = flag(False, "infonce: add the item-to-sequence direction (each positive item against the "
                            "batch's states) and take the mean of both", action="store_true")
     gather_negatives: bool = flag(False, "infonce / sampled_softmax under torchrun: the pool holds every rank's "
@@ -345,6 +348,10 @@ def validate(c):
     if lo.num_negatives < 1 or lo.hard_negatives < 0:
         raise UsageError(f"--num_negatives must be >= 1 and --hard_negatives >= 0, got {lo.num_negatives} and "
                          f"{lo.hard_negatives}")
+    if lo.negatives_per_position and (lo.loss != "sampled_softmax" or lo.neg_sampler != "uniform"
+                                      or lo.in_batch_negatives or lo.hard_negatives or lo.gather_negatives):
+        raise UsageError("--negatives_per_position is for --loss sampled_softmax with uniform negatives (not with "
+                         "--neg_sampler popularity, --in_batch_negatives, --hard_negatives or --gather_negatives)")
     if not 0 <= lo.gbce_t <= 1:
         raise UsageError(f"--gbce_t must be in [0, 1], got {lo.gbce_t}")
     if not 0 <= m.dropout_rate < 1:

@@ -4,7 +4,8 @@ bce              one sampled negative per position (the SASRec paper)
 gbce             gBCE: N uniform negatives per sequence, positive term raised to beta (Petrov & Macdonald, RecSys 2023)
 infonce          softmax over the batch's pool of sampled negatives (masked in-batch InfoNCE)
 sampled_softmax  softmax over N shared negatives (uniform or popularity), logQ-corrected, optionally
-                 plus the batch's positives as extra negatives (mixed negative sampling, Yi et al. 2019)
+                 plus the batch's positives as extra negatives (mixed negative sampling, Yi et al. 2019);
+                 --negatives_per_position: N uniform negatives for every position instead (RecTools, eSASRec)
 ce               full softmax over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023)
 
 Every loss is called as `loss(states, pos_ids, tower, negatives, with_logits, weights)`:
@@ -361,6 +362,44 @@ class SampledSoftmax(SoftmaxLoss):
         return torch.log(expected.clamp_min(1e-30))
 
 
+class PerPositionSampledSoftmax(Loss):
+    """Sampled softmax over N uniform negatives drawn for every real position (as RecTools and eSASRec draw
+    them), accidental hits masked. Rows go in chunks, each recomputed in backward (checkpointing), so
+    memory holds one chunk's (rows x N x D) negative vectors, never R x N x D. The sampling is uniform, so
+    logQ is one constant and cancels."""
+
+    def __init__(self, similarity, num_negatives, chunk_elems=None):
+        super().__init__(similarity)
+        self.num_negatives, self.chunk_elems = num_negatives, chunk_elems or SOFTMAX_CHUNK_ELEMS
+
+    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
+        q = self.similarity.queries(states)
+        pos_logits = (q * self.targets(tower, pos_ids)).sum(-1)
+        neg_ids = negatives.draw((len(pos_ids), self.num_negatives), states.device)
+        rows = max(1, self.chunk_elems // (self.num_negatives * q.shape[1]))
+        per_row = torch.cat([checkpoint(self.row_losses, q[i:i + rows], pos_logits[i:i + rows], pos_ids[i:i + rows],
+                                        neg_ids[i:i + rows], tower, use_reentrant=False)
+                             for i in range(0, len(q), rows)])
+        loss = per_row.mean() if weights is None else (per_row * weights).sum() / weights.sum()
+        out = LossOutput(loss)
+        if with_logits:
+            with torch.no_grad():
+                out.pos_logits = pos_logits.detach()
+                out.neg_logits = self.negative_logits(q[:STAT_ROWS], pos_ids[:STAT_ROWS], neg_ids[:STAT_ROWS],
+                                                      tower).flatten()
+                out.neg_logits = out.neg_logits[out.neg_logits.isfinite()]
+        return out
+
+    def negative_logits(self, q, pos_ids, neg_ids, tower):
+        """(rows, N) logits of each row's own negatives; a negative equal to the row's positive is -inf."""
+        logits = torch.einsum("rd,rnd->rn", q, self.targets(tower, neg_ids))
+        return logits.masked_fill(neg_ids == pos_ids[:, None], float("-inf"))
+
+    def row_losses(self, q, pos_logits, pos_ids, neg_ids, tower):
+        logits = torch.cat([pos_logits[:, None], self.negative_logits(q, pos_ids, neg_ids, tower)], 1)
+        return torch.logsumexp(logits, 1) - pos_logits
+
+
 class FullCE(SoftmaxLoss):
     """The pool is the whole catalogue: the tower's table sliced, not gathered."""
 
@@ -380,6 +419,8 @@ def build_loss(config, item_counts):
     softmax = dict(hard_negatives=config.hard_negatives, gather_negatives=config.gather_negatives)
     if config.loss == "infonce":
         return InfoNCE(similarity, symmetric=config.symmetric, **softmax)
+    if config.loss == "sampled_softmax" and config.negatives_per_position:
+        return PerPositionSampledSoftmax(similarity, config.num_negatives)
     if config.loss == "sampled_softmax":
         return SampledSoftmax(similarity, config.num_negatives, popularity(item_counts), config.in_batch_negatives,
                               config.logq_correction, **softmax)

@@ -150,7 +150,9 @@ def describe_loss(c):
         parts.append(f"{c.num_negatives} negatives")
     if c.loss == "gbce":
         parts.append(f"t={c.gbce_t:g}")
-    if c.loss == "sampled_softmax":
+    if c.loss == "sampled_softmax" and c.negatives_per_position:
+        parts.append("uniform, per position")
+    elif c.loss == "sampled_softmax":
         parts.append(f"{c.neg_sampler}{' + in-batch' if c.in_batch_negatives else ''}{', logQ' if c.logq_correction else ''}")
     if c.symmetric and c.loss == "infonce":
         parts.append("symmetric")

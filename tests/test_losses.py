@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import exits
 from config import LOSSES, build_config
 from dataset import Batch
 from losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, scaled_unit_rows, softmax_loss
@@ -305,3 +306,24 @@ def test_symmetric_infonce_hand_computed_2x3():
     assert loss(False) == pytest.approx(sum(forward) / 2, rel=1e-6)
     assert loss(True) == pytest.approx((sum(forward) / 2 + sum(backward) / 2) / 2, rel=1e-6)
     assert build_config(["--use_infonce", "--symmetric"]).loss.symmetric
+
+
+def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
+    """--negatives_per_position: each row its own N negatives; a negative equal to the positive is masked."""
+    from types import SimpleNamespace
+    from losses import PerPositionSampledSoftmax, Similarity
+    table = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0], [1, 1]])  # items 1..4
+    states = torch.tensor([[1.0, 0], [0, 2]], requires_grad=True)
+    drawn = torch.tensor([[2, 3], [4, 2]])  # row 2's second negative is its positive (item 2): masked
+    negatives = SimpleNamespace(draw=lambda shape, device: drawn[:, :shape[1]])
+    loss_of = lambda chunk: PerPositionSampledSoftmax(Similarity(False), 2, chunk_elems=chunk)(  # noqa: E731
+        states, torch.tensor([1, 2]), lambda ids: table[ids], negatives)
+    row1 = -1 + math.log(E + 1 + E ** -1)    # dot: positive 1, negatives item 2 (0), item 3 (-1)
+    row2 = -2 + math.log(E ** 2 + E ** 2)    # positive 2, negative item 4 (2); item 2 masked
+    whole, chunked = loss_of(None), loss_of(4)  # 4 elements: one row per chunk
+    assert whole.loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
+    grad_whole, = torch.autograd.grad(whole.loss, states)
+    grad_chunked, = torch.autograd.grad(chunked.loss, states)
+    torch.testing.assert_close(grad_whole, grad_chunked)
+    with pytest.raises(SystemExit):
+        exits(build_config)(["--loss", "sampled_softmax", "--negatives_per_position", "--neg_sampler", "popularity"])
