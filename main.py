@@ -16,7 +16,7 @@ import torch
 import checkpoint
 import distributed
 from cli import UsageError, exits, make_writable_folder
-from config import build_config, checkpoint_file, with_output_dirs
+from config import action_weights, build_config, checkpoint_file, with_output_dirs
 from dataset import DataError, LeaveOneOut, load_interactions
 from eval.metrics import evaluate, popularity_scorer
 from features import load_side_info
@@ -170,7 +170,8 @@ def final_report(model, split, config, device, summary):
         pop = popularity_scorer(split.item_counts(which))
         results[f"popularity_{which}"] = evaluate(pop, split, which, exclude_history=not e.keep_history,
                                                   sampled=e.sampled_metrics, seed=config.train.seed,
-                                                  rare_below=e.rare_below)
+                                                  rare_below=e.rare_below,
+                                                  score_weights=action_weights(e.score_weights, "score_weights"))
     keys = ["HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR", "score"]
     if "weighted_score" in results["test"]:
         keys.append("weighted_score")

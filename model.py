@@ -152,12 +152,16 @@ class ItemTower(nn.Module):
                 setattr(self, name, torch.cat([old, torch.from_numpy(rows).to(old.device, old.dtype)]))
         self.num_items += count
 
+    @property
+    def all_items_device(self):
+        return (self.fuse if self.fuse is not None else self.id_emb).weight.device
+
     def all_items(self, chunk=65536):
         """(N + 1, D): every item's vector, row 0 the padding's. Without grad in blocks of `chunk` items: a
         500k-item table with 1024-d vectors would otherwise hold several GB of temporaries at once."""
         if self.fuse is None:
             return self.id_emb.weight
-        ids = torch.arange(self.num_items + 1, device=self.fuse.weight.device)
+        ids = torch.arange(self.num_items + 1, device=self.all_items_device)
         if torch.is_grad_enabled():
             return self(ids)
         return torch.cat([self(ids[s:s + chunk]) for s in range(0, len(ids), chunk)])
@@ -246,14 +250,20 @@ class SASRec(nn.Module):
                     module.weight[module.padding_idx].zero_()
 
     def input_vectors(self, seqs):
-        """Item vectors of the inputs. Outside training (eval mode, no grad) from a table of every item computed
-        once and kept until the weights can change (train(), load_state_dict, extend): with features and
-        multimodal vectors, a tower pass per position cost most of embedding a user."""
+        """Item vectors of the inputs: the tower in training, else rows of items_table()."""
         if self.training or torch.is_grad_enabled():
             return self.item_tower(seqs)
-        if self._item_table is None:
-            self._item_table = self.item_tower.all_items().detach()  # a tensor, never a registered Parameter
-        return F.embedding(seqs, self._item_table)
+        return F.embedding(seqs, self.items_table())
+
+    def items_table(self):
+        """(N + 1, D) every input item vector, computed once outside training and kept until the weights or the
+        catalogue can change (train(), load_state_dict, a tower extended or moved): with features and
+        multimodal vectors, a tower pass per position cost most of embedding a user."""
+        tower = self.item_tower
+        table = self._item_table
+        if table is None or len(table) != tower.num_items + 1 or table.device != tower.all_items_device:
+            table = self._item_table = tower.all_items().detach()  # a tensor, never a registered Parameter
+        return table
 
     def train(self, mode=True):
         self._item_table = None
@@ -332,7 +342,12 @@ class SASRec(nn.Module):
     def item_embeddings(self, item_ids=None, normalize=False):
         """Vectors the states are scored against, for `item_ids`, or all N + 1 rows (row 0 padding) if None."""
         tower = self.target_tower
-        items = tower.all_items() if item_ids is None else tower(item_ids)
+        if item_ids is not None:
+            items = tower(item_ids)
+        elif tower is self.item_tower and not (self.training or torch.is_grad_enabled()):
+            items = self.items_table()  # the table the inputs use: one pass per evaluation, not two
+        else:
+            items = tower.all_items()
         return F.normalize(items, dim=-1) if normalize else items
 
     def score(self, batch, item_ids=None, normalize=False):

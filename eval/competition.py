@@ -57,9 +57,8 @@ def build_parser():
 
 def read_users(folder, config):
     """The users to predict, as Interactions of the evaluation folder (feature ids as in training)."""
-    model = config
-    item_ids = [f["name"] for f in (model.get("item_side") or {}).get("features", [])]
-    user_ids = [f["name"] for f in (model.get("user_side") or {}).get("features", [])]
+    item_ids = [f["name"] for f in (config.get("item_side") or {}).get("features", [])]
+    user_ids = [f["name"] for f in (config.get("user_side") or {}).get("features", [])]
     seq_file = "predict_seq.jsonl" if os.path.isfile(os.path.join(folder, "predict_seq.jsonl")) else "seq.jsonl"
     return taac.read_taac(folder, config.get("mm_emb_id") or (), item_ids or None, user_ids or None, seq_file)
 
@@ -194,7 +193,6 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "competition")
     make_writable_folder(out, "--out")
     eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
-    model.eval()  # a new table of input vectors, with the appended creatives
     model.to(device)
     user_vecs = embed_users(model, data, eval_rows, normalize, args.batch_size, device)
     with torch.no_grad():

@@ -138,9 +138,8 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
     if sampled:
         out.update(metrics_from_ranks(np.concatenate([sampled_ranks[s] for s in sorted(sampled_ranks)]),
                                       prefix="sampled_"))
-    if data.actions is not None:
-        weights = score_weights if score_weights is not None else {0: 0.0, 1: 1.0, 2: 2.5}
-        out["weighted_score"] = weighted_score(ranks, [weights.get(int(a), 1.0) for a in data.actions[ends]])
+    if data.actions is not None and score_weights is not None:
+        out["weighted_score"] = weighted_score(ranks, [score_weights.get(int(a), 1.0) for a in data.actions[ends]])
     out["users"] = int(len(users))
     return out
 
