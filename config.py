@@ -105,6 +105,16 @@ class LossConfig:
                                         "by the batch", action="store_true")
     symmetric: bool = flag(False, "infonce: add the item-to-sequence direction (each positive item against the "
                            "batch's states) and take the mean of both", action="store_true")
+    negative_queue: int = flag(0, "infonce / sampled_softmax: a FIFO of the last N negatives of earlier steps "
+                               "(vectors detached, ids kept for hit masking) joins each step's pool (0: none)")
+    loss_schedule: Optional[str] = flag(None, "multi-stage training, LOSS:EPOCHS stages then a last LOSS, e.g. "
+                                        "'bce:5,infonce' (the last stage's loss is --loss; all share --similarity)")
+    augment: float = flag(0.0, "weight of a CL4SRec auxiliary loss: InfoNCE between two augmented views of each "
+                          "training sequence (0: off)")
+    augmentations: tuple = flag(("crop", "mask", "reorder"), "--augment: each view applies one of these, drawn "
+                                "at random", nargs="+", choices=("crop", "mask", "reorder"))
+    align_side_info: float = flag(0.0, "weight of an InfoNCE between each batch item's id embedding and its "
+                                  "side-information vector (attributes / multimodal; 0: off)")
     gather_negatives: bool = flag(False, "infonce / sampled_softmax under torchrun: the pool holds every rank's "
                                   "negatives (gradients flow back through the gather)")
     l2_emb: float = flag(0.0, "weight of the item-embedding norm penalty")
@@ -119,13 +129,18 @@ class LossConfig:
 class TrainConfig:
     batch_size: int = flag(128, "sequences per step (per process under torchrun)")
     lr: float = flag(0.001, "Adam learning rate")
-    lr_schedule: str = flag("constant", "cosine: decay from --lr to 0 over --num_epochs (a function of the step, "
-                            "so resumable)", choices=("constant", "cosine"))
+    lr_schedule: str = flag("constant", "cosine: decay from --lr to 0 over --num_epochs; plateau: constant --lr "
+                            "until --patience validations bring no better NDCG@10, then a cosine decay to 0 over "
+                            "--decay_fraction x the epochs so far, then stop (a function of the step: resumable)",
+                            choices=("constant", "cosine", "plateau"))
+    decay_fraction: float = flag(0.5, "plateau schedule: length of the final decay, as a fraction of the epochs "
+                                 "trained when it starts")
     num_epochs: int = flag(200, "epochs at most")
     device: str = flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     seed: int = flag(42, "seeds every random stream (per epoch, so a resumed run repeats the straight one)")
     eval_every: int = flag(5, "validate every N epochs")
-    patience: int = flag(5, "stop after N validations without a better NDCG@10")
+    patience: int = flag(5, "stop after N validations without a better NDCG@10 (plateau schedule: start the "
+                         "final decay)")
     state_dict_path: Optional[str] = flag(None, "checkpoint (.pt, or a checkpoint dir) to resume from or evaluate")
     inference_only: bool = flag(False, "evaluate --state_dict_path and exit", action="store_true")
     amp: str = flag("none", "CUDA only. bf16: autocast the forward pass to bfloat16 (losses stay fp32)",
@@ -306,6 +321,11 @@ def build_config(argv=None):
         raise UsageError(f"--use_infonce contradicts --loss {ns.loss} (--use_infonce means --loss infonce)")
     values = vars(ns)
     values["loss"] = command_line_loss(ns, argv) or ns.loss or ("infonce" if ns.use_infonce else "bce")
+    if ns.loss_schedule:  # the schedule's last stage is the run's loss (its similarity, its [loss] table)
+        last = loss_stages(ns.loss_schedule)[-1][0]
+        if given(argv, "--loss", "--use_infonce") and values["loss"] != last:
+            raise UsageError(f"--loss {values['loss']} contradicts --loss_schedule, whose last stage is {last}")
+        values["loss"] = last
     values["similarity"] = ns.similarity or ("cosine" if values["loss"] == "infonce" else "dot")
     for key in ("item_features", "item_emb"):  # a config file may give one path or a list
         paths = values[key] or []
@@ -352,6 +372,18 @@ def validate(c):
                                       or lo.in_batch_negatives or lo.hard_negatives or lo.gather_negatives):
         raise UsageError("--negatives_per_position is for --loss sampled_softmax with uniform negatives (not with "
                          "--neg_sampler popularity, --in_batch_negatives, --hard_negatives or --gather_negatives)")
+    pool_losses = [name for name, _ in loss_stages(lo.loss_schedule)] if lo.loss_schedule else [lo.loss]
+    if lo.negative_queue < 0 or (lo.negative_queue and not {"infonce", "sampled_softmax"} & set(pool_losses)) \
+            or (lo.negative_queue and lo.negatives_per_position):
+        raise UsageError(f"--negative_queue {lo.negative_queue}: a queue is for --loss infonce or sampled_softmax "
+                         f"with a shared pool (not --negatives_per_position), N >= 0")
+    if lo.augment < 0 or lo.align_side_info < 0:
+        raise UsageError(f"--augment and --align_side_info are weights >= 0, got {lo.augment} and "
+                         f"{lo.align_side_info}")
+    if lo.align_side_info and m.no_item_id:
+        raise UsageError("--align_side_info aligns id embeddings with side information: not with --no_item_id")
+    if not t.decay_fraction > 0:
+        raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
     if not 0 <= lo.gbce_t <= 1:
         raise UsageError(f"--gbce_t must be in [0, 1], got {lo.gbce_t}")
     if not 0 <= m.dropout_rate < 1:
@@ -366,6 +398,20 @@ def validate(c):
         action_weights(pairs, flag_name)
     if t.inference_only and not t.state_dict_path:
         raise UsageError("--inference_only needs --state_dict_path")
+
+
+def loss_stages(text):
+    """'bce:5,infonce' -> (('bce', 5), ('infonce', None)): each stage's loss and epochs, the last open-ended."""
+    stages = []
+    parts = [p.strip() for p in text.split(",")]
+    for i, part in enumerate(parts):
+        name, _, epochs = part.partition(":")
+        last = i == len(parts) - 1
+        if name not in LOSSES or (not last and not epochs.isdigit()) or (last and epochs) or epochs == "0":
+            raise UsageError(f"--loss_schedule {text!r}: stage {part!r} should be LOSS:EPOCHS (EPOCHS >= 1), the "
+                             f"last stage LOSS alone; losses are {', '.join(LOSSES)}")
+        stages.append((name, int(epochs) if epochs else None))
+    return tuple(stages)
 
 
 def action_weights(pairs, flag_name="action_weights"):

@@ -18,6 +18,7 @@ The softmax losses share `softmax_loss`: cross-entropy of the positive (index 0)
 negatives, where pool entries equal to the row's positive (accidental hits) are masked, in row chunks,
 so memory is O(chunk x pool), never O(rows x pool).
 """
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import distributed
-from config import LOSSES, TEMPERATURE_RANGE
+from config import LOSSES, TEMPERATURE_RANGE, loss_stages
+from negative_queue import NegativeQueue
 
 SOFTMAX_CHUNK_ELEMS = 1 << 20  # logits per chunk (4 MB fp32): bounds memory, keeps a chunk in cache
 STAT_ROWS, STAT_COLUMNS = 256, 4096  # logits logged at most (the CE pool is the whole catalogue)
@@ -275,9 +277,9 @@ class GBCE(Loss):
 class SoftmaxLoss(Loss):
     """Cross-entropy of each positive against a pool; subclasses say what the pool is."""
 
-    def __init__(self, similarity, hard_negatives=0, gather_negatives=False):
+    def __init__(self, similarity, hard_negatives=0, gather_negatives=False, queue=None):
         super().__init__(similarity)
-        self.hard_negatives, self.gather_negatives = hard_negatives, gather_negatives
+        self.hard_negatives, self.gather_negatives, self.queue = hard_negatives, gather_negatives, queue
 
     def pool(self, pos_ids, tower, negatives, device):
         """(pos vectors (R, D), pool vectors (P, D), pool ids (P,), pos bias, pool bias (P,) or None)."""
@@ -307,6 +309,10 @@ class SoftmaxLoss(Loss):
             return distributed.gather_pool(pool, pool_ids)
         return pool, pool_ids, None
 
+    def queued(self, pool, pool_ids, pool_bias):
+        """The pool with the --negative_queue entries appended (this step's pool joins the queue)."""
+        return (pool, pool_ids, pool_bias) if self.queue is None else self.queue.extend(pool, pool_ids, pool_bias)
+
 
 class InfoNCE(SoftmaxLoss):
     """The pool is the batch's per-position negatives (each drawn outside its own user's history).
@@ -314,8 +320,8 @@ class InfoNCE(SoftmaxLoss):
     states whose positive is the same item masked), and the loss is the mean of the two directions."""
     per_position_negatives = True
 
-    def __init__(self, similarity, hard_negatives=0, gather_negatives=False, symmetric=False):
-        super().__init__(similarity, hard_negatives, gather_negatives)
+    def __init__(self, similarity, hard_negatives=0, gather_negatives=False, queue=None, symmetric=False):
+        super().__init__(similarity, hard_negatives, gather_negatives, queue)
         self.symmetric = symmetric
 
     def combine(self, loss, queries, pos, pos_logits, pos_ids, weights):
@@ -326,7 +332,7 @@ class InfoNCE(SoftmaxLoss):
 
     def pool(self, pos_ids, tower, negatives, device):
         pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
-        pool, pool_ids, pool_bias = self.gathered(neg, negatives.per_position)
+        pool, pool_ids, pool_bias = self.queued(*self.gathered(neg, negatives.per_position))
         return pos, pool, pool_ids, 0.0, pool_bias
 
 
@@ -335,8 +341,8 @@ class SampledSoftmax(SoftmaxLoss):
     batch's positives (in-batch), every logit shifted by -log(expected count in the pool) (logQ)."""
 
     def __init__(self, similarity, num_negatives, popularity, in_batch=False, logq=True, hard_negatives=0,
-                 gather_negatives=False):
-        super().__init__(similarity, hard_negatives, gather_negatives)
+                 gather_negatives=False, queue=None):
+        super().__init__(similarity, hard_negatives, gather_negatives, queue)
         self.num_negatives, self.in_batch, self.logq = num_negatives, in_batch, logq
         self.register_buffer("popularity", torch.as_tensor(popularity, dtype=torch.float32), persistent=False)
 
@@ -345,10 +351,11 @@ class SampledSoftmax(SoftmaxLoss):
         pos, neg = self.targets(tower, torch.cat([pos_ids, neg_ids])).split([len(pos_ids), len(neg_ids)])
         pool, pool_ids = (torch.cat([neg, pos]), torch.cat([neg_ids, pos_ids])) if self.in_batch else (neg, neg_ids)
         pool, pool_ids, pool_bias = self.gathered(pool, pool_ids)
-        if not self.logq:
-            return pos, pool, pool_ids, 0.0, pool_bias
         ranks = distributed.world_size() if self.gather_negatives else 1
         in_batch_rows = int((pool_ids != 0).sum()) - ranks * self.num_negatives if self.in_batch else 0
+        pool, pool_ids, pool_bias = self.queued(pool, pool_ids, pool_bias)
+        if not self.logq:
+            return pos, pool, pool_ids, 0.0, pool_bias
         log_q = self.log_expected_count(negatives.sampler, in_batch_rows, ranks)
         pool_bias = -log_q[pool_ids] if pool_bias is None else pool_bias - log_q[pool_ids]
         return pos, pool, pool_ids, -log_q[pos_ids], pool_bias
@@ -408,25 +415,60 @@ class FullCE(SoftmaxLoss):
         return table[pos_ids], table[1:], torch.arange(1, len(table), device=device), 0.0, None
 
 
-def build_loss(config, item_counts):
-    """The loss module of a LossConfig; item_counts: (N + 1,) training interactions per item."""
+class ScheduledLoss(nn.Module):
+    """Multi-stage training (--loss_schedule 'bce:5,infonce'): stage k's loss trains its epochs, the last
+    stage every epoch after. The stage is a function of the epoch, so a resumed run picks it up; every stage
+    shares one Similarity (what retrieval ranks by) and the negative queue, if any."""
+
+    def __init__(self, stages, names):
+        super().__init__()
+        self.stages, self.names = nn.ModuleList(loss for loss, _ in stages), names
+        self.ends = [e for e in itertools.accumulate(epochs or math.inf for _, epochs in stages)]
+        self.similarity = self.stages[0].similarity
+        self.per_position_negatives = any(loss.per_position_negatives for loss in self.stages)
+        self.epoch = 1
+
+    def stage(self, epoch):
+        """Index of the stage that trains `epoch` (1-based)."""
+        return next(i for i, end in enumerate(self.ends) if epoch <= end)
+
+    def name(self, epoch):
+        return self.names[self.stage(epoch)]
+
+    def forward(self, *args, **kwargs):
+        return self.stages[self.stage(self.epoch)](*args, **kwargs)
+
+
+def build_loss(config, item_counts, dim=None):
+    """The loss module of a LossConfig; item_counts: (N + 1,) training interactions per item; dim: the item
+    vectors' width (needed by --negative_queue)."""
     similarity = Similarity(config.similarity == "cosine", config.temperature, config.learn_temperature)
+    queue = NegativeQueue(config.negative_queue, dim) if config.negative_queue else None
+    if not config.loss_schedule:
+        return stage_loss(config.loss, config, similarity, item_counts, queue)
+    stages = loss_stages(config.loss_schedule)
+    return ScheduledLoss([(stage_loss(name, config, similarity, item_counts, queue), epochs)
+                          for name, epochs in stages], [name for name, _ in stages])
+
+
+def stage_loss(name, config, similarity, item_counts, queue=None):
+    """The loss `name` with the LossConfig's settings, on `similarity`."""
     num_items = len(item_counts) - 1
-    if config.loss == "bce":
+    if name == "bce":
         return BCE(similarity)
-    if config.loss == "gbce":
+    if name == "gbce":
         return GBCE(similarity, config.num_negatives, num_items, config.gbce_t)
-    softmax = dict(hard_negatives=config.hard_negatives, gather_negatives=config.gather_negatives)
-    if config.loss == "infonce":
+    softmax = dict(hard_negatives=config.hard_negatives, gather_negatives=config.gather_negatives, queue=queue)
+    if name == "infonce":
         return InfoNCE(similarity, symmetric=config.symmetric, **softmax)
-    if config.loss == "sampled_softmax" and config.negatives_per_position:
+    if name == "sampled_softmax" and config.negatives_per_position:
         return PerPositionSampledSoftmax(similarity, config.num_negatives)
-    if config.loss == "sampled_softmax":
+    if name == "sampled_softmax":
         return SampledSoftmax(similarity, config.num_negatives, popularity(item_counts), config.in_batch_negatives,
                               config.logq_correction, **softmax)
-    if config.loss == "ce":
+    if name == "ce":
         return FullCE(similarity, config.hard_negatives)
-    raise ValueError(f"unknown loss {config.loss!r}; expected one of {LOSSES}")
+    raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
 
 
 def popularity(item_counts):

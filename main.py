@@ -110,7 +110,7 @@ def build(config, side, split, device):
     model.item_tower.load_arrays(side)
     model = model.to(device)
     counts = split.item_counts("valid")
-    loss = build_loss(config.loss, counts).to(device)
+    loss = build_loss(config.loss, counts, config.model.hidden_units).to(device)
     popular = config.loss.loss == "sampled_softmax" and config.loss.neg_sampler == "popularity"
     sampler = NegativeSampler(config.model.num_items, popularity(counts).to(device) if popular else None, split)
     optimizer = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=config.train.lr, betas=(0.9, 0.98),

@@ -31,6 +31,7 @@ from config import action_weights
 from dataset import TrainBatches
 from eval.metrics import encode_floats, evaluate, model_scorer
 from files import remove_stale_temp_files
+from losses import ScheduledLoss
 from samplers import BatchNegatives
 
 SYNC_EVERY = 20  # steps between host read-backs of the loss (and TensorBoard points)
@@ -48,6 +49,11 @@ class LoopState:
     best_epoch: int = 0
     best_ndcg: float = -1.0
     bad_evals: int = 0
+    decay_from: int = 0    # plateau schedule: the epoch its final decay began after (0: not yet)
+    decay_epochs: int = 0  # and how many epochs that decay lasts
+
+    def decay_over(self):
+        return self.decay_epochs > 0 and self.epoch >= self.decay_from + self.decay_epochs
 
     @classmethod
     def from_checkpoint(cls, ckpt):
@@ -159,10 +165,17 @@ def seed_epoch(seed, epoch, rank=0):
     return np.random.default_rng([seed, epoch])
 
 
-def learning_rate(train_config, progress):
-    """The learning rate at `progress` (0 -> 1) through the planned training."""
-    lr = train_config.lr
-    return lr if train_config.lr_schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def learning_rate(train_config, state, steps_per_epoch):
+    """The learning rate of step state.step: constant, cosine over --num_epochs, or (plateau) constant until
+    validation starts the final decay, then cosine over that decay's epochs."""
+    lr, schedule = train_config.lr, train_config.lr_schedule
+    if schedule == "cosine":
+        progress = state.step / (train_config.num_epochs * steps_per_epoch)
+    elif schedule == "plateau" and state.decay_epochs:
+        progress = (state.step - state.decay_from * steps_per_epoch) / (state.decay_epochs * steps_per_epoch)
+    else:
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def peak_rss_mb():
@@ -214,6 +227,8 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
                          f"process(es); resume it with the same number ({world} now)")
     step.train()
     loss_module = getattr(step, "module", step).loss
+    if isinstance(loss_module, ScheduledLoss):
+        loss_module.epoch = epoch
     batch_iter = batches.epoch(seed_epoch(train.seed, epoch, distributed.rank()))
     if state.batch:  # replay the interrupted part's draws, so the rest of the epoch matches exactly
         for _ in range(state.batch):
@@ -236,7 +251,7 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(train, state.step / (train.num_epochs * len(batches)))
+            group["lr"] = learning_rate(train, state, len(batches))
         optimizer.step()
         meter.add(out.loss, rows)
         state.step += 1
@@ -323,8 +338,11 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
             record = {"epoch": epoch, "step": state.step, "loss": epoch_loss, "seq_per_s": seq_per_s,
                       "seconds": seconds}
             line = f"epoch {epoch:4d}  loss {epoch_loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
+            if isinstance(loss, ScheduledLoss):
+                record["loss_name"] = loss.name(epoch)
+                line += f"  ({record['loss_name']})"
             stop_early = False
-            if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs:
+            if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs or state.decay_over():
                 record["valid"], stop_early = validate(model, split, config, device, state, writer, save)
                 if main_rank:
                     line += f"  valid {format_metrics(record['valid'])}{'  *' if state.best_epoch == epoch else ''}"
@@ -339,14 +357,19 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
             if stop_early:
                 print(f"early stop: no better validation NDCG@10 for {config.train.patience} evaluations")
                 break
+            if state.decay_over():
+                print(f"the final learning-rate decay ({state.decay_epochs} epochs from epoch {state.decay_from}) "
+                      f"is over; best validation NDCG@10 {state.best_ndcg:.4f} at epoch {state.best_epoch}")
+                break
 
 
 def validate(model, split, config, device, state, writer, save):
     """Validation metrics; saves best.pt on a new best NDCG@10. Returns (metrics, whether to stop early).
     Under torchrun the ranks score shares of the users; rank 0 decides and tells the others whether to stop."""
     valid = run_evaluation(model, split, config, device, "valid", sharded=True)
-    if not distributed.is_main():
-        return {}, distributed.broadcast(None)
+    if not distributed.is_main():  # rank 0 decides; every rank follows its stop and its decay
+        stop, state.decay_from, state.decay_epochs = distributed.broadcast(None)
+        return {}, stop
     stop = False
     for k, v in valid.items():
         writer.add_scalar(f"valid/{k}", v, state.epoch)
@@ -356,7 +379,14 @@ def validate(model, split, config, device, state, writer, save):
     else:
         state.bad_evals += 1
         stop = state.bad_evals >= config.train.patience
-    return valid, distributed.broadcast(stop)
+    if stop and config.train.lr_schedule == "plateau":  # a plateau starts the final decay; its end stops training
+        stop = False
+        if not state.decay_epochs:
+            state.decay_from, state.bad_evals = state.epoch, 0
+            state.decay_epochs = max(config.train.eval_every, round(config.train.decay_fraction * state.epoch))
+            print(f"validation plateau at epoch {state.epoch}: the learning rate decays to 0 over "
+                  f"{state.decay_epochs} epochs")
+    return valid, distributed.broadcast((stop, state.decay_from, state.decay_epochs))[0]
 
 
 def resume_hint(stop, state, epoch, num_batches, ckpt_dir):

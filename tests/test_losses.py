@@ -327,3 +327,53 @@ def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
     torch.testing.assert_close(grad_whole, grad_chunked)
     with pytest.raises(SystemExit):
         exits(build_config)(["--loss", "sampled_softmax", "--negatives_per_position", "--neg_sampler", "popularity"])
+
+
+def test_negative_queue_is_a_fifo_of_earlier_pools_with_hits_masked():
+    """--negative_queue N: after a few steps the queue holds the last N pool entries (ids and the vectors
+    as computed then), oldest first, as a hand-simulated FIFO; a queued copy of a row's positive is masked."""
+    from types import SimpleNamespace
+    from losses import InfoNCE, Similarity
+    from negative_queue import NegativeQueue
+    queue = NegativeQueue(5, 2)
+    fifo = []  # (id, vector) by hand
+    for step, ids in enumerate(([3, 1, 4], [1, 5], [9, 2, 6, 5])):
+        vectors = torch.tensor([[float(i), float(step)] for i in ids])
+        queue.extend(vectors, torch.tensor(ids))
+        fifo = (fifo + [(i, [float(i), float(step)]) for i in ids])[-5:]
+        got_vectors, got_ids = queue.contents()
+        assert got_ids.tolist() == [i for i, _ in fifo]
+        assert got_vectors.tolist() == [v for _, v in fifo]
+    pool, pool_ids, _ = queue.extend(torch.zeros(1, 2), torch.tensor([0]))  # a gathered pool's padding
+    assert sorted(pool_ids.tolist()) == sorted([0] + [i for i, _ in fifo]) and queue.contents()[1].tolist() == \
+        [i for i, _ in fifo]  # the pool gets the queue; padding (id 0) is not queued
+
+    table = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0]])  # items 1..3, dot logits
+    loss = InfoNCE(Similarity(False), queue=NegativeQueue(4, 2))
+    step = lambda pool_ids: loss(torch.tensor([[2.0, 0]]), torch.tensor([1]), lambda ids: table[ids],  # noqa: E731
+                                 SimpleNamespace(per_position=torch.tensor(pool_ids))).loss.item()
+    assert step([1]) == pytest.approx(0.0, abs=1e-6)  # the only negative is the positive itself: masked
+    # now queued: item 1 (masked again) and the pool's item 2 (logit 0) and item 3 (logit -2)
+    assert step([2, 3]) == pytest.approx(-2 + math.log(E ** 2 + 1 + E ** -2), rel=1e-6)
+    assert step([3]) == pytest.approx(-2 + math.log(E ** 2 + E ** -2 + 1 + E ** -2), rel=1e-6)
+    with pytest.raises(SystemExit):
+        exits(build_config)(["--loss", "bce", "--negative_queue", "64"])
+
+
+def test_queue_and_loss_schedule_build_from_flags():
+    """--negative_queue gives the softmax losses a queue of the item width; --loss_schedule stages share one
+    similarity, switch at the stated epoch, and the schedule's last stage is the run's loss."""
+    from losses import InfoNCE, ScheduledLoss
+    config = build_config(["--loss_schedule", "bce:2,sampled_softmax:1,infonce", "--negative_queue", "8"])
+    assert config.loss.loss == "infonce" and config.loss.similarity == "cosine"
+    loss = build_loss(config.loss, np.ones(5), dim=3)
+    assert isinstance(loss, ScheduledLoss) and [loss.name(e) for e in range(1, 6)] == \
+        ["bce", "bce", "sampled_softmax", "infonce", "infonce"]
+    assert all(stage.similarity is loss.similarity for stage in loss.stages)
+    assert loss.stages[1].queue is loss.stages[2].queue and loss.stages[2].queue.vectors.shape == (8, 3)
+    assert loss.per_position_negatives  # bce and infonce need the batch's per-position negatives
+    assert isinstance(build_loss(build_config(["--use_infonce"]).loss, np.ones(5)), InfoNCE)
+    for bad in (["--loss_schedule", "bce,infonce"], ["--loss_schedule", "bce:x,infonce"],
+                ["--loss_schedule", "bce:2,infonce:3"], ["--loss_schedule", "bce:2,infonce", "--loss", "ce"]):
+        with pytest.raises(SystemExit):
+            exits(build_config)(bad)

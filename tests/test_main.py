@@ -10,7 +10,7 @@ from cli import exits
 from conftest import shared_file, write
 from config import build_config
 from main import main
-from train import learning_rate
+from train import LoopState, learning_rate
 
 parse_args = exits(build_config)  # as main() runs it: a bad flag is one line on stderr and exit status 2
 
@@ -121,11 +121,35 @@ def test_end_to_end_on_real_data_beats_popularity(tmp_path):
 
 
 def test_cosine_schedule_is_a_function_of_progress():
-    cosine = parse_args(["--lr", "0.01", "--lr_schedule", "cosine"]).train
+    cosine = parse_args(["--lr", "0.01", "--lr_schedule", "cosine", "--num_epochs", "2"]).train
     constant = parse_args(["--lr", "0.01"]).train
-    for progress, expected in ((0.0, 0.01), (0.5, 0.005), (1.0, 0.0), (1.5, 0.0)):
-        assert learning_rate(cosine, progress) == pytest.approx(expected, abs=1e-12)
-    assert learning_rate(constant, 0.7) == 0.01
+    for step, expected in ((0, 0.01), (10, 0.005), (20, 0.0), (30, 0.0)):  # 10 steps an epoch
+        assert learning_rate(cosine, LoopState(step=step), 10) == pytest.approx(expected, abs=1e-12)
+    assert learning_rate(constant, LoopState(step=7), 10) == 0.01
+
+
+def test_plateau_schedule_decays_after_the_plateau_then_stops(tmp_path, capsys):
+    """Constant lr until `patience` validations bring nothing better, then cosine to 0 over decay_fraction x
+    the epochs so far, then stop; the decay is in the checkpoint, so a resumed run carries it on."""
+    flags = TINY + ["--use_infonce", "--lr", "0.05", "--lr_schedule", "plateau", "--patience", "1",
+                    "--decay_fraction", "0.5", "--eval_every", "1", "--num_epochs", "60"]
+    run = str(tmp_path / "run")
+    main(flags + ["--run_dir", run])
+    log = [json.loads(line) for line in open(os.path.join(run, "logs", "train.log"))]
+    out = capsys.readouterr().out
+    start = int(out.split("validation plateau at epoch ")[1].split(":")[0])
+    decay = max(1, round(0.5 * start))
+    assert len(log) == start + decay < 60  # stopped when the decay ended
+    ckpt = torch.load(os.path.join(run, "ckpt", "last.pt"), weights_only=True)
+    assert (ckpt["decay_from"], ckpt["decay_epochs"]) == (start, decay)
+    train = parse_args(flags).train
+    steps = log[0]["step"]
+    lr = lambda step, decay_epochs=decay: learning_rate(train, LoopState(step=step, decay_from=start,  # noqa: E731
+                                                                        decay_epochs=decay_epochs), steps)
+    assert lr(start * steps + 5, decay_epochs=0) == 0.05  # before the plateau: --lr
+    assert lr(start * steps) == pytest.approx(0.05)
+    assert lr(start * steps + decay * steps // 2) == pytest.approx(0.025, rel=0.1)
+    assert lr((start + decay) * steps) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_gpu_and_multiprocess_flags_on_one_cpu_process_do_nothing_and_say_so(tmp_path, capsys):
