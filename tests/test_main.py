@@ -99,6 +99,23 @@ def test_resume_continues_exactly_and_inference_only_reproduces(tmp_path):
     assert evaluated["test"] == trained["test"]
 
 
+def test_loss_schedule_switches_at_its_epoch_and_resumes_exactly_with_its_queue(tmp_path):
+    """'bce:1,infonce': epoch 1 trains BCE, later epochs InfoNCE; a run stopped after epoch 1 and resumed
+    ends bit-identical to the straight one, negative queue included."""
+    flags = TINY + ["--loss_schedule", "bce:1,infonce", "--negative_queue", "300"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    main(flags + ["--num_epochs", "3", "--run_dir", straight])
+    main(flags + ["--num_epochs", "1", "--run_dir", split])
+    main(["--num_epochs", "3", "--state_dict_path", os.path.join(split, "ckpt")])
+    for run in (straight, split):
+        log = [json.loads(line) for line in open(os.path.join(run, "logs", "train.log"))]
+        assert [r["loss_name"] for r in log] == ["bce", "infonce", "infonce"]
+    a, b = (torch.load(os.path.join(run, "ckpt", "last.pt"), weights_only=True) for run in (straight, split))
+    assert int(a["loss"]["stages.1.queue.pushed"]) > 300  # the queue filled and wrapped
+    for k in [*a["model"], *a["loss"]]:
+        torch.testing.assert_close({**a["model"], **a["loss"]}[k], {**b["model"], **b["loss"]}[k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("loss_flags", [[], ["--use_infonce", "--infonce_temperature", "0.1"], ["--loss", "ce"],
                                         ["--loss", "sampled_softmax", "--in_batch_negatives", "--neg_sampler",
                                          "popularity", "--similarity", "cosine", "--learn_temperature"]])
