@@ -211,6 +211,8 @@ class LossOutput:
     loss: torch.Tensor
     pos_logits: Optional[torch.Tensor] = None  # detached, (R,)
     neg_logits: Optional[torch.Tensor] = None  # detached, unmasked negatives of up to STAT_ROWS rows
+    augment_loss: Optional[torch.Tensor] = None  # auxiliary terms (unweighted), when on
+    align_loss: Optional[torch.Tensor] = None
 
 
 def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):

@@ -107,6 +107,9 @@ def complete_config(config, data):
 def build(config, side, split, device):
     """Model, loss, negative sampler and optimizer for a completed config."""
     model = SASRec(config.model)
+    if config.loss.align_side_info and model.item_tower.fuse is None:
+        raise UsageError(f"--align_side_info: {config.data.data} gives the items no side information (add "
+                         f"--item_features, --item_emb or --mm_emb_id)")
     model.item_tower.load_arrays(side)
     model = model.to(device)
     counts = split.item_counts("valid")

@@ -121,14 +121,21 @@ class ItemTower(nn.Module):
         """(...) item ids -> (..., D) vectors; id 0 (padding) gives zeros."""
         if self.fuse is None:
             return self.id_emb(ids)
-        parts = [self.id_emb(ids)] if self.id_emb is not None else []
-        for i, emb in enumerate(self.feature_emb):
-            parts.append(pooled(emb, getattr(self, f"feature_values{i}")[ids]))  # (..., width) codes
+        parts = ([self.id_emb(ids)] if self.id_emb is not None else []) + self.side_parts(ids)
+        return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
+
+    def side_parts(self, ids):
+        """(..., D) one vector per attribute feature (pooled codes) and per pretrained vector (projected)."""
+        parts = [pooled(emb, getattr(self, f"feature_values{i}")[ids]) for i, emb in enumerate(self.feature_emb)]
         for j, proj in enumerate(self.vector_proj):
             projected = proj(getattr(self, f"vectors{j}")[ids].to(proj.weight.dtype))
             parts.append(torch.where(getattr(self, f"has_vector{j}")[ids].unsqueeze(-1), projected,
                                      self.vector_default[j]))
-        return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
+        return parts
+
+    def side_vectors(self, ids):
+        """(..., D) an item's side information alone: the mean of its side parts (--align_side_info)."""
+        return torch.stack(self.side_parts(ids)).mean(0)
 
     @torch.no_grad()
     def extend(self, side):

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import auxiliary
 import checkpoint
 import distributed
 from cli import RunError, UsageError, first_line
@@ -102,9 +103,11 @@ class TrainStep(nn.Module):
     synchronises the gradients of what its wrapped forward computed). `compiled`: torch.compile it,
     eager if the first (compiling) call fails."""
 
-    def __init__(self, model, loss, sampler, l2_emb=0.0, compiled=False):
+    def __init__(self, model, loss, sampler, l2_emb=0.0, compiled=False, augment=0.0, augmentations=(),
+                 align_side_info=0.0):
         super().__init__()
         self.model, self.loss, self.sampler, self.l2_emb = model, loss, sampler, l2_emb
+        self.augment, self.augmentations, self.align_side_info = augment, augmentations, align_side_info
         self.compiled = torch.compile(self.eager) if compiled else None
         self.compile_checked = False
 
@@ -117,6 +120,12 @@ class TrainStep(nn.Module):
         out = self.loss(states, pos_ids, self.model.target_tower, negatives, with_logits, batch.weights)
         if self.l2_emb:
             out.loss = out.loss + self.l2_emb * sum(table.norm() for table in self.model.id_tables())
+        if self.augment:
+            out.augment_loss = auxiliary.augmentation_loss(self.model, batch, self.augmentations)
+            out.loss = out.loss + self.augment * out.augment_loss
+        if self.align_side_info:
+            out.align_loss = auxiliary.alignment_loss(self.model.item_tower, pos_ids)
+            out.loss = out.loss + self.align_side_info * out.align_loss
         return out
 
     def forward(self, batch, with_logits=False):
@@ -150,7 +159,9 @@ def target_weights(loss_config, data):
 
 def make_step(model, loss, sampler, config, device):
     """The training step module: TrainStep, DDP-wrapped under torchrun."""
-    step = TrainStep(model, loss, sampler, config.loss.l2_emb, compiled=config.train.compile and device.type == "cuda")
+    lo = config.loss
+    step = TrainStep(model, loss, sampler, lo.l2_emb, compiled=config.train.compile and device.type == "cuda",
+                     augment=lo.augment, augmentations=lo.augmentations, align_side_info=lo.align_side_info)
     if distributed.world_size() == 1:
         return step
     # The buffers (item side codes, sampler tables) are constants: nothing to broadcast every step.
@@ -273,6 +284,9 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
 
 def log_logits(writer, step, loss, out, loss_module, hist_every):
     writer.add_scalar("train/loss", loss, step)
+    for name in ("augment_loss", "align_loss"):
+        if getattr(out, name) is not None:
+            writer.add_scalar(f"train/{name}", getattr(out, name).item(), step)
     for name, x in (("pos", out.pos_logits), ("neg", out.neg_logits)):
         x = x.float()
         writer.add_scalar(f"logits/{name}_mean", x.mean().item(), step)
