@@ -1,12 +1,15 @@
-"""Quality of every loss on the real datasets, next to published numbers: a markdown table.
+"""Quality of the default recipe, every loss and every option, on the real datasets: a markdown table.
 
-    python bench/quality.py                                   # every loss x Beauty, Toys, LastFM, Games
-    python bench/quality.py --datasets beauty --losses sampled_softmax infonce
-    python bench/quality.py --table_only                      # rebuild the table from finished runs
+    python bench/quality.py --jobs 2                              # the whole grid, two runs at a time
+    python bench/quality.py --datasets beauty toys --variants default symmetric queue --seeds 42 43 --jobs 2
+    python bench/quality.py --table_only                          # rebuild the table from finished runs
 
-Each run is `python main.py --config configs/<dataset>.toml --loss <loss>` (the shipped, tuned
-settings; its [<loss>] table applies), in its own process so its peak memory is its own. Finished
-runs (their results.json) are reused unless --rerun. The table goes to stdout and to --out.
+Each run is `python main.py --config configs/default.toml --data <file> --seed S <the variant's flags>`
+(the one recipe: only the data and the variant change), in its own process so its peak memory is its
+own. With --jobs N > 1 the runs go N at a time with OMP_NUM_THREADS=1 each: two default-threaded torch
+processes on 2 cores slow each other many-fold (OpenMP spin-waiting), so their minutes are 1-thread
+minutes. Finished runs (their results.json) are reused unless --rerun. Rows give the mean over seeds and
+the difference from the default recipe on the same data; the table goes to stdout and to --out.
 """
 import argparse
 import json
@@ -15,96 +18,136 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from losses import LOSSES  # noqa: E402
-
-DATASETS = {"beauty": "Beauty", "toys": "Toys", "lastfm": "LastFM", "games": "Games"}
-# Best published full-ranking (leave-one-out, all items ranked) results for a plain SASRec on the
-# same files: eSASRec (Tikhonovich et al., RecSys 2025), README table of blondered/transformer_benchmark,
-# column SASRec+SS (sampled softmax, 256 negatives). LastFM and Games have no such full-ranking figure
-# for plain SASRec that we could cite; Games' SASRec-paper figure uses 100 sampled negatives.
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+DATASETS = {"beauty": "Beauty", "toys": "Toys_and_Games", "lastfm": "LastFM", "games": "Games"}
+# Best published full-ranking (leave-one-out, all items ranked) results for a plain SASRec on the same
+# files: eSASRec (Tikhonovich et al., RecSys 2025), README table of blondered/transformer_benchmark,
+# column SASRec+SS (sampled softmax, 256 negatives). LastFM has no such figure that we could cite; Games'
+# SASRec-paper figure ranks the target against 100 sampled negatives (our sampled_* metrics).
 PUBLISHED = {
     "beauty": ("0.0921", "0.0531", "eSASRec table, SASRec+SS"),
     "toys": ("0.0970", "0.0580", "eSASRec table, SASRec+SS"),
     "lastfm": ("", "", "no full-ranking SASRec figure found"),
     "games": ("0.7410*", "0.5360*", "SASRec paper (Kang & McAuley 2018), *100 sampled negatives"),
 }
+# The variants: flags added to the recipe. {attributes}: the dataset's item attribute file.
+VARIANTS = {
+    "default": [],
+    "bce": ["--loss", "bce"],
+    "gbce": ["--loss", "gbce"],
+    "sampled_softmax": ["--loss", "sampled_softmax", "--similarity", "cosine", "--num_negatives", "2048"],
+    "per_position": ["--loss", "sampled_softmax", "--negatives_per_position", "--num_negatives", "256",
+                     "--similarity", "cosine"],
+    "ce": ["--loss", "ce"],
+    "symmetric": ["--symmetric"],
+    "queue": ["--negative_queue", "8192"],
+    "augment": ["--augment", "0.1"],
+    "align": ["--align_side_info", "0.1", "--item_features", "{attributes}"],
+    "schedule": ["--loss_schedule", "bce:10,infonce"],
+}
 
 
-def run_one(dataset, loss, run_dir, extra):
-    """Train one (dataset, loss); return (minutes, peak RSS MB) of the child process."""
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs", f"{dataset}.toml"),
-           "--loss", loss, "--run_dir", run_dir] + extra
+def data_flags(dataset):
+    path = os.path.join(DATA, f"{DATASETS[dataset]}.txt")
+    return ["--data", path] + (["--data_format", "pairs", "--sampled_metrics"] if dataset == "games" else [])
+
+
+def variant_flags(variant, dataset):
+    attributes = os.path.join(DATA, f"{DATASETS[dataset]}_item2attributes.json")
+    return [a.format(attributes=attributes) for a in VARIANTS[variant]]
+
+
+def run_one(job, jobs, extra):
+    """Train one (dataset, variant, seed) in a child process; record its minutes and peak RSS."""
+    dataset, variant, seed, run_dir = job
+    shutil.rmtree(run_dir, ignore_errors=True)  # an old or unfinished run starts over
+    os.makedirs(run_dir)
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs", "default.toml"),
+           *data_flags(dataset), "--seed", str(seed), "--run_dir", run_dir, *variant_flags(variant, dataset), *extra]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {}))
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=open(os.path.join(run_dir, "stdout.txt"), "w"), stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    minutes = (time.perf_counter() - start) / 60
+    with open(os.path.join(run_dir, "stdout.txt"), "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        raise SystemExit(f"error: {dataset}/{loss} failed; see {os.path.join(run_dir, 'stdout.txt')}")
-    return minutes, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
-
-
-def row(dataset, loss, run_dir):
-    with open(os.path.join(run_dir, "results.json")) as f:
+        print(f"error: {dataset}/{variant}/seed {seed} failed; see {os.path.join(run_dir, 'stdout.txt')}", flush=True)
+        return
+    results = os.path.join(run_dir, "results.json")
+    with open(results) as f:
         r = json.load(f)
-    bench = r.get("bench", {})
-    test = r["test"]
-    sampled = "sampled_NDCG@10" in test
-    return {"dataset": DATASETS[dataset], "loss": loss, "HR@10": test["HR@10"], "NDCG@10": test["NDCG@10"],
-            "pop NDCG@10": r["popularity_test"]["NDCG@10"],
-            "sampled": f"{test['sampled_HR@10']:.4f} / {test['sampled_NDCG@10']:.4f}" if sampled else "",
-            "best epoch": r.get("best_epoch", ""), "minutes": bench.get("minutes", r.get("train_minutes", 0)),
-            "peak MB": bench.get("peak_mb")}
+    r["bench"] = {"minutes": (time.perf_counter() - start) / 60, "peak_mb": usage.ru_maxrss / 1024,
+                  "threads": 1 if jobs > 1 else "default"}
+    with open(results + ".tmp", "w") as f:
+        json.dump(r, f, indent=2)
+    os.replace(results + ".tmp", results)
 
 
-def table(rows):
-    lines = ["| data | loss | HR@10 | NDCG@10 | popularity NDCG@10 | sampled HR@10 / NDCG@10 | best epoch | minutes "
-             "| peak RSS MB | published HR@10 / NDCG@10 |", "|---" * 10 + "|"]
-    for r in rows:
-        key = next(k for k, v in DATASETS.items() if v == r["dataset"])
-        hr, ndcg, source = PUBLISHED[key]
-        published = f"{hr} / {ndcg} ({source})" if hr else source
-        peak = f"{r['peak MB']:.0f}" if r["peak MB"] else ""
-        lines.append(f"| {r['dataset']} | {r['loss']} | {r['HR@10']:.4f} | {r['NDCG@10']:.4f} | {r['pop NDCG@10']:.4f} "
-                     f"| {r['sampled']} | {r['best epoch']} | {r['minutes']:.1f} | {peak} | {published} |")
+def summary(run_dirs):
+    """Mean over the finished seeds: valid / test NDCG@10, test HR@10, minutes, seeds; None if none finished."""
+    done = []
+    for d in run_dirs:
+        if os.path.exists(os.path.join(d, "results.json")):
+            with open(os.path.join(d, "results.json")) as f:
+                done.append(json.load(f))
+    if not done:
+        return None
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {"valid": mean([r["valid"]["NDCG@10"] for r in done]),
+            "HR@10": mean([r["test"]["HR@10"] for r in done]), "NDCG@10": mean([r["test"]["NDCG@10"] for r in done]),
+            "sampled": mean([r["test"].get("sampled_NDCG@10", 0.0) for r in done]),
+            "epochs": mean([r.get("best_epoch", 0) for r in done]),
+            "minutes": mean([r.get("bench", {}).get("minutes", 0.0) for r in done]), "seeds": len(done),
+            "threads": done[0].get("bench", {}).get("threads", "")}
+
+
+def table(cells, datasets, variants):
+    lines = ["| data | variant | seeds | valid NDCG@10 | test HR@10 | test NDCG@10 | vs default (valid / test) "
+             "| best epoch | minutes | published HR@10 / NDCG@10 |", "|---" * 10 + "|"]
+    for dataset in datasets:
+        base = cells.get((dataset, "default"))
+        for variant in variants:
+            c = cells.get((dataset, variant))
+            if c is None:
+                continue
+            delta = (f"{c['valid'] - base['valid']:+.4f} / {c['NDCG@10'] - base['NDCG@10']:+.4f}"
+                     if base and variant != "default" else "")
+            hr, ndcg, source = PUBLISHED[dataset]
+            sampled = f" (sampled {c['sampled']:.4f})" if dataset == "games" else ""
+            lines.append(f"| {DATASETS[dataset]} | {variant} | {c['seeds']} | {c['valid']:.4f} | {c['HR@10']:.4f} | "
+                         f"{c['NDCG@10']:.4f}{sampled} | {delta} | {c['epochs']:.0f} | {c['minutes']:.1f} "
+                         f"({c['threads']} thr) | {f'{hr} / {ndcg} ({source})' if hr else source} |")
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
-    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "quality"), help="one run folder per (dataset, loss)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43])
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one thread when > 1)")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "quality"), help="one folder per run")
     p.add_argument("--out", default=None, help="markdown file (default: <runs>/quality.md)")
     p.add_argument("--rerun", action="store_true", help="train again even where results.json exists")
     p.add_argument("--table_only", action="store_true", help="only tabulate finished runs")
-    args, extra = p.parse_known_args()  # anything else goes to main.py, e.g. --data_dir-style overrides
-    rows = []
-    for dataset in args.datasets:
-        for loss in args.losses:
-            run_dir = os.path.join(args.runs, f"{dataset}_{loss}")
-            results = os.path.join(run_dir, "results.json")
-            if not args.table_only and (args.rerun or not os.path.exists(results)):
-                shutil.rmtree(run_dir, ignore_errors=True)  # an old or unfinished run starts over
-                os.makedirs(run_dir)
-                minutes, peak_mb = run_one(dataset, loss, run_dir, extra)
-                with open(results) as f:
-                    r = json.load(f)
-                r["bench"] = {"minutes": minutes, "peak_mb": peak_mb}
-                with open(results + ".tmp", "w") as f:
-                    json.dump(r, f, indent=2)
-                os.replace(results + ".tmp", results)
-            if os.path.exists(results):
-                rows.append(row(dataset, loss, run_dir))
-    text = table(rows)
+    args, extra = p.parse_known_args()  # anything else goes to every main.py run
+    folder = lambda d, v, s: os.path.join(args.runs, f"{d}-{v}-s{s}")  # noqa: E731
+    grid = [(d, v, s, folder(d, v, s)) for d in args.datasets for v in args.variants for s in args.seeds]
+    todo = [job for job in grid if not args.table_only
+            and (args.rerun or not os.path.exists(os.path.join(job[3], "results.json")))]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on their child processes
+        list(pool.map(lambda job: run_one(job, args.jobs, extra), todo))
+    cells = {(d, v): summary([folder(d, v, s) for s in args.seeds]) for d in args.datasets for v in args.variants}
+    text = table({k: c for k, c in cells.items() if c}, args.datasets, args.variants)
     print(text)
     out = args.out or os.path.join(args.runs, "quality.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with open(out + ".tmp", "w") as f:
         f.write(text + "\n")
+    os.replace(out + ".tmp", out)
     print(f"table written to {out}")
 
 

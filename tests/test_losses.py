@@ -309,22 +309,37 @@ def test_symmetric_infonce_hand_computed_2x3():
 
 
 def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
-    """--negatives_per_position: each row its own N negatives; a negative equal to the positive is masked."""
+    """--negatives_per_position: each row its own N negatives; a negative equal to the positive is masked.
+    Both routes (vectors gathered per row; the whole table's logits, then picked) give the same loss and
+    gradients, whole or in chunks."""
     from types import SimpleNamespace
     from losses import PerPositionSampledSoftmax, Similarity
-    table = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0], [1, 1]])  # items 1..4
+    table = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0], [1, 1]], requires_grad=True)  # items 1..4
+
+    class Tower:
+        num_items = 4
+
+        def __call__(self, ids):
+            return table[ids]
+
+        def all_items(self):
+            return table
     states = torch.tensor([[1.0, 0], [0, 2]], requires_grad=True)
     drawn = torch.tensor([[2, 3], [4, 2]])  # row 2's second negative is its positive (item 2): masked
     negatives = SimpleNamespace(draw=lambda shape, device: drawn[:, :shape[1]])
-    loss_of = lambda chunk: PerPositionSampledSoftmax(Similarity(False), 2, chunk_elems=chunk)(  # noqa: E731
-        states, torch.tensor([1, 2]), lambda ids: table[ids], negatives)
     row1 = -1 + math.log(E + 1 + E ** -1)    # dot: positive 1, negatives item 2 (0), item 3 (-1)
     row2 = -2 + math.log(E ** 2 + E ** 2)    # positive 2, negative item 4 (2); item 2 masked
-    whole, chunked = loss_of(None), loss_of(4)  # 4 elements: one row per chunk
-    assert whole.loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
-    grad_whole, = torch.autograd.grad(whole.loss, states)
-    grad_chunked, = torch.autograd.grad(chunked.loss, states)
-    torch.testing.assert_close(grad_whole, grad_chunked)
+    results = []
+    for dense in (0, 100):
+        for chunk in (None, 4):  # 4 elements: one row per chunk on either route
+            loss = PerPositionSampledSoftmax(Similarity(False), 2, chunk_elems=chunk)
+            loss.DENSE_ITEMS_PER_NEGATIVE = dense
+            out = loss(states, torch.tensor([1, 2]), Tower(), negatives)
+            assert out.loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
+            results.append(torch.autograd.grad(out.loss, [states, table]))
+    for grads in results[1:]:
+        for a, b in zip(results[0], grads):
+            torch.testing.assert_close(a, b)
     with pytest.raises(SystemExit):
         exits(build_config)(["--loss", "sampled_softmax", "--negatives_per_position", "--neg_sampler", "popularity"])
 
