@@ -50,6 +50,7 @@ class LoopState:
     best_epoch: int = 0
     best_ndcg: float = -1.0
     bad_evals: int = 0
+    ref_ndcg: float = -1.0  # the NDCG@10 that reset bad_evals last (--min_delta measures progress from it)
     decay_from: int = 0    # plateau schedule: the epoch its final decay began after (0: not yet)
     decay_epochs: int = 0  # and how many epochs that decay lasts
 
@@ -58,7 +59,8 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(cls, ckpt):
-        return cls(**{k: ckpt[k] for k in cls.__dataclass_fields__ if k in ckpt})
+        return cls(**{"ref_ndcg": ckpt.get("best_ndcg", -1.0),  # checkpoints older than --min_delta
+                      **{k: ckpt[k] for k in cls.__dataclass_fields__ if k in ckpt}})
 
 
 class GracefulStop:
@@ -387,12 +389,16 @@ def validate(model, split, config, device, state, writer, save):
     stop = False
     for k, v in valid.items():
         writer.add_scalar(f"valid/{k}", v, state.epoch)
-    if valid["NDCG@10"] > state.best_ndcg:
-        state.best_epoch, state.best_ndcg, state.bad_evals = state.epoch, valid["NDCG@10"], 0
-        save(os.path.join(config.output.ckpt_dir, "best.pt"))
+    ndcg = valid["NDCG@10"]
+    if ndcg > state.best_ndcg:
+        state.best_epoch, state.best_ndcg = state.epoch, ndcg
+    if ndcg > state.ref_ndcg * (1 + config.train.min_delta):  # progress: patience starts over
+        state.ref_ndcg, state.bad_evals = ndcg, 0
     else:
         state.bad_evals += 1
         stop = state.bad_evals >= config.train.patience
+    if state.best_epoch == state.epoch:  # after the counters: best.pt carries them too
+        save(os.path.join(config.output.ckpt_dir, "best.pt"))
     if stop and config.train.lr_schedule == "plateau":  # a plateau starts the final decay; its end stops training
         stop = False
         if not state.decay_epochs:
