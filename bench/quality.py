@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-DATASETS = {"beauty": "Beauty", "toys": "Toys_and_Games", "lastfm": "LastFM", "games": "Games"}
+DATASETS = {"beauty": "Beauty", "toys": "Toys_and_Games", "lastfm": "LastFM", "games": "Games"}  # file stems
+NAMES = {"beauty": "Beauty", "toys": "Toys", "lastfm": "LastFM", "games": "Games"}
 # Best published full-ranking (leave-one-out, all items ranked) results for a plain SASRec on the same
 # files: eSASRec (Tikhonovich et al., RecSys 2025), README table of blondered/transformer_benchmark,
 # column SASRec+SS (sampled softmax, 256 negatives). LastFM has no such figure that we could cite; Games'
@@ -117,7 +118,7 @@ def table(cells, datasets, variants):
                      if base and variant != "default" else "")
             hr, ndcg, source = PUBLISHED[dataset]
             sampled = f" (sampled {c['sampled']:.4f})" if dataset == "games" else ""
-            lines.append(f"| {DATASETS[dataset]} | {variant} | {c['seeds']} | {c['valid']:.4f} | {c['HR@10']:.4f} | "
+            lines.append(f"| {NAMES[dataset]} | {variant} | {c['seeds']} | {c['valid']:.4f} | {c['HR@10']:.4f} | "
                          f"{c['NDCG@10']:.4f}{sampled} | {delta} | {c['epochs']:.0f} | {c['minutes']:.1f} "
                          f"({c['threads']} thr) | {f'{hr} / {ndcg} ({source})' if hr else source} |")
     return "\n".join(lines)
