@@ -23,8 +23,8 @@ LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
 TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 # Fields that fix the network's shape: a checkpoint loads only into a model built with the same values.
-STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "output_emb", "user_features",
-                  "action_emb", "time_features")
+STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "emb_scale", "output_emb",
+                  "user_features", "action_emb", "time_features")
 
 
 def flag(default, help, **argparse_options):
@@ -69,6 +69,8 @@ class ModelConfig:
     num_heads: int = flag(1, "attention heads (divides --hidden_units)")
     dropout_rate: float = flag(0.2, "dropout on embeddings, block outputs and the feed-forward")
     norm_first: bool = flag(True, "pre-norm blocks (--no-norm_first: post-norm)")
+    emb_scale: bool = flag(True, "input item vectors x sqrt(hidden_units), as SASRec (--no-emb_scale: unscaled, as "
+                           "RecTools)")
     output_emb: str = flag("tied", "item table the states are scored against: the input table (tied, as in "
                            "SASRec) or one of its own", choices=("tied", "separate"))
     no_item_id: bool = flag(False, "items from side information only (cold-start tower)", action="store_true")

@@ -316,12 +316,13 @@ class SASRec(nn.Module):
         real = seqs != 0
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
-        x = self.input_vectors(seqs) * math.sqrt(hidden) + self.pos_emb.weight[maxlen - W:]
+        scale = math.sqrt(hidden) if self.config.emb_scale else 1.0
+        x = self.input_vectors(seqs) * scale + self.pos_emb.weight[maxlen - W:]
         if token_extra is not None:
             x = x + token_extra
         prefix = user is not None and self.config.user_features == "token"
         if prefix:  # the user token sits left of every item, so causality lets every position see it
-            x, real_keys = torch.cat([user[:, None] * math.sqrt(hidden), x], 1), F.pad(real, (1, 0), value=True)
+            x, real_keys = torch.cat([user[:, None] * scale, x], 1), F.pad(real, (1, 0), value=True)
         else:
             real_keys = real
         x = self.emb_dropout(x)
