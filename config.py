@@ -137,6 +137,8 @@ class TrainConfig:
                             choices=("constant", "cosine", "plateau"))
     min_delta: float = flag(0.0, "a validation resets --patience only when its NDCG@10 beats the last reset's by "
                             "this relative margin (0.01: 1%%); best.pt still follows every improvement")
+    min_steps: int = flag(0, "plateau schedule: no final decay before this many optimizer steps (a small log has "
+                          "few steps an epoch, and its first validations are noise)")
     decay_fraction: float = flag(0.5, "plateau schedule: length of the final decay, as a fraction of the epochs "
                                  "trained when it starts")
     num_epochs: int = flag(200, "epochs at most")
@@ -386,8 +388,8 @@ def validate(c):
                          f"{lo.align_side_info}")
     if lo.align_side_info and m.no_item_id:
         raise UsageError("--align_side_info aligns id embeddings with side information: not with --no_item_id")
-    if t.min_delta < 0:
-        raise UsageError(f"--min_delta must be >= 0, got {t.min_delta}")
+    if t.min_delta < 0 or t.min_steps < 0:
+        raise UsageError(f"--min_delta and --min_steps must be >= 0, got {t.min_delta} and {t.min_steps}")
     if not t.decay_fraction > 0:
         raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
     if not 0 <= lo.gbce_t <= 1:

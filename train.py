@@ -401,7 +401,7 @@ def validate(model, split, config, device, state, writer, save):
         save(os.path.join(config.output.ckpt_dir, "best.pt"))
     if stop and config.train.lr_schedule == "plateau":  # a plateau starts the final decay; its end stops training
         stop = False
-        if not state.decay_epochs:
+        if not state.decay_epochs and state.step >= config.train.min_steps:
             state.decay_from, state.bad_evals = state.epoch, 0
             state.decay_epochs = max(config.train.eval_every, round(config.train.decay_fraction * state.epoch))
             print(f"validation plateau at epoch {state.epoch}: the learning rate decays to 0 over "

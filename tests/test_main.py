@@ -256,3 +256,18 @@ def test_min_delta_counts_only_real_progress_but_best_follows_every_gain(tmp_pat
             state.epoch = epoch
             got.append(validate(None, None, config, None, state, NullWriter(), saved.append)[1])
         assert got == stops and state.best_epoch == 3 and state.best_ndcg == 0.1008  # best.pt: every gain
+
+
+def test_plateau_waits_for_min_steps(tmp_path, monkeypatch):
+    """A plateau before --min_steps optimizer steps starts no decay; the first one after does."""
+    import train
+    from train import NullWriter, validate
+    monkeypatch.setattr(train, "run_evaluation", lambda *args, **kwargs: {"NDCG@10": 0.1})
+    config = parse_args(["--lr_schedule", "plateau", "--patience", "1", "--min_steps", "100", "--eval_every", "1",
+                         "--ckpt_dir", str(tmp_path)])
+    state = LoopState()
+    for epoch, step, decay_from in ((1, 40, 0), (2, 80, 0), (3, 120, 3), (4, 160, 3)):
+        state.epoch, state.step = epoch, step
+        assert validate(None, None, config, None, state, NullWriter(), lambda path: None)[1] is False
+        assert state.decay_from == decay_from
+    assert state.decay_epochs == max(1, round(0.5 * 3))
