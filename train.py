@@ -1,4 +1,5 @@
-"""The training loop: epochs of steps, validation every --eval_every, checkpoints, early stopping.
+"""The training loop: epochs of steps, validation every --eval_every, checkpoints, early stopping or the
+plateau schedule's final decay.
 
     fit(model, loss, sampler, optimizer, split, config, device, state)
 
@@ -401,12 +402,17 @@ def validate(model, split, config, device, state, writer, save):
         save(os.path.join(config.output.ckpt_dir, "best.pt"))
     if stop and config.train.lr_schedule == "plateau":  # a plateau starts the final decay; its end stops training
         stop = False
-        if not state.decay_epochs and state.step >= config.train.min_steps:
-            state.decay_from, state.bad_evals = state.epoch, 0
-            state.decay_epochs = max(config.train.eval_every, round(config.train.decay_fraction * state.epoch))
-            print(f"validation plateau at epoch {state.epoch}: the learning rate decays to 0 over "
-                  f"{state.decay_epochs} epochs")
+        start_final_decay(state, config.train)
     return valid, distributed.broadcast((stop, state.decay_from, state.decay_epochs))[0]
+
+
+def start_final_decay(state, train_config):
+    """Plateau schedule: the decay over decay_fraction x the epochs so far begins now, once, after min_steps."""
+    if state.decay_epochs or state.step < train_config.min_steps:
+        return
+    state.decay_from, state.bad_evals = state.epoch, 0
+    state.decay_epochs = max(train_config.eval_every, round(train_config.decay_fraction * state.epoch))
+    print(f"validation plateau at epoch {state.epoch}: the learning rate decays to 0 over {state.decay_epochs} epochs")
 
 
 def resume_hint(stop, state, epoch, num_batches, ckpt_dir):
