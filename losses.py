@@ -439,10 +439,12 @@ class ScheduledLoss(nn.Module):
     stage every epoch after. The stage is a function of the epoch, so a resumed run picks it up; every stage
     shares one Similarity (what retrieval ranks by) and the negative queue, if any."""
 
-    def __init__(self, stages, names):
+    def __init__(self, stages):
+        """stages: (name, loss module, epochs or None for the last) in order."""
         super().__init__()
-        self.stages, self.names = nn.ModuleList(loss for loss, _ in stages), names
-        self.ends = [e for e in itertools.accumulate(epochs or math.inf for _, epochs in stages)]
+        self.names = [name for name, _, _ in stages]
+        self.stages = nn.ModuleList(loss for _, loss, _ in stages)
+        self.ends = list(itertools.accumulate(epochs or math.inf for _, _, epochs in stages))
         self.similarity = self.stages[0].similarity
         self.per_position_negatives = any(loss.per_position_negatives for loss in self.stages)
         self.epoch = 1
@@ -465,9 +467,8 @@ def build_loss(config, item_counts, dim=None):
     queue = NegativeQueue(config.negative_queue, dim) if config.negative_queue else None
     if not config.loss_schedule:
         return stage_loss(config.loss, config, similarity, item_counts, queue)
-    stages = loss_stages(config.loss_schedule)
-    return ScheduledLoss([(stage_loss(name, config, similarity, item_counts, queue), epochs)
-                          for name, epochs in stages], [name for name, _ in stages])
+    return ScheduledLoss([(name, stage_loss(name, config, similarity, item_counts, queue), epochs)
+                          for name, epochs in loss_stages(config.loss_schedule)])
 
 
 def stage_loss(name, config, similarity, item_counts, queue=None):
