@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cli import ArgumentParser, UsageError, exits, make_writable_folder  # noqa: E402
-from dataset import DataError, history_batch  # noqa: E402
+from dataset import DataError, history_batch, length_batches  # noqa: E402
 from eval.infer import build_index, load_run  # noqa: E402
 from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k, SCORE_HR, SCORE_NDCG  # noqa: E402
 from features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
@@ -143,13 +143,11 @@ def embed_users(model, data, eval_rows, normalize, batch_size, device):
     data.items = eval_rows[data.items]  # evaluation re-ids -> tower rows
     ends, lengths = data.offsets[1:], np.minimum(data.lengths, model.config.maxlen)
     batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max()))))
-    users = np.arange(data.num_users)
-    out = []
-    for s in range(0, len(users), batch_size):
-        b = slice(s, s + batch_size)
-        batch = history_batch(data, users[b], ends[b], lengths[b], int(lengths[b].max()), known_end=ends[b])
-        out.append(model.user_embeddings(batch.to(device), normalize).float().cpu().numpy())
-    return np.concatenate(out)
+    out = np.zeros((data.num_users, model.config.hidden_units), np.float32)
+    for b in length_batches(lengths, batch_size):
+        batch = history_batch(data, b, ends[b], lengths[b], int(lengths[b].max()), known_end=ends[b])
+        out[b] = model.user_embeddings(batch.to(device), normalize).float().cpu().numpy()
+    return out
 
 
 def write_bin(path, array):

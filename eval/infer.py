@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 from cli import ArgumentParser, UsageError, exits, first_line, make_writable_folder  # noqa: E402
 from config import model_config_from_dict  # noqa: E402
-from dataset import DataError, LeaveOneOut, left_padded, load_interactions, ragged_positions  # noqa: E402
+from dataset import DataError, LeaveOneOut, left_padded, length_batches, load_interactions, ragged_positions  # noqa: E402
 from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k  # noqa: E402
 from files import atomic_write  # noqa: E402
 from model import SASRec  # noqa: E402
@@ -189,12 +189,13 @@ def embed_users(model, items, ends, lengths, normalize, batch_size, device):
     memory budget (attention grows with the square of the width)."""
     maxlen = model.config.maxlen
     batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max(initial=1)))))
-    out = []
-    for s in tqdm(range(0, len(ends), batch_size), desc="users", disable=not sys.stderr.isatty()):
-        b_len = np.minimum(lengths[s:s + batch_size], maxlen)
-        seqs = torch.from_numpy(left_padded(items, ends[s:s + batch_size], b_len, int(b_len.max()))).to(device)
-        out.append(model.user_embeddings(seqs, normalize).float().cpu().numpy())
-    return np.concatenate(out)
+    out = np.zeros((len(ends), model.config.hidden_units), np.float32)
+    for b in tqdm(length_batches(np.minimum(lengths, maxlen), batch_size), desc="users",
+                  disable=not sys.stderr.isatty()):
+        b_len = np.minimum(lengths[b], maxlen)
+        seqs = torch.from_numpy(left_padded(items, ends[b], b_len, int(b_len.max()))).to(device)
+        out[b] = model.user_embeddings(seqs, normalize).float().cpu().numpy()
+    return out
 
 
 @torch.no_grad()

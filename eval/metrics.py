@@ -107,7 +107,10 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
     Every report has `score` (0.31 HR@10 + 0.69 NDCG@10).
     """
     data = split.data
-    users, ends, hist_len, targets = split.eval_arrays(which)
+    # Users in order of history length: each batch is as wide as its longest history, not the log's longest.
+    arrays = split.eval_arrays(which)
+    by_length = np.argsort(arrays[2], kind="stable")
+    users, ends, hist_len, targets = (a[by_length] for a in arrays)
     batch = users_per_batch(data.num_items, encode_cost(int(hist_len.max(initial=1))) if encode_cost else 0)
     starts = range(0, len(users), batch)
     if sharded:

@@ -3,9 +3,12 @@ import math
 import numpy as np
 import torch
 
+from config import ModelConfig
 from conftest import write
-from dataset import LeaveOneOut, load_interactions
-from eval.metrics import MISS, evaluate, full_ranks, metrics_from_ranks, popularity_scorer
+from dataset import LeaveOneOut, left_padded, load_interactions
+from eval.infer import embed_users
+from eval.metrics import MISS, evaluate, full_ranks, metrics_from_ranks, model_scorer, popularity_scorer
+from model import SASRec
 
 
 def test_metrics_from_known_ranks():
@@ -51,3 +54,32 @@ def test_evaluate_with_oracle_and_popularity(tmp_path):
     pop = evaluate(popularity_scorer(split.item_counts("test")), split, "test")
     assert pop["HR@1"] == 0 and pop["HR@5"] == 2 / 3
     assert math.isclose(pop["NDCG@5"], (2 / math.log2(3)) / 3)
+
+
+def test_length_sorted_batches_give_each_user_its_own_vector_and_rank(tmp_path):
+    # 7 users of lengths 3..9 in shuffled order, batched 2 at a time by length: every vector must land on
+    # its own user, equal to that user's history encoded alone, and the metrics equal one-user batches'.
+    rng = np.random.default_rng(0)
+    lines = [" ".join([str(u)] + [str(i) for i in rng.integers(1, 12, size=n)]) for u, n in
+             enumerate([9, 3, 7, 4, 8, 5, 6], start=1)]
+    data = load_interactions(write(tmp_path, "log.txt", "\n".join(lines) + "\n"))
+    split = LeaveOneOut(data)
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(num_items=data.num_items, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2)).eval()
+    ends, lengths = data.offsets[1:], data.lengths
+    vectors = embed_users(model, data.items, ends, lengths, False, 2, torch.device("cpu"))
+    for u in range(data.num_users):
+        n = min(lengths[u], 6)
+        alone = torch.from_numpy(left_padded(data.items, ends[u:u + 1], np.array([n]), n))
+        np.testing.assert_allclose(vectors[u], model.user_embeddings(alone)[0].detach().numpy(), rtol=1e-5, atol=1e-6)
+    score = model_scorer(model, data, 6, torch.device("cpu"))
+    for which in ("valid", "test"):  # each user scored alone, the history excluded by hand
+        users, h_ends, h_len, targets = split.eval_arrays(which)
+        ranks = []
+        for u, e, n, t in zip(users, h_ends, h_len, targets):
+            s = score(np.array([u]), np.array([e]), np.array([n]))[0]
+            s[0] = s[data.items[e - n:e]] = float("-inf")
+            ranks.append(int((s >= s[t]).sum()) - 1 if t not in data.items[e - n:e] else MISS)
+        batched, by_hand = evaluate(score, split, which), metrics_from_ranks(ranks)
+        for k in by_hand:
+            assert math.isclose(batched[k], by_hand[k], rel_tol=1e-9), (which, k)
