@@ -1,0 +1,65 @@
+"""Encoding users for evaluation, timed: batches in the log's order vs batches of similar history length.
+
+    python bench/eval_speed.py [--data ../shared/data/Beauty.txt --batch 256 --rounds 3 --threads 2]
+
+A model of the default recipe's shape (d 256, 2 blocks, maxlen 50; fresh weights: the cost does not depend
+on them) embeds every evaluated user's validation history, `--batch` users at a time. A left-padded batch is
+as wide as its longest history, so in the log's order most batches are maxlen wide. The two orders alternate
+(log, by length, log, ...); medians of `--rounds` of each, and whether both gave the same vectors.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from config import ModelConfig  # noqa: E402
+from dataset import LeaveOneOut, left_padded, length_batches, load_interactions  # noqa: E402
+from model import SASRec  # noqa: E402
+
+
+def embed(model, items, ends, lengths, batches):
+    out = np.zeros((len(ends), model.config.hidden_units), np.float32)
+    with torch.no_grad():
+        for b in batches:
+            seqs = torch.from_numpy(left_padded(items, ends[b], lengths[b], int(lengths[b].max())))
+            out[b] = model.user_embeddings(seqs).numpy()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "Beauty.txt"))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_interactions(args.data)
+    split = LeaveOneOut(data)
+    _, ends, lengths, _ = split.eval_arrays("valid")
+    torch.manual_seed(0)
+    model = SASRec(ModelConfig(num_items=data.num_items, maxlen=50, hidden_units=256, num_blocks=2)).eval()
+    lengths = np.minimum(lengths, model.config.maxlen)
+    orders = {"log order": [np.arange(s, min(s + args.batch, len(ends))) for s in range(0, len(ends), args.batch)],
+              "by length": length_batches(lengths, args.batch)}
+    print(f"{args.data}: {len(ends)} users, mean history {lengths.mean():.1f} (maxlen 50), {args.threads} threads")
+    times, vectors = {k: [] for k in orders}, {}
+    for _ in range(args.rounds):
+        for name, batches in orders.items():
+            start = time.perf_counter()
+            vectors[name] = embed(model, data.items, ends, lengths, batches)
+            times[name].append(time.perf_counter() - start)
+    for name, t in times.items():
+        print(f"{name:9s} median {statistics.median(t):.2f} s  ({', '.join(f'{x:.2f}' for x in t)})")
+    same = np.allclose(vectors["log order"], vectors["by length"], rtol=1e-4, atol=1e-5)
+    print(f"same vectors: {same}")
+
+
+if __name__ == "__main__":
+    main()
