@@ -71,8 +71,6 @@ class ModelConfig:
     norm_first: bool = flag(True, "pre-norm blocks (--no-norm_first: post-norm)")
     emb_scale: bool = flag(True, "input item vectors x sqrt(hidden_units), as SASRec (--no-emb_scale: unscaled, as "
                            "RecTools)")
-    emb_init: str = flag("xavier", "initial embedding tables: Xavier-normal (small; SASRec.pytorch) or N(0, 1) (PyTorch's "
-                         "default, as RecTools)", choices=("xavier", "normal"))
     output_emb: str = flag("tied", "item table the states are scored against: the input table (tied, as in "
                            "SASRec) or one of its own", choices=("tied", "separate"))
     no_item_id: bool = flag(False, "items from side information only (cold-start tower)", action="store_true")

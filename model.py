@@ -248,16 +248,10 @@ class SASRec(nn.Module):
                                     for _ in range(c.num_blocks))
         self.last_norm = nn.LayerNorm(c.hidden_units, eps=1e-8)
         self._item_table = None  # see input_vectors
-        self.initialize(c.emb_init)
-
-    def initialize(self, emb_init):
-        """Xavier-normal for every matrix; embedding tables N(0, 1) instead with emb_init 'normal'. With Adam the
-        tables' scale sets how fast they move: eSASRec's protocol (RecTools) trains from N(0, 1) tables."""
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         for p in self.parameters():
             if p.dim() > 1:
-                (nn.init.normal_ if emb_init == "normal" and id(p) in embeddings else nn.init.xavier_normal_)(p)
-        with torch.no_grad():  # the padding rows stay zero
+                nn.init.xavier_normal_(p)
+        with torch.no_grad():  # xavier overwrote the padding rows
             for module in self.modules():
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()

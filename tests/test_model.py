@@ -119,15 +119,3 @@ def test_encode_reads_the_batch_inputs_and_from_checkpoint_rebuilds_the_model():
     rebuilt = SASRec.from_checkpoint(saved)
     assert rebuilt.config == dataclasses.replace(model.config, dropout_rate=0.0) and not rebuilt.training
     torch.testing.assert_close(rebuilt.score(seqs), model.score(seqs), rtol=0, atol=0)
-
-
-def test_emb_init_normal_gives_unit_tables_and_keeps_the_rest():
-    xavier, normal = make_model(), make_model(emb_init="normal")
-    big = SASRec(ModelConfig(num_items=2000, maxlen=50, hidden_units=64, emb_init="normal"))
-    assert abs(big.item_tower.id_emb.weight[1:].std().item() - 1.0) < 0.02  # N(0, 1), as PyTorch / RecTools
-    assert abs(big.pos_emb.weight.std().item() - 1.0) < 0.05
-    for model in (xavier, normal):
-        assert (model.item_tower.id_emb.weight[0] == 0).all()  # padding row
-    assert xavier.item_tower.id_emb.weight[1:].std() < 0.5
-    # the blocks' matrices are Xavier either way: the same seed draws them equal
-    torch.testing.assert_close(xavier.blocks[0].attn.qkv.weight, normal.blocks[0].attn.qkv.weight, rtol=0, atol=0)
