@@ -81,7 +81,7 @@ def run_one(job, jobs, extra):
     with open(results) as f:
         r = json.load(f)
     r["bench"] = {"minutes": (time.perf_counter() - start) / 60, "peak_mb": usage.ru_maxrss / 1024,
-                  "threads": 1 if jobs > 1 else "default"}
+                  "threads": env.get("OMP_NUM_THREADS", "default")}
     with open(results + ".tmp", "w") as f:
         json.dump(r, f, indent=2)
     os.replace(results + ".tmp", results)
