@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 from cli import ArgumentParser, UsageError, exits, first_line, make_writable_folder  # noqa: E402
 from config import model_config_from_dict  # noqa: E402
-from dataset import DataError, LeaveOneOut, left_padded, length_batches, load_interactions, ragged_positions  # noqa: E402
+from dataset import (DataError, LeaveOneOut, left_padded, length_batches, load_interactions,  # noqa: E402
+                     ragged_positions)
 from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k  # noqa: E402
 from files import atomic_write  # noqa: E402
 from model import SASRec  # noqa: E402
