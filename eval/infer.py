@@ -190,11 +190,10 @@ def embed_users(model, items, ends, lengths, normalize, batch_size, device):
     memory budget (attention grows with the square of the width)."""
     maxlen = model.config.maxlen
     batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max(initial=1)))))
+    lengths = np.minimum(lengths, maxlen)
     out = np.zeros((len(ends), model.config.hidden_units), np.float32)
-    for b in tqdm(length_batches(np.minimum(lengths, maxlen), batch_size), desc="users",
-                  disable=not sys.stderr.isatty()):
-        b_len = np.minimum(lengths[b], maxlen)
-        seqs = torch.from_numpy(left_padded(items, ends[b], b_len, int(b_len.max()))).to(device)
+    for b in tqdm(length_batches(lengths, batch_size), desc="users", disable=not sys.stderr.isatty()):
+        seqs = torch.from_numpy(left_padded(items, ends[b], lengths[b], int(lengths[b].max()))).to(device)
         out[b] = model.user_embeddings(seqs, normalize).float().cpu().numpy()
     return out
 
