@@ -68,6 +68,8 @@ class ModelConfig:
     num_blocks: int = flag(2, "transformer blocks")
     num_heads: int = flag(1, "attention heads (divides --hidden_units)")
     dropout_rate: float = flag(0.2, "dropout on embeddings, block outputs and the feed-forward")
+    item_emb_dropout: float = flag(0.0, "dropout on the item id table in training, one mask per step shared by "
+                                   "inputs and targets (RecTools 0.13, eSASRec's SASRec+SS row)")
     norm_first: bool = flag(True, "pre-norm blocks (--no-norm_first: post-norm)")
     emb_scale: bool = flag(True, "input item vectors x sqrt(hidden_units), as SASRec (--no-emb_scale: unscaled, as "
                            "RecTools)")
@@ -394,8 +396,9 @@ def validate(c):
         raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
     if not 0 <= lo.gbce_t <= 1:
         raise UsageError(f"--gbce_t must be in [0, 1], got {lo.gbce_t}")
-    if not 0 <= m.dropout_rate < 1:
-        raise UsageError(f"--dropout_rate must be in [0, 1), got {m.dropout_rate}")
+    for name in ("dropout_rate", "item_emb_dropout"):
+        if not 0 <= getattr(m, name) < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(m, name)}")
     has_side = bool(c.data.item_features or c.data.item_emb)
     if m.no_item_id and not has_side:
         raise UsageError("--no_item_id needs --item_features or --item_emb (items would have no representation)")

@@ -5,6 +5,7 @@
     tower = model.target_tower              # every item vector the states are scored against
     scores = model.full_sort_predict(seqs)  # (B, N + 1) against the whole catalogue
 """
+import contextlib
 import dataclasses
 import math
 
@@ -88,7 +89,7 @@ class ItemTower(nn.Module):
     and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
     `side_spec` is features.SideInfo.spec(); `use_id=False` gives a pure-content tower."""
 
-    def __init__(self, num_items, hidden_units, side_spec=None, use_id=True):
+    def __init__(self, num_items, hidden_units, side_spec=None, use_id=True, id_dropout=0.0):
         super().__init__()
         features = (side_spec or {}).get("features", [])
         vectors = (side_spec or {}).get("vectors", [])
@@ -107,6 +108,27 @@ class ItemTower(nn.Module):
             self.register_buffer(f"has_vector{j}", torch.zeros(num_items + 1, dtype=torch.bool))
         parts = int(use_id) + len(features) + len(vectors)
         self.fuse = nn.Linear(parts * hidden_units, hidden_units) if features or vectors else None
+        self.id_dropout = Dropout(id_dropout)
+        self._step_ids = None  # the id table under this step's dropout mask (dropout_step)
+
+    @contextlib.contextmanager
+    def dropout_step(self):
+        """One training step with one dropout mask over the whole id table, so an item has the same vector
+        wherever the step uses it (input, target, negative), as RecTools 0.13 drops its catalogue's
+        embeddings (eSASRec's SASRec+SS row trained so). Costs an (N + 1) x D mask per step."""
+        if not (self.training and self.id_dropout.p and self.id_emb is not None):
+            yield
+            return
+        self._step_ids = self.id_dropout(self.id_emb.weight)
+        try:
+            yield
+        finally:
+            self._step_ids = None
+
+    def id_vectors(self, ids):
+        if self._step_ids is None:
+            return self.id_emb(ids)
+        return F.embedding(ids, self._step_ids, padding_idx=0)
 
     def load_arrays(self, info):
         """Copy a features.SideInfo's arrays into the buffers."""
@@ -120,8 +142,8 @@ class ItemTower(nn.Module):
     def forward(self, ids):
         """(...) item ids -> (..., D) vectors; id 0 (padding) gives zeros."""
         if self.fuse is None:
-            return self.id_emb(ids)
-        parts = ([self.id_emb(ids)] if self.id_emb is not None else []) + self.side_parts(ids)
+            return self.id_vectors(ids)
+        parts = ([self.id_vectors(ids)] if self.id_emb is not None else []) + self.side_parts(ids)
         return self.fuse(torch.cat(parts, -1)) * (ids != 0).unsqueeze(-1)
 
     def side_parts(self, ids):
@@ -167,7 +189,7 @@ class ItemTower(nn.Module):
         """(N + 1, D): every item's vector, row 0 the padding's. Without grad in blocks of `chunk` items: a
         500k-item table with 1024-d vectors would otherwise hold several GB of temporaries at once."""
         if self.fuse is None:
-            return self.id_emb.weight
+            return self.id_emb.weight if self._step_ids is None else self._step_ids
         ids = torch.arange(self.num_items + 1, device=self.all_items_device)
         if torch.is_grad_enabled():
             return self(ids)
@@ -235,7 +257,7 @@ class SASRec(nn.Module):
         if c.output_emb == "separate" and has_side:
             raise ValueError("--output_emb separate is for id embeddings only: with --item_features / --item_emb "
                              "the item tower scores the outputs")
-        self.item_tower = ItemTower(c.num_items, c.hidden_units, c.item_side, not c.no_item_id)
+        self.item_tower = ItemTower(c.num_items, c.hidden_units, c.item_side, not c.no_item_id, c.item_emb_dropout)
         # Scoring table: the input tower itself (tied, SASRec's default), or an id table of its own.
         self.output_tower = ItemTower(c.num_items, c.hidden_units) if c.output_emb == "separate" else None
         self.pos_emb = nn.Embedding(c.maxlen, c.hidden_units)

@@ -115,6 +115,10 @@ class TrainStep(nn.Module):
         self.compile_checked = False
 
     def eager(self, batch, with_logits=False):
+        with self.model.item_tower.dropout_step():
+            return self.step(batch, with_logits)
+
+    def step(self, batch, with_logits):
         # index_select on flat indices, not states[real]: a boolean index's backward (index_put) took 3x on CPU
         states = self.model.encode(batch).flatten(0, 1).index_select(0, batch.rows)
         pos_ids = batch.positives.view(-1).index_select(0, batch.rows)

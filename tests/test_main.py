@@ -193,10 +193,12 @@ def test_resuming_a_mid_epoch_checkpoint_needs_the_same_process_count(capsys):
 def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
     from dataset import Batch
     from losses import LossOutput
+    from model import ItemTower
     from train import TrainStep
 
     class Model(torch.nn.Module):
         target_tower = None
+        item_tower = ItemTower(3, 1)  # no item dropout: its step context does nothing
 
         def encode(self, batch):
             return batch.inputs.float()[..., None]

@@ -103,6 +103,39 @@ def test_separate_output_table_scores_outputs_and_inputs_keep_theirs():
     assert out_table.grad[0].abs().sum() == 0
 
 
+def test_item_emb_dropout_one_mask_per_step_shared_by_inputs_and_targets():
+    """--item_emb_dropout: inside a training step an item's vector is its row of one dropped table (each element
+    zeroed or x 1 / (1 - p)) wherever it is used; each step draws a new mask; outside a step and in evaluation
+    the table is untouched. A whole step's gradient is zero exactly on the dropped elements."""
+    model = make_model(item_emb_dropout=0.5).train()
+    tower, table = model.item_tower, model.item_tower.id_emb.weight
+    ids = torch.tensor([3, 4, 3])
+    with tower.dropout_step():
+        dropped = tower.all_items()
+        torch.testing.assert_close(tower(ids), dropped[ids])
+        kept = dropped != 0
+        torch.testing.assert_close(dropped[kept], 2 * table[kept])  # p = 0.5 is exact on the byte grid
+        assert 0.3 < kept[1:].float().mean() < 0.7 and not kept[0].any()
+    with tower.dropout_step():
+        assert not torch.equal(tower.all_items() != 0, kept)
+    torch.testing.assert_close(tower(ids), table[ids])
+    model.eval()
+    with tower.dropout_step():
+        torch.testing.assert_close(tower(ids), table[ids])
+
+    model.train()
+    loss = build_loss(build_config(["--loss", "gbce", "--num_negatives", "4"]).loss, [0] + [1] * 20)
+    seqs, pos = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]]), torch.tensor([[0, 0, 2, 3], [6, 7, 8, 9]])
+    batch = Batch(seqs, pos, torch.arange(2), (pos != 0).view(-1).nonzero().squeeze(1))
+    torch.manual_seed(3)  # the step's first draw is its table mask: replayed below
+    TrainStep(model, loss, NegativeSampler(20))(batch).loss.backward()
+    torch.manual_seed(3)
+    with tower.dropout_step():
+        kept = tower.all_items() != 0
+    assert (table.grad[~kept] == 0).all()
+    assert (table.grad[kept] != 0).sum() > 0
+
+
 def test_separate_output_refuses_side_information():
     spec = {"features": [{"vocab_size": 3, "width": 1}], "vectors": []}
     with pytest.raises(ValueError, match="--output_emb separate is for id embeddings only"):
