@@ -399,6 +399,8 @@ def validate(c):
     for name in ("dropout_rate", "item_emb_dropout"):
         if not 0 <= getattr(m, name) < 1:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(m, name)}")
+    if m.item_emb_dropout and m.output_emb != "tied":
+        raise UsageError("--item_emb_dropout drops the table that inputs and targets share: it needs --output_emb tied")
     has_side = bool(c.data.item_features or c.data.item_emb)
     if m.no_item_id and not has_side:
         raise UsageError("--no_item_id needs --item_features or --item_emb (items would have no representation)")

@@ -197,8 +197,7 @@ def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
     from train import TrainStep
 
     class Model(torch.nn.Module):
-        target_tower = None
-        item_tower = ItemTower(3, 1)  # no item dropout: its step context does nothing
+        target_tower = ItemTower(3, 1)  # no item dropout: its step context does nothing
 
         def encode(self, batch):
             return batch.inputs.float()[..., None]

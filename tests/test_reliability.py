@@ -98,7 +98,10 @@ def test_string_ids_and_ignored_single_item_users(tmp_path, capsys):
                                             (["--hidden_units", "10", "--num_heads", "3"], "divisible by --num_heads"),
                                             (["--num_heads", "0"], "--num_heads must be >= 1"),
                                             (["--temperature", "-1"], "--temperature must be > 0"),
-                                            (["--infonce_temperature", "0"], "--temperature must be > 0")])
+                                            (["--infonce_temperature", "0"], "--temperature must be > 0"),
+                                            (["--item_emb_dropout", "1"], "--item_emb_dropout must be in [0, 1)"),
+                                            (["--item_emb_dropout", "0.2", "--output_emb", "separate"],
+                                             "--item_emb_dropout drops the table that inputs and targets share")])
 def test_bad_shape_and_temperature_flags(capsys, flags, message):
     fails_with(capsys, main, TINY + flags, message)
 
