@@ -48,6 +48,7 @@ VARIANTS = {
     "augment": ["--augment", "0.1"],
     "align": ["--align_side_info", "0.1", "--item_features", "{attributes}"],
     "schedule": ["--loss_schedule", "bce:10,infonce"],
+    "item_dropout": ["--item_emb_dropout", "0.2"],
 }
 
 
