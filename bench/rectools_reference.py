@@ -104,9 +104,10 @@ def main():
     is_test = last_of_each_user(interactions)
     test, train = interactions[is_test], interactions[~is_test]
     print(f"{args.data}: {interactions[Columns.User].nunique()} users, {len(test)} test targets", flush=True)
-    trainer = lambda: Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,  # noqa: E731
-                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                              callbacks=[Validation()])
+    def trainer():
+        return Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, callbacks=[Validation()])
+
     model = SASRecModel(**SETTINGS, get_val_mask_func=last_of_each_user, get_trainer_func=trainer)
     dataset = Dataset.construct(train)
     model.fit(dataset)
