@@ -401,6 +401,8 @@ def validate(c):
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(m, name)}")
     if m.item_emb_dropout and m.output_emb != "tied":
         raise UsageError("--item_emb_dropout drops the table that inputs and targets share: it needs --output_emb tied")
+    if m.item_emb_dropout and m.no_item_id:
+        raise UsageError("--item_emb_dropout drops the item id table: --no_item_id has none")
     has_side = bool(c.data.item_features or c.data.item_emb)
     if m.no_item_id and not has_side:
         raise UsageError("--no_item_id needs --item_features or --item_emb (items would have no representation)")

@@ -101,7 +101,9 @@ def test_string_ids_and_ignored_single_item_users(tmp_path, capsys):
                                             (["--infonce_temperature", "0"], "--temperature must be > 0"),
                                             (["--item_emb_dropout", "1"], "--item_emb_dropout must be in [0, 1)"),
                                             (["--item_emb_dropout", "0.2", "--output_emb", "separate"],
-                                             "--item_emb_dropout drops the table that inputs and targets share")])
+                                             "--item_emb_dropout drops the table that inputs and targets share"),
+                                            (["--item_emb_dropout", "0.2", "--no_item_id"],
+                                             "--item_emb_dropout drops the item id table")])
 def test_bad_shape_and_temperature_flags(capsys, flags, message):
     fails_with(capsys, main, TINY + flags, message)
 
