@@ -132,6 +132,8 @@ class LossConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = flag(128, "sequences per step (per process under torchrun)")
+    bucket_batches: int = flag(32, "users sorted by history length within windows of N batches, so a batch is "
+                               "as wide as its longest user (fewer padded positions); 1: random batches")
     lr: float = flag(0.001, "Adam learning rate")
     lr_schedule: str = flag("constant", "cosine: decay from --lr to 0 over --num_epochs; plateau: constant --lr "
                             "until --patience validations bring no better NDCG@10, then a cosine decay to 0 over "
@@ -361,7 +363,7 @@ def validate(c):
     m, lo, t = c.model, c.loss, c.train
     for name, value in (("maxlen", m.maxlen), ("hidden_units", m.hidden_units), ("num_blocks", m.num_blocks),
                         ("num_heads", m.num_heads), ("batch_size", t.batch_size), ("num_epochs", t.num_epochs),
-                        ("eval_every", t.eval_every)):
+                        ("eval_every", t.eval_every), ("bucket_batches", t.bucket_batches)):
         if value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}")
     if m.hidden_units % m.num_heads:

@@ -95,6 +95,7 @@ def test_string_ids_and_ignored_single_item_users(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--maxlen", "0"], "--maxlen must be >= 1"),
+                                            (["--bucket_batches", "0"], "--bucket_batches must be >= 1"),
                                             (["--hidden_units", "10", "--num_heads", "3"], "divisible by --num_heads"),
                                             (["--num_heads", "0"], "--num_heads must be >= 1"),
                                             (["--temperature", "-1"], "--temperature must be > 0"),
