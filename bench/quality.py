@@ -49,6 +49,7 @@ VARIANTS = {
     "align": ["--align_side_info", "0.1", "--item_features", "{attributes}"],
     "schedule": ["--loss_schedule", "bce:10,infonce"],
     "item_dropout": ["--item_emb_dropout", "0.2"],
+    "random_batches": ["--bucket_batches", "1"],
 }
 
 
