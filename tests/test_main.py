@@ -272,3 +272,17 @@ def test_plateau_waits_for_min_steps(tmp_path, monkeypatch):
         assert validate(None, None, config, None, state, NullWriter(), lambda path: None)[1] is False
         assert state.decay_from == decay_from
     assert state.decay_epochs == max(1, round(0.5 * 3))
+
+
+@pytest.mark.parametrize("bucket, widths_vary", [("32", True), ("1", False)])
+def test_bucket_batches_reaches_training(tmp_path, monkeypatch, bucket, widths_vary):
+    """--bucket_batches 1 trains on random batches, each as wide as maxlen; the default trims by length."""
+    import train
+    widths = []
+    real_make_batch = train.TrainBatches.make_batch
+    monkeypatch.setattr(train.TrainBatches, "make_batch",
+                        lambda self, users, rng: widths.append(int(self.seq_lengths[users].max())) or
+                        real_make_batch(self, users, rng))
+    main(TINY + ["--batch_size", "64", "--num_epochs", "1", "--bucket_batches", bucket, "--run_dir",
+                 str(tmp_path / "run")])
+    assert widths and (len(set(widths)) > 1) == widths_vary and (widths_vary or widths[0] == 10)
