@@ -134,6 +134,10 @@ class TrainConfig:
     batch_size: int = flag(128, "sequences per step (per process under torchrun)")
     bucket_batches: int = flag(32, "users sorted by history length within windows of N batches, so a batch is "
                                "as wide as its longest user (fewer padded positions); 1: random batches")
+    loss_reduction: str = flag("batch", "batch: a step's loss is its batch's mean over positions (with bucketing a "
+                               "batch of short histories weighs as much as one of long ones); position: the sum "
+                               "over positions / the epoch's mean per batch (every position weighs the same)",
+                               choices=("batch", "position"))
     lr: float = flag(0.001, "Adam learning rate")
     lr_schedule: str = flag("constant", "cosine: decay from --lr to 0 over --num_epochs; plateau: constant --lr "
                             "until --patience validations bring no better NDCG@10, then a cosine decay to 0 over "

@@ -644,6 +644,11 @@ class TrainBatches:
         self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
         self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
 
+    @property
+    def mean_rows(self):
+        """Trained positions per batch over an epoch: what --loss_reduction position divides a batch's sum by."""
+        return float(self.seq_lengths[self.users].sum()) / max(1, -(-len(self.users) // self.batch_size))
+
     def __len__(self):
         """Steps per epoch (batches per rank)."""
         return -(-len(self.users) // self.batch_size) // self.world

@@ -263,7 +263,9 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
             out = step(batch, with_logits=log_now)
         rows = len(batch.rows)
         loss = out.loss
-        if world > 1:  # this rank's share of all ranks' rows (an all-reduce, no host read-back)
+        if train.loss_reduction == "position":  # every position weighs the same, however long its batch
+            loss = loss * (rows / batches.mean_rows)
+        elif world > 1:  # this rank's share of all ranks' rows (an all-reduce, no host read-back)
             all_rows = distributed.sum_all(torch.tensor([float(rows)], dtype=torch.float64, device=device))
             loss = loss * (rows * world / all_rows[0]).to(loss.dtype)
         optimizer.zero_grad(set_to_none=True)
