@@ -643,11 +643,8 @@ class TrainBatches:
         self.target_weights = target_weights if split.data.actions is not None else None
         self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
         self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
-
-    @property
-    def mean_rows(self):
-        """Trained positions per batch over an epoch: what --loss_reduction position divides a batch's sum by."""
-        return float(self.seq_lengths[self.users].sum()) / max(1, -(-len(self.users) // self.batch_size))
+        # trained positions per batch over an epoch: what --loss_reduction position divides a batch's sum by
+        self.mean_rows = float(self.seq_lengths[self.users].sum()) / max(1, -(-len(self.users) // batch_size))
 
     def __len__(self):
         """Steps per epoch (batches per rank)."""

@@ -329,8 +329,8 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
     """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files."""
     main_rank, out = distributed.is_main(), config.output
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, config.train.bucket_batches,
-                           rank=distributed.rank(),
-                           world=distributed.world_size(), sampler=sampler if loss.per_position_negatives else None,
+                           rank=distributed.rank(), world=distributed.world_size(),
+                           sampler=sampler if loss.per_position_negatives else None,
                            target_weights=target_weights(config.loss, split.data))
     if len(batches) == 0:  # every rank computes the same: all stop here
         raise UsageError(f"{config.data.data}: {len(batches.users)} trainable users make fewer batches of "
