@@ -195,3 +195,13 @@ def test_time_column_is_read_one_way_across_chunks(tmp_path, monkeypatch):
 def test_minus_zero_is_a_string_id_not_zero(tmp_path):
     data = load_interactions(write(tmp_path, "log.txt", "0 1\n0 2\n-0 3\n-0 1\na 1\na 2\n"), "pairs")
     assert sorted(data.user_ids.tolist()) == ["-0", "0", "a"]
+
+
+def test_mean_rows_makes_position_weights_average_one():
+    """--loss_reduction position scales a batch by rows / mean_rows: over an epoch those scales average 1."""
+    split = LeaveOneOut(make_synthetic(num_users=700, num_items=300, seed=2))
+    batches = TrainBatches(split, maxlen=20, batch_size=64)
+    rows = [len(b.rows) for b in batches.epoch(np.random.default_rng(0))]
+    assert len(rows) == len(batches) == 11
+    assert batches.mean_rows == pytest.approx(sum(rows) / len(rows))
+    assert max(rows) > 2 * min(rows)  # bucketing: the scales differ batch to batch
