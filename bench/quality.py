@@ -50,7 +50,7 @@ VARIANTS = {
     "schedule": ["--loss_schedule", "bce:10,infonce"],
     "item_dropout": ["--item_emb_dropout", "0.2"],
     "random_batches": ["--bucket_batches", "1"],
-    "position_loss": ["--loss_reduction", "position"],
+    "batch_loss": ["--loss_reduction", "batch"],  # the recipe before position weighting
 }
 
 
