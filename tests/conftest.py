@@ -20,3 +20,17 @@ def write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+class Replay:
+    """Stands in for TrainBatches: an epoch of the given batches, in order; `mean_rows` for --loss_reduction
+    position (TrainBatches' mean trained positions per batch)."""
+
+    def __init__(self, steps, mean_rows=None):
+        self.steps, self.mean_rows = steps, mean_rows
+
+    def __len__(self):
+        return len(self.steps)
+
+    def epoch(self, rng):
+        return iter(self.steps)

@@ -11,6 +11,7 @@ import torch
 import main
 import train
 from config import build_config
+from conftest import Replay
 from dataset import Batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,19 +32,6 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     torchrun(os.path.join(ROOT, "tests", "ddp_worker.py"), str(out), *FLAGS)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
-class Replay:
-    """The union of the ranks' batches, step by step, as one process would see them."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def __len__(self):
-        return len(self.steps)
-
-    def epoch(self, rng):
-        return iter(self.steps)
 
 
 def union(batches):

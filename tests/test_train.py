@@ -6,6 +6,7 @@ import torch
 import main
 import train
 from config import build_config
+from conftest import Replay
 from dataset import Batch, TrainBatches
 
 FLAGS = ["--data", "synthetic", "--device", "cpu", "--loss", "bce", "--dropout_rate", "0", "--hidden_units", "16",
@@ -27,19 +28,6 @@ class GradientRecorder:
 
     def total(self):
         return [sum(step[i] for step in self.grads) for i in range(len(self.params))]
-
-
-class Fixed:
-    """An epoch of given batches, in the order given, with TrainBatches' mean_rows."""
-
-    def __init__(self, batches, mean_rows):
-        self.batches, self.mean_rows = batches, mean_rows
-
-    def __len__(self):
-        return len(self.batches)
-
-    def epoch(self, rng):
-        return iter(self.batches)
 
 
 def one_batch(batches):
@@ -66,7 +54,7 @@ def test_position_reduction_weighs_every_position_the_same(reduction, every_posi
     step = train.make_step(model, loss_fn, sampler, config, torch.device("cpu"))
 
     recorder = GradientRecorder(model.parameters())
-    train.train_epoch(step, recorder, Fixed(batches, mean_rows), config, torch.device("cpu"), train.LoopState(),
+    train.train_epoch(step, recorder, Replay(batches, mean_rows), config, torch.device("cpu"), train.LoopState(),
                       train.NullWriter(), train.GracefulStop())
     model.zero_grad()
     everything = one_batch(batches)
