@@ -2,7 +2,9 @@
 
 A checkpoint is a dict: format (FORMAT), model_config (config.ModelConfig as a dict: the model is
 rebuilt from it alone), model / loss / optimizer state dicts and the loop state (train.LoopState's
-fields: epoch, step, batch, rng, ...). Checkpoints of other formats get a one-line error.
+fields: epoch, step, batch, rng, ...). "model" is always the weights to evaluate and serve: with
+--ema_decay the averaged ones, and the optimizer's own then in "online_model" (what a resumed run trains
+on). Checkpoints of other formats get a one-line error.
 """
 import dataclasses
 
@@ -16,12 +18,15 @@ from files import atomic_write
 FORMAT = 2  # 1 (no 'format' key): before the typed-config redesign; state-dict names changed with it
 
 
-def save(path, model, loss, optimizer, loop_state):
-    """Write a checkpoint atomically; under torchrun every rank holds the same weights and rank 0 writes."""
+def save(path, model, loss, optimizer, loop_state, average=None):
+    """Write a checkpoint atomically; under torchrun every rank holds the same weights and rank 0 writes.
+    `average`: the run's WeightAverage (--ema_decay), whose weights become "model"."""
     if not distributed.is_main():
         return
     state = {"format": FORMAT, "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
              "loss": loss.state_dict(), "optimizer": optimizer.state_dict(), **dataclasses.asdict(loop_state)}
+    if average is not None:
+        state["model"], state["online_model"] = average.model.state_dict(), state["model"]
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -53,10 +58,11 @@ def check_model_config(checkpoint, model_config, path, flag="--state_dict_path")
                              f"the config's {getattr(model_config, key)})")
 
 
-def restore_weights(model, checkpoint, path, flag="--state_dict_path"):
-    """Load a checkpoint's weights into `model`, or raise one line saying they do not fit."""
+def restore_weights(model, checkpoint, path, flag="--state_dict_path", key="model"):
+    """Load a checkpoint's weights (`key`: "model", or "online_model" to resume) into `model`, or raise one
+    line saying they do not fit."""
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint[key])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise UsageError(f"{flag} {path}: does not fit this model ({type(e).__name__}: {first_line(e)})") from None
 

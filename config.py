@@ -149,6 +149,8 @@ class TrainConfig:
                           "few steps an epoch, and its first validations are noise)")
     decay_fraction: float = flag(0.5, "plateau schedule: length of the final decay, as a fraction of the epochs "
                                  "trained when it starts")
+    ema_decay: float = flag(0.0, "keep an exponential moving average of the weights with this decay per step "
+                            "(e.g. 0.999): validation, best.pt and inference use it (0: off)")
     num_epochs: int = flag(200, "epochs at most")
     device: str = flag("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     seed: int = flag(42, "seeds every random stream (per epoch, so a resumed run repeats the straight one)")
@@ -398,6 +400,8 @@ def validate(c):
         raise UsageError("--align_side_info aligns id embeddings with side information: not with --no_item_id")
     if t.min_delta < 0 or t.min_steps < 0:
         raise UsageError(f"--min_delta and --min_steps must be >= 0, got {t.min_delta} and {t.min_steps}")
+    if not 0 <= t.ema_decay < 1:
+        raise UsageError(f"--ema_decay must be in [0, 1), got {t.ema_decay}")
     if not t.decay_fraction > 0:
         raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
     if not 0 <= lo.gbce_t <= 1:

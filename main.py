@@ -26,6 +26,7 @@ from taac import load_taac
 from model import SASRec
 from samplers import NegativeSampler
 from train import Interrupted, LoopState, fit, run_evaluation
+from weight_average import WeightAverage
 
 
 def keep_freed_memory():
@@ -128,11 +129,15 @@ def prepare(config, device):
     return (config, data, split, *build(config, side, split, device))
 
 
-def restore(path, model, loss, optimizer, inference_only):
-    """Load a checkpoint's weights (and loss, optimizer + loop state when resuming); returns the loop state."""
+def restore(path, model, loss, optimizer, inference_only, average=None):
+    """Load a checkpoint's weights (and loss, optimizer, weight average + loop state when resuming); returns
+    the loop state. A resumed run trains on the optimizer's weights, not the averaged ones."""
     ckpt = checkpoint.load(path)
     checkpoint.check_model_config(ckpt, model.config, path)
-    checkpoint.restore_weights(model, ckpt, path)
+    online = not inference_only and "online_model" in ckpt
+    checkpoint.restore_weights(model, ckpt, path, key="online_model" if online else "model")
+    if average is not None:  # a checkpoint without an average (EMA switched on at resume) starts it there
+        checkpoint.restore_weights(average.model, ckpt, path)
     if not inference_only:
         try:
             loss.load_state_dict(ckpt.get("loss", {}))
@@ -236,10 +241,11 @@ def run_job(config, device):
               "here it does nothing")
     torch.manual_seed(t.seed)
     config, data, split, model, loss, sampler, optimizer = prepare(config, device)
+    average = WeightAverage(model, t.ema_decay) if t.ema_decay and not t.inference_only else None
     state, path = LoopState(), None
     if t.state_dict_path:
         path = checkpoint_file(t.state_dict_path, t.inference_only)
-        state = restore(path, model, loss, optimizer, t.inference_only)
+        state = restore(path, model, loss, optimizer, t.inference_only, average)
     config = dataclasses.replace(config, output=distributed.broadcast(with_output_dirs(config).output))
     on_rank0(lambda: prepare_outputs(config))
     main_rank = distributed.is_main()
@@ -255,7 +261,7 @@ def run_job(config, device):
     print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}{processes}, "
           f"loss {describe_loss(lo)}, run dir {config.output.run_dir}")
     start = time.perf_counter()
-    fit(model, loss, sampler, optimizer, split, config, device, state)
+    fit(model, loss, sampler, optimizer, split, config, device, state, average)
     train_minutes = (time.perf_counter() - start) / 60
     if main_rank:
         best_path = os.path.join(config.output.ckpt_dir, "best.pt")

@@ -232,8 +232,9 @@ class LossMeter:
         return self.total_loss / max(self.total_rows, 1)
 
 
-def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
-    """Epoch state.epoch + 1, from batch state.batch on (0, or where an interrupted run stopped).
+def train_epoch(step, optimizer, batches, config, device, state, writer, stop, average=None):
+    """Epoch state.epoch + 1, from batch state.batch on (0, or where an interrupted run stopped); `average`
+    (--ema_decay) folds in the weights after every optimizer step.
 
     Advances state.step and state.batch; returns early, mid-epoch, once `stop` has a signal (on any rank:
     every rank then stops after the same step). Under torchrun each rank's loss is weighted by its share
@@ -275,6 +276,8 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop):
         optimizer.step()
         meter.add(out.loss, rows)
         state.step += 1
+        if average is not None:
+            average.update(state.step)
         state.batch += 1
         seen += batch.num_users * world
         local_stop = world == 1 and stop.received  # one process: no need to wait for a read-back
@@ -325,8 +328,9 @@ class Interrupted(Exception):
     """A signal stopped training; the checkpoint is saved. main() prints the message and exits 130."""
 
 
-def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState):
-    """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files."""
+def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState, average=None):
+    """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files. `average`: a
+    WeightAverage (--ema_decay), the model validated and saved as best.pt's weights."""
     main_rank, out = distributed.is_main(), config.output
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, config.train.bucket_batches,
                            rank=distributed.rank(), world=distributed.world_size(),
@@ -338,7 +342,8 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
                          f"(each needs one a step)")
     step = make_step(model, loss, sampler, config, device)
     last_path = os.path.join(out.ckpt_dir, "last.pt")
-    save = lambda path: checkpoint.save(path, model, loss, optimizer, state)  # noqa: E731
+    save = lambda path: checkpoint.save(path, model, loss, optimizer, state, average)  # noqa: E731
+    validated = model if average is None else average.model
     if main_rank:
         remove_stale_temp_files(out.ckpt_dir)
     log_path = os.path.join(out.log_dir, "train.log") if main_rank else os.devnull
@@ -348,7 +353,7 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
             epoch = state.epoch + 1
             try:
                 epoch_loss, seq_per_s, seconds = train_epoch(step, optimizer, batches, config, device, state, writer,
-                                                             stop)
+                                                             stop, average)
             except FloatingPointError as e:  # nothing is saved: the checkpoints on disk predate the failure
                 raise RunError(f"{e}; training stopped, checkpoints left as they were ({last_path})") from None
             if stop.received and state.batch < len(batches):
@@ -367,7 +372,7 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
                 line += f"  ({record['loss_name']})"
             stop_early = False
             if epoch % config.train.eval_every == 0 or epoch == config.train.num_epochs or state.decay_over():
-                record["valid"], stop_early = validate(model, split, config, device, state, writer, save)
+                record["valid"], stop_early = validate(validated, split, config, device, state, writer, save)
                 if main_rank:
                     line += f"  valid {format_metrics(record['valid'])}{'  *' if state.best_epoch == epoch else ''}"
             record["peak_rss_mb"] = round(peak_rss_mb(), 1)  # after validation: its memory counts too

@@ -72,7 +72,8 @@ def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):
                                             (["--infonce_temperature", "0"], "--temperature must be > 0"),
                                             (["--use_infonce", "--loss", "ce"], "--use_infonce contradicts --loss ce"),
                                             (["--loss", "ce", "--learn_temperature"], "needs cosine logits"),
-                                            (["--loss", "gbce", "--gbce_t", "2"], "--gbce_t must be in [0, 1]")])
+                                            (["--loss", "gbce", "--gbce_t", "2"], "--gbce_t must be in [0, 1]"),
+                                            (["--ema_decay", "1"], "--ema_decay must be in [0, 1)")])
 def test_bad_flags_exit_2(capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
