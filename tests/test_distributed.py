@@ -96,15 +96,18 @@ def test_gathered_pool_is_world_size_times_local_with_gradients(ranks):
     assert r1["uneven_grad"][:, 0].tolist() == [15, 18, 21, 24]
 
 
-def test_main_under_torchrun_rank0_writes(tmp_path):
+@pytest.mark.parametrize("average", [[], ["--ema_decay", "0.9"]])
+def test_main_under_torchrun_rank0_writes(tmp_path, average):
     run_dir = tmp_path / "run"
-    proc = torchrun("main.py", "--num_epochs", "2", "--eval_every", "1", "--run_dir", str(run_dir), *FLAGS)
+    proc = torchrun("main.py", "--num_epochs", "2", "--eval_every", "1", "--run_dir", str(run_dir), *FLAGS, *average)
     assert proc.stdout.count("x 2 processes") == 1  # one rank reports
     log = (run_dir / "logs" / "train.log").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]  # one writer
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test"]["users"] == 4000 and results["best_epoch"] >= 1
     assert sorted(os.listdir(run_dir / "ckpt")) == ["best.pt", "config.json", "id_map.json", "last.pt"]
+    last = torch.load(run_dir / "ckpt" / "last.pt", weights_only=True)
+    assert ("online_model" in last) == bool(average)  # the ranks' identical averages, written once
 
 
 @pytest.mark.parametrize("tower", [[], ["--no_item_id"]])
