@@ -51,7 +51,7 @@ VARIANTS = {
     "item_dropout": ["--item_emb_dropout", "0.2"],
     "random_batches": ["--bucket_batches", "1"],
     "batch_loss": ["--loss_reduction", "batch"],  # the recipe before position weighting
-    "ema": ["--ema_decay", "0.999"],
+    "no_ema": ["--ema_decay", "0"],  # the recipe before weight averaging
 }
 
 
