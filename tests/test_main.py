@@ -56,6 +56,21 @@ def test_config_is_frozen_and_flat_round_trips():
     assert len(flat) == sum(len(dataclasses.fields(getattr(c, f.name))) for f in dataclasses.fields(c))
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.endswith(".toml")))
+def test_shipped_config_resolves(name):
+    c = parse_args(["--config", os.path.join(CONFIGS, name), "--data", "synthetic"])
+    assert c.data.data == "synthetic"  # every key known and of its type, the command line still wins
+
+
+def test_default_config_is_the_documented_recipe():
+    c = parse_args(["--config", os.path.join(CONFIGS, "default.toml"), "--data", "synthetic"])
+    assert (c.loss.loss, c.loss.temperature, c.model.hidden_units, c.train.loss_reduction, c.train.lr_schedule,
+            c.train.patience, c.train.ema_decay) == ("infonce", 0.05, 256, "position", "plateau", 3, 0.999)
+
+
 @pytest.mark.parametrize("text, message", [("batch_sise = 3\n", "unknown key 'batch_sise'"),
                                            ("batch_size = 'big'\n", "key 'batch_size' expects int")])
 def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):
