@@ -252,25 +252,31 @@ def load_config_file(path, parser, loss=None):
         raise UsageError(f"--config {path}: not valid TOML ({e})") from None
     sections = {name: config.pop(name) for name in LOSSES if isinstance(config.get(name), dict)}
     loss = loss or config.get("loss") or ("infonce" if config.get("use_infonce") else "bce")
-    config.update(sections.get(loss, {}))
     actions = {a.dest: a for a in parser._actions}
-    defaults = {}
-    for key, value in config.items():
+    checked = {name: checked_keys(path, table, actions, f"[{name}] ") for name, table in sections.items()}  # a typo in any table
+    defaults = {**checked_keys(path, config, actions), **checked.get(loss, {})}
+    if isinstance(defaults.get("data"), str):
+        defaults["data"] = resolve_data_path(defaults["data"])
+    return defaults
+
+
+def checked_keys(path, table, actions, where=""):
+    """A config table's keys as flag destinations, each a known flag, its value converted to the flag's type."""
+    values = {}
+    for key, value in table.items():
         key = KEY_ALIASES.get(key, key)
         action = actions.get(key)
         if action is None or key in ("config", "help"):
-            raise UsageError(f"--config {path}: unknown key {key!r} (keys are flag names, e.g. 'batch_size', "
+            raise UsageError(f"--config {path}: unknown key {where}{key!r} (keys are flag names, e.g. 'batch_size', "
                              f"or tables {list(LOSSES)})")
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
             except (TypeError, ValueError):
-                raise UsageError(f"--config {path}: key {key!r} expects {action.type.__name__}, got {value!r}") \
+                raise UsageError(f"--config {path}: key {where}{key!r} expects {action.type.__name__}, got {value!r}") \
                     from None
-        defaults[key] = value
-    if isinstance(defaults.get("data"), str):
-        defaults["data"] = resolve_data_path(defaults["data"])
-    return defaults
+        values[key] = value
+    return values
 
 
 def resolve_data_path(path):

@@ -72,6 +72,8 @@ def test_default_config_is_the_documented_recipe():
 
 
 @pytest.mark.parametrize("text, message", [("batch_sise = 3\n", "unknown key 'batch_sise'"),
+                                           ("loss = 'bce'\n[infonce]\ntemprature = 0.1\n",
+                                            "unknown key [infonce] 'temprature'"),  # in a table not chosen
                                            ("batch_size = 'big'\n", "key 'batch_size' expects int")])
 def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):
     cfg = write(tmp_path, "bad.toml", text)
