@@ -253,7 +253,8 @@ def load_config_file(path, parser, loss=None):
     sections = {name: config.pop(name) for name in LOSSES if isinstance(config.get(name), dict)}
     loss = loss or config.get("loss") or ("infonce" if config.get("use_infonce") else "bce")
     actions = {a.dest: a for a in parser._actions}
-    checked = {name: checked_keys(path, table, actions, f"[{name}] ") for name, table in sections.items()}  # a typo in any table
+    # every table is checked, so a typo in one the run does not use is still caught
+    checked = {name: checked_keys(path, table, actions, f"[{name}] ") for name, table in sections.items()}
     defaults = {**checked_keys(path, config, actions), **checked.get(loss, {})}
     if isinstance(defaults.get("data"), str):
         defaults["data"] = resolve_data_path(defaults["data"])
