@@ -268,14 +268,14 @@ def checked_keys(path, table, actions, where=""):
         key = KEY_ALIASES.get(key, key)
         action = actions.get(key)
         if action is None or key in ("config", "help"):
-            raise UsageError(f"--config {path}: unknown key {where}{key!r} (keys are flag names, e.g. 'batch_size', "
-                             f"or tables {list(LOSSES)})")
+            raise UsageError(f"--config {path}: unknown key {where}{key!r} (keys are flag names, e.g. "
+                             f"'batch_size', or tables {list(LOSSES)})")
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
             except (TypeError, ValueError):
-                raise UsageError(f"--config {path}: key {where}{key!r} expects {action.type.__name__}, got {value!r}") \
-                    from None
+                raise UsageError(f"--config {path}: key {where}{key!r} expects {action.type.__name__}, "
+                                 f"got {value!r}") from None
         values[key] = value
     return values
 

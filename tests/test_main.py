@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cli import exits
-from conftest import shared_file, write
+from conftest import ROOT, shared_file, write
 from config import build_config
 from main import main
 from train import LoopState, learning_rate
@@ -56,7 +56,7 @@ def test_config_is_frozen_and_flat_round_trips():
     assert len(flat) == sum(len(dataclasses.fields(getattr(c, f.name))) for f in dataclasses.fields(c))
 
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS = os.path.join(ROOT, "configs")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(CONFIGS) if n.endswith(".toml")))
@@ -250,8 +250,7 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, touc
 
 
 def test_keep_freed_memory_lets_later_steps_reuse_pages_without_faults():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, "on"], cwd=root, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, "on"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.split()
     applied, faults, pages = out[0], int(out[1]), int(out[2])
     if applied != "True":
