@@ -13,7 +13,7 @@ import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, get_args
 
 from cli import ArgumentParser, UsageError
 from dataset import FORMATS, ID_TYPES
@@ -47,6 +47,8 @@ class DataConfig:
                                   "stop with an error, or ignore them", choices=("error", "ignore"))
     cache_dir: str = flag(None, "parsed logs are cached here, keyed by the file's content hash ('' disables)",
                           env="SASREC_CACHE_DIR", fallback=os.path.join(ROOT, ".cache"))
+    verify_cache: bool = flag(False, "check every cached array's SHA-256 on load (a damaged cache is rebuilt); sizes "
+                              "and shapes are always checked")
     item_features: tuple = flag((), "item attributes: JSON {item: [values]} or a delimited file with an item "
                                 "column and one column per feature (repeatable)", action="append", metavar="FILE")
     feature_sep: str = flag("|", "separator of multi-valued cells in --item_features")
@@ -59,6 +61,8 @@ class DataConfig:
                                              "in the data; the flag alone: none)", nargs="*", metavar="ID")
     user_feature_ids: Optional[tuple] = flag(None, "competition folders: user feature ids to use (default: all "
                                              "in the data; the flag alone: none)", nargs="*", metavar="ID")
+    non_finite: str = flag("error", "competition folders: a NaN / infinite (in float16) vector or value is an error, "
+                           "or zero: treated as absent (counted in a warning)", choices=("error", "zero"))
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,11 @@ class TrainConfig:
                          "final decay)")
     state_dict_path: Optional[str] = flag(None, "checkpoint (.pt, or a checkpoint dir) to resume from or evaluate")
     inference_only: bool = flag(False, "evaluate --state_dict_path and exit", action="store_true")
+    finetune: bool = flag(False, "with --state_dict_path: a new run (its own --run_dir, a fresh optimizer, epoch 0) "
+                          "starting from the checkpoint's weights on --data, which may differ from the checkpoint's: "
+                          "items are matched by raw id, new items start untrained", action="store_true")
+    allow_other_data: bool = flag(False, "with --inference_only: evaluate on a log whose content differs from the "
+                                  "checkpoint's (its item ids must be the same)", action="store_true")
     amp: str = flag("none", "CUDA only. bf16: autocast the forward pass to bfloat16 (losses stay fp32)",
                     choices=("none", "bf16"))
     compile: bool = flag(False, "CUDA only. torch.compile the training step; eager if compilation fails")
@@ -205,6 +214,8 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+INVOCATION_FLAGS = ("state_dict_path", "inference_only", "finetune", "allow_other_data")  # never inherited
+OUTPUT_FLAGS = tuple(f.name for f in dataclasses.fields(OutputConfig))
 FLAG_SECTION = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.metadata}
 
 
@@ -270,14 +281,55 @@ def checked_keys(path, table, actions, where=""):
         if action is None or key in ("config", "help"):
             raise UsageError(f"--config {path}: unknown key {where}{key!r} (keys are flag names, e.g. "
                              f"'batch_size', or tables {list(LOSSES)})")
-        if action.type is not None and not isinstance(value, bool):
-            try:
-                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"--config {path}: key {where}{key!r} expects {action.type.__name__}, "
-                                 f"got {value!r}") from None
-        values[key] = value
+        try:
+            values[key] = typed_value(key, value, action)
+        except TypeError as e:
+            raise UsageError(f"--config {path}: key {where}{key!r} expects {e}, got {shown(value)}") from None
     return values
+
+
+FIELDS = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+EXPECTED = {bool: ("true or false (bool)", "true or false (bool)"),  # what a key expects: a value, list elements
+            int: ("int (a whole number)", "int (whole numbers)"), float: ("a number (float)", "numbers (float)"),
+            str: ("a string (str)", "strings (str)")}
+
+
+def typed_value(key, value, action):
+    """`value` of flag `key` checked against its config field's type (a list flag's elements against the
+    argparse action's type; a scalar there is a one-element tuple). Raises TypeError(what was expected)."""
+    f = FIELDS.get(key)
+    kind = f.type if f else bool  # use_infonce: the one flag that is no field
+    if value is None and f is not None and (f.default is None or type(None) in get_args(kind)):
+        return None  # only config.json holds nulls (TOML has none)
+    kind = next((a for a in get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+    if kind not in EXPECTED and kind is not tuple:
+        return value  # a type this check does not know
+    choices = list(action.choices) if action.choices else None
+    if kind is not tuple:
+        return _typed_scalar(value, kind, choices, f"one of {choices}" if choices else EXPECTED[kind][0])
+    element, items = action.type or str, value if isinstance(value, list) else [value]
+    what = f"a list of {choices or EXPECTED[element][1]}"
+    return tuple(_typed_scalar(v, element, choices, what, ids=True) for v in items)
+
+
+def _typed_scalar(value, kind, choices, what, ids=False):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # bool is an int to Python, not here
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str) or (ids and number and isinstance(value, int))}[kind]  # ids: mm_emb_id = [81]
+    if not ok:
+        raise TypeError(what)
+    value = float(value) if kind is float else str(value) if kind is str else value
+    if choices and value not in choices:  # argparse checks choices on the command line only, not defaults
+        raise TypeError(what)
+    return value
+
+
+def shown(value):
+    """A config value as its file wrote it (true, "big", [0.1, 0.2])."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)  # TOML dates
 
 
 def resolve_data_path(path):
@@ -308,13 +360,26 @@ def saved_config(state_dict_path, parser):
     if not isinstance(saved, dict):
         raise UsageError(f"--state_dict_path: {path} is not a saved config (expected a JSON object)")
     saved = {KEY_ALIASES.get(k, k): v for k, v in saved.items()}
+    saved.update(checked_saved(path, saved, parser))
     ckpt_dir = os.path.dirname(os.path.abspath(path))
     if saved.get("ckpt_dir") and os.path.abspath(saved["ckpt_dir"]) != ckpt_dir:  # the run was moved or copied:
         run_dir = os.path.dirname(ckpt_dir)                                        # write beside it, not where it was
         saved.update(ckpt_dir=ckpt_dir, run_dir=run_dir, log_dir=os.path.join(run_dir, "logs"),
                      tb_dir=os.path.join(run_dir, "tb"))
-    flags = set(FLAG_SECTION) - {"state_dict_path", "inference_only"}
+    flags = set(FLAG_SECTION) - set(INVOCATION_FLAGS)
     return {k: v for k, v in saved.items() if k in flags}
+
+
+def checked_saved(path, saved, parser):
+    """config.json's flag values (a flag the invocation names aside) checked against their types, as a config
+    file's are: a hand-edited or damaged config.json gets one line naming it and the key."""
+    actions, values = {a.dest: a for a in parser._actions}, {}
+    for key in set(FLAG_SECTION).difference(INVOCATION_FLAGS).intersection(saved):
+        try:
+            values[key] = typed_value(key, saved[key], actions[key])
+        except TypeError as e:
+            raise UsageError(f"--state_dict_path: {path}: key {key!r} expects {e}, got {shown(saved[key])}") from None
+    return values
 
 
 def given(argv, *flags):
@@ -336,6 +401,8 @@ def build_config(argv=None):
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     saved = saved_config(known.state_dict_path, parser) if known.state_dict_path else {}
+    if known.finetune:  # a new run: the checkpoint's folders are not its own
+        saved = {k: v for k, v in saved.items() if k not in OUTPUT_FLAGS}
     if known.config:
         parser.set_defaults(**load_config_file(known.config, parser, command_line_loss(known, argv)))
     parser.set_defaults(**saved)  # a checkpoint's own config beats a config file; the command line beats both
@@ -428,8 +495,12 @@ def validate(c):
                          "item tower scores the outputs")
     for flag_name, pairs in (("action_weights", lo.action_weights), ("score_weights", c.eval.score_weights)):
         action_weights(pairs, flag_name)
-    if t.inference_only and not t.state_dict_path:
-        raise UsageError("--inference_only needs --state_dict_path")
+    if (t.inference_only or t.finetune) and not t.state_dict_path:
+        raise UsageError(f"--{'inference_only' if t.inference_only else 'finetune'} needs --state_dict_path")
+    if t.inference_only and t.finetune:
+        raise UsageError("--finetune trains a new run: not with --inference_only")
+    if t.allow_other_data and not t.inference_only:
+        raise UsageError("--allow_other_data is for --inference_only (to train on other data, use --finetune)")
 
 
 def loss_stages(text):

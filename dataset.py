@@ -4,7 +4,9 @@ Everything is kept as two flat arrays: `items` (all interactions, grouped by use
 chronological) and `offsets` (user u owns items[offsets[u]:offsets[u+1]]). Item
 indices run 1..N with 0 reserved for padding.
 """
+import codecs
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -21,7 +23,8 @@ from pandas.tseries.api import guess_datetime_format
 from files import remove_stale_temp_files
 
 FORMATS = ("lines", "pairs", "delimited")
-CACHE_VERSION = 4  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
+CACHE_VERSION = 5  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
+# 5: the manifest records each array's dtype, shape, size and SHA-256, and its own checksum
 CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "split_counts")
 USER_COLUMNS = ("user_id", "user", "userid", "uid", "visitorid", "customer_id")
 ITEM_COLUMNS = ("item_id", "item", "itemid", "iid", "movie_id", "movieid", "product_id", "track_id")
@@ -46,6 +49,10 @@ class Interactions:
     times: np.ndarray = None    # (I,) int64 unix seconds of each interaction
     item_side: object = None    # features.SideInfo of items 0..N (row 0 padding)
     user_side: object = None    # features.SideInfo of users 0..U-1
+    # What the arrays were read from: a content hash of the file or folder (and its parse settings), or the
+    # synthetic generator's settings. A checkpoint keeps it, so data changed under a run is noticed.
+    fingerprint: str = None
+    feature_codes: str = None   # competition folders: hash of indexer.pkl's feature-value map (what codes mean)
 
     @property
     def num_users(self):
@@ -295,11 +302,29 @@ def file_digest(path):
     return h.hexdigest()
 
 
+def first_non_utf8(path):
+    """(file byte offset, line, reason) of the first byte of `path` that is not UTF-8, or None. Read in binary on
+    the error path only: a text reader's UnicodeDecodeError counts bytes from its current decode chunk."""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1  # offset: bytes fed to the decoder
+    with open(path, "rb") as f:
+        for block in itertools.chain(iter(lambda: f.read(1 << 20), b""), [None]):  # None: the end of the file
+            pending = decoder.getstate()[0]  # bytes of an unfinished character, carried from the last block
+            try:
+                decoder.decode(block or b"", final=block is None)
+            except UnicodeDecodeError as e:  # e.object is pending + block; a pending byte is never a newline
+                return offset - len(pending) + e.start, lines + e.object[:e.start].count(b"\n"), e.reason
+            offset, lines = offset + len(block or b""), lines + (block or b"").count(b"\n")
+    return None
+
+
 def load_interactions(path, data_format=None, cache_dir=None, user_col=None, item_col=None, time_col=None,
-                      id_type="auto", synthetic_seed=0):
-    """Read a log (or make the synthetic one), using a cache keyed by the file's content hash."""
+                      id_type="auto", synthetic_seed=0, verify_cache=False):
+    """Read a log (or make the synthetic one), using a cache keyed by the file's content hash
+    (verify_cache: check every cached array's SHA-256, not only sizes and shapes)."""
     if path == "synthetic":
-        return make_synthetic(seed=synthetic_seed)
+        data = make_synthetic(seed=synthetic_seed)
+        data.fingerprint = f"synthetic:seed={synthetic_seed}"
+        return data
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
     if data_format is not None and data_format not in FORMATS:
@@ -308,14 +333,17 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
         raise DataError(f"--id_type must be one of {ID_TYPES}, got {id_type!r}")
     try:
         data_format = data_format or detect_format(path)
+        settings = json.dumps([file_digest(path), data_format, user_col, item_col, time_col, id_type])
+        fingerprint = "sha256:" + hashlib.sha256(settings.encode()).hexdigest()
         cache_file = None
         if cache_dir:
-            key = json.dumps([CACHE_VERSION, file_digest(path), data_format, user_col, item_col, time_col, id_type])
+            key = json.dumps([CACHE_VERSION, settings])
             stem = os.path.splitext(os.path.basename(path))[0]
             cache_file = os.path.join(cache_dir, f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
             if os.path.exists(cache_file):
-                cached = _read_cache(cache_file)
+                cached = _read_cache(cache_file, verify_cache)
                 if cached is not None:
+                    cached.fingerprint = fingerprint
                     return cached
         if data_format == "lines":
             data = read_lines(path, id_type)
@@ -323,22 +351,26 @@ def load_interactions(path, data_format=None, cache_dir=None, user_col=None, ite
             data = read_pairs(path, id_type)
         else:
             data = read_delimited(path, user_col, item_col, time_col, id_type)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except UnicodeDecodeError as e:  # e.start counts from the reader's decode chunk: find the byte in the file
+        offset, line, reason = first_non_utf8(path) or (e.start, None, e.reason)
+        where = f"{path}:{line}" if line else path
+        raise DataError(f"{where}: not a UTF-8 text file (byte {offset}: {reason})") from None
     if cache_file:
         write_cache(cache_file, cache_arrays(data))
+    data.fingerprint = fingerprint
     return data
 
 
-def read_cache(cache_folder):
+def read_cache(cache_folder, verify=False):
     """(arrays by name, memory-mapped; the manifest's metadata) of a cache folder, or None: parse again.
     A log far larger than RAM pays only for the pages a step touches. Plain .npy (allow_pickle=False): a
-    cache file can never run code. A damaged cache (an array missing or not an array) is removed."""
+    cache file can never run code. Every load checks what reads no data: the manifest against its checksum,
+    each file's size, each array's dtype and shape; `verify` also each file's SHA-256 (reads every byte).
+    A damaged cache (any of these differs, an array missing or not an array) is removed."""
     try:
-        with open(os.path.join(cache_folder, "manifest.json"), encoding="utf-8") as f:
-            manifest = json.load(f)
-        arrays = {name: np.load(os.path.join(cache_folder, f"{name}.npy"), mmap_mode="r", allow_pickle=False)
-                  for name in manifest["arrays"]}
+        manifest = _signed_manifest(cache_folder)
+        arrays = {name: _mapped_array(cache_folder, name, entry, verify)
+                  for name, entry in manifest["arrays"].items()}
     except (FileNotFoundError, ValueError, EOFError, KeyError, TypeError) as e:
         print(f"warning: ignoring the damaged data cache {cache_folder} ({type(e).__name__}: {e})")
         shutil.rmtree(cache_folder, ignore_errors=True)
@@ -349,8 +381,39 @@ def read_cache(cache_folder):
     return arrays, manifest.get("meta")
 
 
-def _read_cache(cache_folder):
-    cached = read_cache(cache_folder)
+def _signed_manifest(cache_folder):
+    """manifest.json, checked against its own checksum (an edited or partly overwritten manifest is damage)."""
+    with open(os.path.join(cache_folder, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    if not isinstance(manifest, dict) or manifest.pop("checksum", None) != manifest_checksum(manifest):
+        raise ValueError("manifest.json does not match its checksum")
+    if not isinstance(manifest.get("arrays"), dict):
+        raise TypeError("manifest.json has no table of arrays")
+    return manifest
+
+
+def manifest_checksum(manifest):
+    """SHA-256 of a manifest's canonical JSON (sorted keys, no spaces), however the file was formatted."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _mapped_array(cache_folder, name, entry, verify):
+    """One cached array, memory-mapped, checked against its manifest entry (its SHA-256 only if `verify`)."""
+    path = os.path.join(cache_folder, f"{name}.npy")
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:  # a truncated or extended file
+        raise ValueError(f"{name}.npy: {size} bytes, the manifest records {entry['bytes']}")
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if (array.dtype.str, list(array.shape)) != (entry["dtype"], entry["shape"]):  # an edited header
+        raise ValueError(f"{name}.npy: dtype {array.dtype.str} and shape {tuple(array.shape)}, the manifest "
+                         f"records {entry['dtype']} and {tuple(entry['shape'])}")
+    if verify and file_digest(path) != entry["sha256"]:  # bytes changed in place: only a full read sees it
+        raise ValueError(f"{name}.npy: its SHA-256 differs from the manifest's")
+    return array
+
+
+def _read_cache(cache_folder, verify=False):
+    cached = read_cache(cache_folder, verify)
     return None if cached is None else Interactions(**cached[0])
 
 
@@ -363,28 +426,58 @@ def cache_arrays(data):
 
 
 def write_cache(cache_folder, arrays, meta=None):
-    """Write named arrays (+ a manifest) into a temporary folder, then rename it into place: readers never see
-    half a cache. The folder is unique to this process (tempfile), and those of killed processes are removed."""
+    """Write named arrays + a manifest (each array's dtype, shape, size and SHA-256 of its bytes as written, and
+    the manifest's own checksum) into a temporary folder, read the arrays back against those digests, then
+    rename the folder into place: readers never see half a cache, nor one that read back differently. The
+    folder is unique to this process (tempfile), and those of killed processes are removed."""
     parent = os.path.dirname(cache_folder)
     tmp = None
     try:
         os.makedirs(parent, exist_ok=True)
         remove_stale_temp_files(parent)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(cache_folder)}.tmp{os.getpid()}-", dir=parent)
-        for name, array in arrays.items():
-            with open(os.path.join(tmp, f"{name}.npy"), "wb") as f:
-                np.save(f, array, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
+        entries = {name: _write_array(os.path.join(tmp, f"{name}.npy"), array) for name, array in arrays.items()}
+        manifest = json.loads(json.dumps({"arrays": entries, "meta": meta}))  # as a reader will load it
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump({"arrays": list(arrays), "meta": meta}, f)
+            json.dump({**manifest, "checksum": manifest_checksum(manifest)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        differs = [name for name, entry in entries.items()
+                   if file_digest(os.path.join(tmp, f"{name}.npy")) != entry["sha256"]]
+        if differs:  # never serve it: the finally below removes it
+            print(f"warning: the data cache {cache_folder} is not kept: {differs[0]}.npy read back differently "
+                  f"from what was written; continuing without it")
+            return
         os.rename(tmp, cache_folder)
     except OSError as e:  # a read-only cache folder only costs the speed-up; another process may have won
-        if not os.path.isdir(cache_folder):
-            print(f"warning: cannot write the data cache {cache_folder} ({e.strerror}); continuing without it")
+        if not os.path.isdir(cache_folder):  # strerror is None for an OSError raised without an errno
+            print(f"warning: cannot write the data cache {cache_folder} ({e.strerror or e}); continuing without it")
     finally:
         if tmp and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_array(path, array):
+    """Save one array as .npy, fsynced; its manifest entry, the SHA-256 taken of the bytes on their way out."""
+    array = np.asanyarray(array)
+    with open(path, "wb") as f:
+        out = _HashingWriter(f)
+        np.save(out, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "bytes": out.size, "sha256": out.sha256.hexdigest()}
+
+
+class _HashingWriter:
+    """A file being written that also hashes and counts what goes through it (np.save writes it in chunks)."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
 
 
 def make_synthetic(num_users=4000, num_items=3000, num_topics=40, seed=0):
@@ -643,8 +736,21 @@ class TrainBatches:
         self.target_weights = target_weights if split.data.actions is not None else None
         self.users = np.flatnonzero(split.train_lengths >= 2)  # need at least one (input, next) pair
         self.seq_lengths = np.minimum(split.train_lengths - 1, maxlen)
+        # users none of whose trained positions has a target (e.g. exposures only) would make empty batches
+        has_target = self.has_target(self.users)
+        self.users_without_target = int((~has_target).sum())
+        self.users = self.users[has_target]
         # trained positions per batch over an epoch: what --loss_reduction position divides a batch's sum by
         self.mean_rows = float(self.seq_lengths[self.users].sum()) / max(1, -(-len(self.users) // batch_size))
+
+    def has_target(self, users):
+        """Whether each user's trained positions (the last seq_lengths of its training part) hold a target of
+        weight > 0; always true without target weights."""
+        if self.target_weights is None:
+            return np.ones(len(users), bool)
+        is_target = np.concatenate([[0], np.cumsum(self.target_weights[self.split.data.actions] > 0)])
+        ends = self.split.starts[users] + self.split.train_lengths[users]
+        return is_target[ends] - is_target[ends - self.seq_lengths[users]] > 0
 
     def __len__(self):
         """Steps per epoch (batches per rank)."""

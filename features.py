@@ -20,6 +20,21 @@ import pandas as pd
 from dataset import ITEM_COLUMNS, DataError, column_key
 
 PAD, UNKNOWN = 0, 1
+FLOAT16_MAX = 65504.0  # side vectors are stored as float16: a larger |value| would become infinite
+NON_FINITE_HINT = "not finite as float16, the stored precision; --non_finite zero treats such values as absent"
+
+
+def non_finite_rows(matrix):
+    """(rows,) True where a row of a float array holds NaN, an infinity or a value beyond float16's range."""
+    within = np.abs(np.asarray(matrix)) <= FLOAT16_MAX  # False for NaN
+    return ~within.all(axis=tuple(range(1, within.ndim)))
+
+
+def first_non_finite(row):
+    """'nan at position 3': the first value of a vector that non_finite_rows flags."""
+    row = np.asarray(row).ravel()
+    k = int(np.flatnonzero(~(np.abs(row) <= FLOAT16_MAX))[0])
+    return f"{float(row[k])} at position {k}"
 
 
 @dataclass
@@ -48,14 +63,14 @@ class SideInfo:
                 "vectors": [{"name": v.name, "dim": v.vectors.shape[1]} for v in self.vectors]}
 
 
-def load_side_info(item_ids, feature_files=(), vector_files=(), sep="|"):
-    """item_ids: raw id of item 1..N (the training id map)."""
+def load_side_info(item_ids, feature_files=(), vector_files=(), sep="|", non_finite="error"):
+    """item_ids: raw id of item 1..N (the training id map); non_finite: read_vectors' policy."""
     index = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
     info = SideInfo()
     for path in feature_files:
         info.features += read_attributes(path, index, sep)
     for path in vector_files:
-        info.vectors.append(read_vectors(path, index))
+        info.vectors.append(read_vectors(path, index, non_finite))
     return info
 
 
@@ -104,8 +119,9 @@ def _encode(name, cells, index):
     return Feature(name, values, len(vocab) + 2)
 
 
-def read_vectors(path, index):
-    """Pretrained per-item vectors aligned to item indices; items without one are flagged absent."""
+def read_vectors(path, index, non_finite="error"):
+    """Pretrained per-item vectors aligned to item indices; items without one are flagged absent. A row with a
+    non-finite value (in float16, as the tower stores it) is an error naming it, or (non_finite 'zero') absent."""
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
@@ -124,6 +140,15 @@ def read_vectors(path, index):
     vectors = np.zeros((len(index) + 1, matrix.shape[1]), np.float32)
     present = np.zeros(len(index) + 1, bool)
     rows = np.array([index.get(str(i), 0) for i in ids])
+    bad = (rows > 0) & non_finite_rows(matrix)
+    if bad.any() and non_finite == "error":
+        r = int(np.flatnonzero(bad)[0])
+        raise DataError(f"--item_emb {path}: row {r} (item {str(ids[r])!r}) holds {first_non_finite(matrix[r])} "
+                        f"({NON_FINITE_HINT})")
+    if bad.any():
+        print(f"warning: --item_emb {path}: {int(bad.sum())} vectors with non-finite values treated as absent "
+              f"(--non_finite zero)")
+    rows = np.where(bad, 0, rows)
     vectors[rows[rows > 0]] = matrix[rows > 0]
     present[rows[rows > 0]] = True
     return Vectors(os.path.splitext(os.path.basename(path))[0], vectors, present)

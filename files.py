@@ -48,3 +48,37 @@ def write_json(path, obj):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
     atomic_write(path, write)
+
+
+class FolderBusy(Exception):
+    """Another live process holds the folder's lock; args[0] is its pid as it wrote it ('' if unknown)."""
+
+
+LOCK_FILE = ".lock"
+_held_locks = {}  # folder -> open descriptor: the lock lasts as long as the descriptor
+
+
+def lock_folder(folder):
+    """Hold an exclusive advisory lock (flock) on `folder`/.lock until release_locks() or this process's
+    end: the kernel drops it however the process dies (kill -9 included), so a stale lock never blocks.
+    Raises FolderBusy(pid) at once when another process holds it, PermissionError if it cannot be created."""
+    import fcntl  # POSIX; imported here so that the rest of this module works everywhere
+    folder = os.path.abspath(folder)
+    if folder in _held_locks:
+        return
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise FolderBusy(holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[folder] = fd
+
+
+def release_locks():
+    """Drop every lock this process holds (a run's end; in-process callers such as tests start over)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])

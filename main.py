@@ -20,12 +20,12 @@ from config import action_weights, build_config, checkpoint_file, with_output_di
 from dataset import DataError, LeaveOneOut, load_interactions
 from eval.metrics import evaluate, popularity_scorer
 from features import load_side_info
-from files import write_json
+from files import FolderBusy, lock_folder, release_locks, write_json
 from losses import build_loss, popularity
 from taac import load_taac
 from model import SASRec
 from samplers import NegativeSampler
-from train import Interrupted, LoopState, fit, run_evaluation
+from train import Interrupted, LoopState, check_trainable, fit, run_evaluation
 from weight_average import WeightAverage
 
 
@@ -62,10 +62,11 @@ def load_data(config):
         distributed.barrier()
     try:
         if d.data_format == "taac" or os.path.isdir(d.data):
-            data = load_taac(d.data, d.cache_dir or None, d.mm_emb_id, d.item_feature_ids, d.user_feature_ids)
+            data = load_taac(d.data, d.cache_dir or None, d.mm_emb_id, d.item_feature_ids, d.user_feature_ids,
+                             verify_cache=d.verify_cache, non_finite=d.non_finite)
         else:
             data = load_interactions(d.data, d.data_format, d.cache_dir or None, d.user_col, d.item_col, d.time_col,
-                                     d.id_type)
+                                     d.id_type, verify_cache=d.verify_cache)
     except DataError as e:
         raise UsageError(str(e)) from None
     if cache_first and distributed.is_main():
@@ -95,7 +96,7 @@ def complete_config(config, data):
     if d.mm_emb_id and data.item_side is None:
         raise UsageError("--mm_emb_id is for competition folders (--data DIR); for a log file use --item_emb FILE")
     try:
-        side = data.item_side or load_side_info(data.item_ids, d.item_features, d.item_emb, d.feature_sep)
+        side = data.item_side or load_side_info(data.item_ids, d.item_features, d.item_emb, d.feature_sep, d.non_finite)
     except DataError as e:
         raise UsageError(str(e)) from None
     num_actions = int(data.actions.max()) + 1 if data.actions is not None else 0
@@ -129,24 +130,67 @@ def prepare(config, device):
     return (config, data, split, *build(config, side, split, device))
 
 
-def restore(path, model, loss, optimizer, inference_only, average=None):
+def restore(path, model, loss, optimizer, config, data, average=None):
     """Load a checkpoint's weights (and loss, optimizer, weight average + loop state when resuming); returns
-    the loop state. A resumed run trains on the optimizer's weights, not the averaged ones."""
+    the loop state. A resumed run trains on the optimizer's weights, not the averaged ones. Data other than
+    the checkpoint's is refused before anything is loaded."""
+    t = config.train
     ckpt = checkpoint.load(path)
+    saved, current = ckpt.get("data"), checkpoint.data_identity(data)
+    if t.allow_other_data and saved:  # the item ids must still match; the content may differ
+        saved = {**saved, "fingerprint": current["fingerprint"]}
+    checkpoint.check_same_data(saved, current, config.data.data, path, other_data_hints(t))
     checkpoint.check_model_config(ckpt, model.config, path)
-    online = not inference_only and "online_model" in ckpt
+    online = not t.inference_only and "online_model" in ckpt
     checkpoint.restore_weights(model, ckpt, path, key="online_model" if online else "model")
     if average is not None:  # a checkpoint without an average (EMA switched on at resume) starts it there
         checkpoint.restore_weights(average.model, ckpt, path)
-    if not inference_only:
+    if not t.inference_only:
         try:
             loss.load_state_dict(ckpt.get("loss", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise UsageError(f"--state_dict_path {path}: does not fit this model ({type(e).__name__}: {e})") from None
     state = LoopState.from_checkpoint(ckpt)
+    if not t.inference_only:
+        check_resumable(state, t, path)
     print(f"loaded {path} (epoch {state.epoch}, step {state.step})")
     return state
+
+
+def other_data_hints(train_config):
+    """What to do instead, by what differs (checkpoint.check_same_data)."""
+    if train_config.inference_only:
+        return {"items": "evaluate it on its own data (eval/infer.py --queries scores any sequences by raw item id)",
+                "content": "--allow_other_data evaluates it on this log anyway"}
+    hint = "resume it on the data it was trained on, or start a new run from its weights with --finetune"
+    return {"items": hint, "content": hint}
+
+
+def check_resumable(state, train_config, path):
+    """A finished run is not resumed (it would only rewrite its results), unless it ended at --num_epochs
+    and more epochs are asked for."""
+    more_epochs = train_config.num_epochs > state.epoch
+    if (state.finished and state.finished != "epochs") or not more_epochs:
+        why = {"early_stop": "stopped early", "decay": "ended its final learning-rate decay"}.get(
+            state.finished, f"trained its --num_epochs {state.epoch}")
+        raise UsageError(f"--state_dict_path {path}: the run is finished ({why} at epoch {state.epoch}): nothing "
+                         f"to resume; --inference_only evaluates it"
+                         + ("" if state.finished not in ("", "epochs") else ", --num_epochs N > "
+                            f"{state.epoch} trains it on"))
+    state.finished = ""
+
+
+def finetune_from(path, model, data):
+    """--finetune: the checkpoint's weights in a model built for `data`, items matched by raw id."""
+    ckpt = checkpoint.load(path)
+    checkpoint.check_model_config(ckpt, model.config, path, same_data=False)
+    old_items = checkpoint.read_id_map(path, "--state_dict_path")["items"]
+    checkpoint.check_id_map(ckpt.get("data"), old_items, "id_map.json", path)
+    matched, fresh = checkpoint.transfer_weights(model, ckpt, old_items, data.item_ids)
+    print(f"fine-tuning from {path}: {matched} of {data.num_items} items matched by raw id, "
+          f"{data.num_items - matched} new (untrained)"
+          + (f"; left at their initialisation (shape changed): {', '.join(fresh)}" if fresh else ""))
 
 
 def describe_loss(c):
@@ -217,19 +261,40 @@ def on_rank0(check):
 
 def check_not_overwriting(config):
     """A new run never replaces another run's checkpoints; resuming writes on into its own folder."""
-    ckpt_dir, resume = config.output.ckpt_dir, config.train.state_dict_path
+    ckpt_dir, t = config.output.ckpt_dir, config.train
     last = os.path.join(ckpt_dir, "last.pt")
-    resumed_from = resume and os.path.dirname(os.path.abspath(checkpoint_file(resume, False)))
+    resumed_from = t.state_dict_path and not t.finetune and \
+        os.path.dirname(os.path.abspath(checkpoint_file(t.state_dict_path, False)))
     if os.path.exists(last) and resumed_from != os.path.abspath(ckpt_dir):
         raise UsageError(f"--ckpt_dir {ckpt_dir} already holds a run ({last}); resume it with --state_dict_path "
                          f"{ckpt_dir}, or choose another --run_dir / --ckpt_dir")
 
 
+OUTPUT_FOLDERS = ("run_dir", "log_dir", "tb_dir", "ckpt_dir")
+
+
+def own_output_folders(config):
+    """Lock every output folder for this run's whole life, before anything is written in them: a second run
+    or resume into the same folders is refused, naming the holder; a dead holder's lock is gone with it."""
+    for name in OUTPUT_FOLDERS:
+        folder = getattr(config.output, name)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock_folder(folder)
+        except FolderBusy as e:
+            raise UsageError(f"--{name} {folder}: in use by another run (pid {e.args[0] or 'unknown'}); wait for it "
+                             f"to end, or choose another --run_dir") from None
+        except OSError as e:
+            raise UsageError(f"--{name} {folder}: not a writable folder ({e.strerror or e})") from None
+
+
 def prepare_outputs(config):
-    for name in ("run_dir", "log_dir", "tb_dir", "ckpt_dir"):
-        make_writable_folder(getattr(config.output, name), f"--{name}")
-    if not config.train.inference_only:
-        check_not_overwriting(config)
+    if config.train.inference_only:  # writes eval_results.json alone, atomically: a training run may go on
+        for name in OUTPUT_FOLDERS:
+            make_writable_folder(getattr(config.output, name), f"--{name}")
+        return
+    own_output_folders(config)
+    check_not_overwriting(config)
 
 
 def run_job(config, device):
@@ -241,11 +306,16 @@ def run_job(config, device):
               "here it does nothing")
     torch.manual_seed(t.seed)
     config, data, split, model, loss, sampler, optimizer = prepare(config, device)
-    average = WeightAverage(model, t.ema_decay) if t.ema_decay and not t.inference_only else None
     state, path = LoopState(), None
-    if t.state_dict_path:
+    if t.finetune:
+        path = checkpoint_file(t.state_dict_path, True)  # the weights it serves (best.pt of a folder)
+        finetune_from(path, model, data)
+    average = WeightAverage(model, t.ema_decay) if t.ema_decay and not t.inference_only else None
+    if t.state_dict_path and not t.finetune:
         path = checkpoint_file(t.state_dict_path, t.inference_only)
-        state = restore(path, model, loss, optimizer, t.inference_only, average)
+        state = restore(path, model, loss, optimizer, config, data, average)
+    if not t.inference_only:
+        check_trainable(split, config)
     config = dataclasses.replace(config, output=distributed.broadcast(with_output_dirs(config).output))
     on_rank0(lambda: prepare_outputs(config))
     main_rank = distributed.is_main()
@@ -255,8 +325,9 @@ def run_job(config, device):
         return
     if main_rank:
         write_json(os.path.join(config.output.ckpt_dir, "config.json"), config.flat())
-        write_json(os.path.join(config.output.ckpt_dir, "id_map.json"),
-                   {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
+        id_map = os.path.join(config.output.ckpt_dir, "id_map.json")
+        if not (state.step and os.path.exists(id_map)):  # a resume checked it is the same: left byte-identical
+            write_json(id_map, {"items": data.item_ids.tolist(), "users": data.user_ids.tolist()})
     processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}{processes}, "
           f"loss {describe_loss(lo)}, run dir {config.output.run_dir}")
@@ -289,6 +360,7 @@ def main(argv=None):
         print(e, flush=True)
         sys.exit(130)
     finally:
+        release_locks()
         distributed.shutdown()
 
 

@@ -134,10 +134,10 @@ class ItemTower(nn.Module):
         """Copy a features.SideInfo's arrays into the buffers."""
         with torch.no_grad():
             for i, f in enumerate(info.features):
-                getattr(self, f"feature_values{i}").copy_(torch.from_numpy(np.asarray(f.values)))
+                copy_rows(getattr(self, f"feature_values{i}"), f.values)
             for j, v in enumerate(info.vectors):
-                getattr(self, f"vectors{j}").copy_(torch.from_numpy(np.asarray(v.vectors)))
-                getattr(self, f"has_vector{j}").copy_(torch.from_numpy(np.asarray(v.present)))
+                copy_rows(getattr(self, f"vectors{j}"), v.vectors)
+                copy_rows(getattr(self, f"has_vector{j}"), v.present)
 
     def forward(self, ids):
         """(...) item ids -> (..., D) vectors; id 0 (padding) gives zeros."""
@@ -198,6 +198,13 @@ class ItemTower(nn.Module):
     def id_tables(self):
         """The id embedding tables (what --l2_emb penalises)."""
         return [self.id_emb.weight] if self.id_emb is not None else []
+
+
+def copy_rows(buffer, array, rows=65536):
+    """buffer[:] = array, a block of rows at a time. Why: a cached array is a read-only memory map, which
+    torch.from_numpy warns about; a block's copy is writable and small, a whole copy could be gigabytes."""
+    for s in range(0, len(array), rows):
+        buffer[s:s + rows].copy_(torch.from_numpy(np.array(array[s:s + rows])))
 
 
 def pooled(emb, codes):

@@ -54,6 +54,7 @@ class LoopState:
     ref_ndcg: float = -1.0  # the NDCG@10 that reset bad_evals last (--min_delta measures progress from it)
     decay_from: int = 0    # plateau schedule: the epoch its final decay began after (0: not yet)
     decay_epochs: int = 0  # and how many epochs that decay lasts
+    finished: str = ""     # why the run ended ("epochs", "early_stop", "decay"), "" while it goes on
 
     def decay_over(self):
         return self.decay_epochs > 0 and self.epoch >= self.decay_from + self.decay_epochs
@@ -328,21 +329,41 @@ class Interrupted(Exception):
     """A signal stopped training; the checkpoint is saved. main() prints the message and exits 130."""
 
 
-def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState, average=None):
-    """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files. `average`: a
-    WeightAverage (--ema_decay), the model validated and saved as best.pt's weights."""
-    main_rank, out = distributed.is_main(), config.output
-    batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, config.train.bucket_batches,
-                           rank=distributed.rank(), world=distributed.world_size(),
-                           sampler=sampler if loss.per_position_negatives else None,
-                           target_weights=target_weights(config.loss, split.data))
+def training_batches(split, config, sampler=None):
+    """This rank's TrainBatches; `sampler`: draws one negative per position (losses that ask for it)."""
+    return TrainBatches(split, config.model.maxlen, config.train.batch_size, config.train.bucket_batches,
+                        rank=distributed.rank(), world=distributed.world_size(), sampler=sampler,
+                        target_weights=target_weights(config.loss, split.data))
+
+
+def check_trainable(split, config):
+    """Before anything is written: a log whose training part has no target (e.g. --positive_actions that
+    never occur) or too few users for the processes is one line; users without a target are counted."""
+    batches = training_batches(split, config)
+    if batches.users_without_target:
+        print(f"{batches.users_without_target} users have no training target (no event of --positive_actions "
+              f"{list(config.loss.positive_actions or [])} after their first): left out of training")
+    if len(batches.users) == 0:
+        raise UsageError(f"{config.data.data}: no training target: no user has a target event in its training part "
+                         f"(--positive_actions {list(config.loss.positive_actions or [])}; the last two events of "
+                         f"each user are held out)")
     if len(batches) == 0:  # every rank computes the same: all stop here
         raise UsageError(f"{config.data.data}: {len(batches.users)} trainable users make fewer batches of "
                          f"--batch_size {config.train.batch_size} than the {distributed.world_size()} processes "
                          f"(each needs one a step)")
+
+
+def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState, average=None):
+    """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files. `average`: a
+    WeightAverage (--ema_decay), the model validated and saved as best.pt's weights."""
+    main_rank, out = distributed.is_main(), config.output
+    batches = training_batches(split, config, sampler if loss.per_position_negatives else None)
+    if len(batches) == 0:  # every rank computes the same: all stop here
+        check_trainable(split, config)
     step = make_step(model, loss, sampler, config, device)
     last_path = os.path.join(out.ckpt_dir, "last.pt")
-    save = lambda path: checkpoint.save(path, model, loss, optimizer, state, average)  # noqa: E731
+    trained_on = checkpoint.data_identity(split.data)
+    save = lambda path: checkpoint.save(path, model, loss, optimizer, state, average, trained_on)  # noqa: E731
     validated = model if average is None else average.model
     if main_rank:
         remove_stale_temp_files(out.ckpt_dir)
@@ -365,7 +386,7 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
                                 ("sequences_per_s", seq_per_s)):
                 writer.add_scalar(f"train/{name}", value, epoch)
             record = {"epoch": epoch, "step": state.step, "loss": epoch_loss, "seq_per_s": seq_per_s,
-                      "seconds": seconds}
+                      "seconds": seconds, "users_without_target": batches.users_without_target}
             line = f"epoch {epoch:4d}  loss {epoch_loss:.4f}  {seq_per_s:7.0f} seq/s  {seconds:5.1f}s"
             if isinstance(loss, ScheduledLoss):
                 record["loss_name"] = loss.name(epoch)
@@ -376,6 +397,8 @@ def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState
                 if main_rank:
                     line += f"  valid {format_metrics(record['valid'])}{'  *' if state.best_epoch == epoch else ''}"
             record["peak_rss_mb"] = round(peak_rss_mb(), 1)  # after validation: its memory counts too
+            state.finished = ("early_stop" if stop_early else "decay" if state.decay_over()
+                              else "epochs" if epoch >= config.train.num_epochs else "")
             save(last_path)
             print(line, flush=True)
             log.write(json.dumps(record) + "\n")

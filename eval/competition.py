@@ -7,6 +7,10 @@ item_feat_dict.json, creative_emb/), or the 2026 release's seq/, user_feat/, ite
 indexer.pkl + candidate/. Each user's whole sequence is the query, most recent event included; the
 prediction time is unknown, so the last event's gap-to-prediction code is 'none'. Candidates the
 training catalogue lacks are appended to the item tower with their own features (no id embedding).
+The folder is read as training reads (taac.py: a user on several lines is one user, so result.json has one row
+per user; non-finite values follow the checkpoint's --non_finite unless given); its indexer.pkl must map
+feature values to the codes training used; feature values the checkpoint never saw are 'unknown', action
+types it never saw are clicks. A non-finite user or candidate vector stops the run before any file is written.
 
 Writes result.json ({"time", "top10s": [[creative id x 10] per user], "user": [user ids]}, the baseline
 eval's shape) and, for users of the baseline's ANN binary, embedding.fbin / id.u64bin (candidates and their
@@ -27,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from cli import ArgumentParser, UsageError, exits, make_writable_folder  # noqa: E402
 from dataset import DataError, history_batch, length_batches  # noqa: E402
-from eval.infer import build_index, load_run  # noqa: E402
+from eval.infer import build_index, check_finite, load_run  # noqa: E402
 from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k, SCORE_HR, SCORE_NDCG  # noqa: E402
 from features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
@@ -48,6 +52,8 @@ def build_parser():
                    "1280, efSearch 640) instead of the exact index")
     p.add_argument("--batch_size", type=int, default=1024, help="users embedded at once")
     p.add_argument("--device", default="auto", help="torch device for the model")
+    p.add_argument("--non_finite", choices=("error", "zero"), help="a NaN / infinite vector or value in the "
+                   "evaluation folder: an error, or zero (absent) (default: as the checkpoint was trained)")
     for flag in ("maxlen", "hidden_units", "num_blocks", "num_heads"):  # load_run checks them when given
         p.add_argument(f"--{flag}", type=int, help=argparse.SUPPRESS)
     return p
@@ -55,33 +61,94 @@ def build_parser():
 
 # ----------------------------------------------------------------------------- reading
 
-def read_users(folder, config):
-    """The users to predict, as Interactions of the evaluation folder (feature ids as in training)."""
+def read_users(folder, config, non_finite=None):
+    """The users to predict, as Interactions of the evaluation folder (feature ids as in training; non_finite:
+    taac.read_taac's policy, by default the one the checkpoint was trained with)."""
     item_ids = [f["name"] for f in (config.get("item_side") or {}).get("features", [])]
     user_ids = [f["name"] for f in (config.get("user_side") or {}).get("features", [])]
     seq_file = "predict_seq.jsonl" if os.path.isfile(os.path.join(folder, "predict_seq.jsonl")) else "seq.jsonl"
-    return taac.read_taac(folder, config.get("mm_emb_id") or (), item_ids or None, user_ids or None, seq_file)
+    return taac.read_taac(folder, config.get("mm_emb_id") or (), item_ids or None, user_ids or None, seq_file,
+                          non_finite or config.get("non_finite") or "error")
+
+
+def check_feature_codes(folder, data, trained_on):
+    """The evaluation folder's feature codes must mean the values they meant in training (indexer.pkl's 'f'
+    map); a checkpoint without the digest (older than it) is not checked."""
+    expected = (trained_on or {}).get("feature_codes")
+    if expected and data.feature_codes != expected:
+        raise UsageError(f"--eval_data {os.path.join(folder, 'indexer.pkl')}: its feature-value map differs from the "
+                         f"one the checkpoint was trained with (its feature codes would mean other values)")
+
+
+def known_codes(values, vocab_size):
+    """Feature codes the checkpoint's tables lack (a value unseen in training, a negative one) -> unknown."""
+    values = np.asarray(values, np.int64)
+    return np.where((values < 0) | (values >= vocab_size), UNKNOWN, values)
+
+
+def fit_to_checkpoint(data, model):
+    """Every code read at inference within the checkpoint's tables: user feature values unseen in training
+    become unknown (at the training widths), action types it never saw become clicks (1, as a missing one)."""
+    spec = (model.config.user_side or {}).get("features", [])
+    if data.user_side is not None and spec:
+        features = []
+        for f, s in zip(data.user_side.features, spec):
+            codes = known_codes(f.values, s["vocab_size"])[:, :s["width"]]
+            features.append(Feature(f.name, np.pad(codes, ((0, 0), (0, s["width"] - codes.shape[1]))), s["vocab_size"]))
+        data.user_side = SideInfo(features)
+    actions = model.config.num_actions
+    if data.actions is not None and actions:
+        data.actions = np.where((data.actions < 0) | (data.actions >= actions), min(1, actions - 1), data.actions)
 
 
 def read_candidates(folder):
     """(creative ids, retrieval ids, {feature id: [value per candidate]}) of predict_set.jsonl or candidate/."""
     path = os.path.join(folder, "predict_set.jsonl")
     if os.path.isfile(path):
-        parse = lambda row: (int(row["creative_id"]), int(row["retrieval_id"]), row.get("features") or {})  # noqa: E731
+        def parse(row):
+            features = row.get("features") or {}
+            if not isinstance(features, dict):
+                raise TypeError(f"features is a {type(features).__name__}, not an object")
+            return (id_in(row["creative_id"], "creative_id", INT64), id_in(row["retrieval_id"], "retrieval_id", UINT64),
+                    features)
         read = [parsed for _, parsed in taac.json_lines(path, '{"creative_id", "retrieval_id", "features"}', parse)]
-        creatives, retrievals, rows = zip(*read) if read else ((), (), ())
-        return np.array(creatives), np.array(retrievals), taac.dict_columns(list(rows))
+        if not read:
+            raise DataError(f"{path}: no candidates")
+        creatives, retrievals, rows = zip(*read)
+        return np.array(creatives, np.int64), np.array(retrievals, np.uint64), taac.dict_columns(list(rows))
     path = os.path.join(folder, "candidate")
     if not os.path.isdir(path):
         raise DataError(f"{folder}: no predict_set.jsonl or candidate/ (the candidate set to retrieve from)")
     table = taac._dataset(path).to_table()
+    missing = [c for c in ("creative_id", "retrieval_id") if c not in table.column_names]
+    if missing or table.num_rows == 0:
+        raise DataError(f"{path}: " + (f"no column {missing[0]!r} (found {table.column_names})" if missing
+                                       else "no candidates"))
     columns = {}
     for name in table.column_names:
         if name in ("creative_id", "reid_creative_id", "retrieval_id"):
             continue
-        cells = table.column(name).to_pylist()  # {feature_value, is_str}: a string value is unknown here
-        columns[name] = [None if c is None or c.get("is_str") else c.get("feature_value") for c in cells]
+        columns[name] = [candidate_value(c) for c in table.column(name).to_pylist()]
     return (table.column("creative_id").to_numpy(), table.column("retrieval_id").to_numpy(), columns)
+
+
+INT64, UINT64 = (-2 ** 63, 2 ** 63 - 1), (0, 2 ** 64 - 1)
+
+
+def id_in(value, name, bounds):
+    """An integer id that its array (int64 / uint64) can hold; else a ValueError for json_lines' one line."""
+    value = int(value)
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name} {value} is outside {bounds[0]}..{bounds[1]}")
+    return value
+
+
+def candidate_value(cell):
+    """A candidate/ feature cell: the release's {feature_value, is_str} struct or a plain value; integers are
+    value re-ids, anything else (a string value, None) is unknown here."""
+    if isinstance(cell, dict):
+        cell = None if cell.get("is_str") else cell.get("feature_value")
+    return cell if isinstance(cell, int) and not isinstance(cell, bool) else None
 
 
 # ----------------------------------------------------------------------------- items
@@ -118,11 +185,12 @@ def new_item_side(model, data, new, eval_creatives, creatives, candidate_feature
         values[:, 0] = UNKNOWN
         for r, c in enumerate(order):
             if given is not None and c in eval_pos:
-                values[r] = np.asarray(given.values[eval_pos[c]])[:f["width"]]
+                row = np.asarray(given.values[eval_pos[c]])[:f["width"]]
+                values[r, :len(row)] = row
             elif c in cand_pos and candidate_features.get(f["name"]):
                 v = candidate_features[f["name"]][cand_pos[c]]
                 values[r, 0] = int(v) + 1 if isinstance(v, (int, np.integer)) else UNKNOWN
-        features.append(Feature(f["name"], values, f["vocab_size"]))
+        features.append(Feature(f["name"], known_codes(values, f["vocab_size"]), f["vocab_size"]))
     vectors = []
     for v in spec["vectors"]:
         given = next((x for x in data.item_side.vectors if x.name == v["name"]), None)
@@ -179,15 +247,17 @@ def competition_score(top, users, truth):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    config, id_map, model = load_run(args)
+    config, id_map, model, trained_on = load_run(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     normalize = config.get("similarity") == "cosine"
     try:
-        data = read_users(args.eval_data, config)
+        data = read_users(args.eval_data, config, args.non_finite)
         creatives, retrievals, candidate_features = read_candidates(args.eval_data)
     except DataError as e:
         raise UsageError(str(e)) from None
+    check_feature_codes(args.eval_data, data, trained_on)
+    fit_to_checkpoint(data, model)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "competition")
     make_writable_folder(out, "--out")
     eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
@@ -195,6 +265,8 @@ def main(argv=None):
     user_vecs = embed_users(model, data, eval_rows, normalize, args.batch_size, device)
     with torch.no_grad():
         item_vecs = model.item_embeddings(torch.from_numpy(cand_rows).to(device), normalize).float().cpu().numpy()
+    check_finite(user_vecs, data.user_ids, "user")
+    check_finite(item_vecs, creatives, "creative")
     index = build_index(item_vecs, "hnsw" if args.hnsw else "flat", "auto", **(HNSW if args.hnsw else {}))
     _, top = index.search(user_vecs, min(args.k, len(creatives)))
     top10s = [[int(creatives[i]) for i in row if i >= 0] for row in top]

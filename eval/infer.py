@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
-from cli import ArgumentParser, UsageError, exits, first_line, make_writable_folder  # noqa: E402
+from cli import ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder  # noqa: E402
 from config import model_config_from_dict  # noqa: E402
 from dataset import (DataError, LeaveOneOut, left_padded, length_batches, load_interactions,  # noqa: E402
                      ragged_positions)
@@ -76,6 +76,8 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=1024, help="users embedded at once")
     p.add_argument("--device", default="auto", help="torch device for the model")
     p.add_argument("--data", help="training log, if it moved since training (default: the saved config's)")
+    p.add_argument("--allow_other_data", action="store_true",
+                   help="accept a --data log whose content differs from the checkpoint's (its item ids must match)")
     for flag in STRUCTURE_FLAGS:  # accepted only to check them against the saved config
         p.add_argument(f"--{flag}", type=int, help="must equal the saved config's value (optional)")
     return p
@@ -84,7 +86,8 @@ def build_parser():
 # ----------------------------------------------------------------------------- model + data
 
 def load_run(args):
-    """Saved config, id map and model of a checkpoint directory; the model is rebuilt from the checkpoint alone."""
+    """(saved config, id map, model, the checkpoint's data identity) of a checkpoint directory; the model is
+    rebuilt from the checkpoint alone, and id_map.json must be the map it was trained with."""
     paths = {name: os.path.join(args.ckpt, name) for name in ("config.json", "id_map.json", args.weights)}
     for name, path in paths.items():
         if not os.path.isfile(path):
@@ -102,16 +105,19 @@ def load_run(args):
             raise UsageError(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
     ckpt = checkpoint.load(paths[args.weights], "--ckpt")
     checkpoint.check_model_config(ckpt, model_config_from_dict(config), paths[args.weights], "--ckpt")
+    checkpoint.check_id_map(ckpt.get("data"), id_map.get("items", []), paths["id_map.json"], paths[args.weights])
     try:
         model = SASRec.from_checkpoint(ckpt)
     except Exception as e:  # weights of another shape than the saved model config
         raise UsageError(f"--ckpt {paths[args.weights]}: not a loadable checkpoint for this config "
                          f"({type(e).__name__}: {first_line(e)})") from None
-    return config, id_map, model
+    return config, id_map, model, ckpt.get("data")
 
 
-def training_histories(config, id_map, args):
-    """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log."""
+def training_histories(config, id_map, args, trained_on=None):
+    """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log,
+    which must be the one the checkpoint was trained on (`trained_on`: its data identity), or, with
+    --allow_other_data, a log with the same item ids."""
     path = args.data or config["data"]
     if os.path.isdir(path) or config.get("data_format") == "taac":
         raise UsageError(f"--ckpt {args.ckpt}: trained on the competition folder {path}; its inference is "
@@ -120,7 +126,11 @@ def training_histories(config, id_map, args):
                              config.get("user_col"), config.get("item_col"), config.get("time_col"),
                              config.get("id_type", "auto"))
     if data.item_ids.tolist() != id_map["items"]:
-        raise UsageError(f"--data {path}: its items differ from the checkpoint's id_map.json (was the log changed?)")
+        raise UsageError(f"--data {path}: its item ids differ from the checkpoint's id_map.json (was the log "
+                         f"changed?); --queries scores other sequences by raw item id")
+    if trained_on and not args.allow_other_data:
+        checkpoint.check_same_data(trained_on, checkpoint.data_identity(data), path, args.ckpt,
+                                   {"items": "", "content": "--allow_other_data evaluates on it anyway"})
     if args.split == "next":
         lengths = data.lengths
         return data.user_ids, data.items, data.offsets[1:], lengths, None
@@ -282,6 +292,15 @@ def history_positions(items, ends, lengths, cands, num_items):
 
 # ----------------------------------------------------------------------------- outputs
 
+def check_finite(vectors, ids, what):
+    """No output file may hold a NaN / infinite row: one line naming the first (`ids`: the rows' raw ids)."""
+    bad = ~np.isfinite(vectors).all(1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise RunError(f"{what} {ids[first]}'s vector is not finite ({int(bad.sum())} of {len(bad)} {what} vectors); "
+                       f"nothing written (non-finite weights in the checkpoint, or non-finite inputs?)")
+
+
 def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user_vecs, item_vecs, metrics):
     """top-k per user (raw ids), embeddings with their id lists, metrics; each file written atomically."""
     def write_topk(tmp):
@@ -322,7 +341,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
-    config, id_map, model = load_run(args)
+    config, id_map, model, trained_on = load_run(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model.to(device)
@@ -332,7 +351,7 @@ def main(argv=None):
         if args.queries:
             user_ids, items, ends, lengths, targets = query_histories(id_map, args)
         else:
-            user_ids, items, ends, lengths, targets = training_histories(config, id_map, args)
+            user_ids, items, ends, lengths, targets = training_histories(config, id_map, args, trained_on)
     except DataError as e:
         raise UsageError(str(e))
     cands = candidate_items(id_map, args)
@@ -341,6 +360,8 @@ def main(argv=None):
 
     user_vecs = embed_users(model, items, ends, lengths, normalize, args.batch_size, device)
     item_vecs = embed_items(model.cpu(), cands, normalize)
+    check_finite(user_vecs, user_ids, "user")
+    check_finite(item_vecs, np.array([""] + id_map["items"], dtype=object)[cands], "item")
     index = build_index(item_vecs, args.index, args.faiss_device, args.nlist, args.nprobe, args.hnsw_m,
                         args.ef_construction, args.ef_search)
     exclude = None if args.keep_history else history_positions(items, ends, lengths, cands, len(id_map["items"]))

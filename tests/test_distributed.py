@@ -105,7 +105,8 @@ def test_main_under_torchrun_rank0_writes(tmp_path, average):
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]  # one writer
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test"]["users"] == 4000 and results["best_epoch"] >= 1
-    assert sorted(os.listdir(run_dir / "ckpt")) == ["best.pt", "config.json", "id_map.json", "last.pt"]
+    assert sorted(os.listdir(run_dir / "ckpt")) == [".lock", "best.pt", "config.json", "id_map.json", "last.pt"]
+    assert (run_dir / "ckpt" / ".lock").read_text().strip().isdigit()  # the pid of the rank that owned the run
     last = torch.load(run_dir / "ckpt" / "last.pt", weights_only=True)
     assert ("online_model" in last) == bool(average)  # the ranks' identical averages, written once
 

@@ -69,7 +69,7 @@ BAD_LOGS = [
     ("mixed: second header", "user_id\titem_id\n1\t5\n1\t6\nuser_id\titem_id\n", [],
      "log.txt:4: user id 'user_id' is not an integer"),
     ("user with one item", "1 1 2 3\n2 4\n3 1 2\n", [], "1 user(s) with a single interaction, e.g. user '2'"),
-    ("not text", "\x00\xff\xfe binary", [], "log.txt: not a UTF-8 text file"),
+    ("not text", "\x00\xff\xfe binary", [], "log.txt:1: not a UTF-8 text file (byte 1: invalid start byte)"),
 ]
 
 
