@@ -169,15 +169,16 @@ def other_data_hints(train_config):
 
 def check_resumable(state, train_config, path):
     """A finished run is not resumed (it would only rewrite its results), unless it ended at --num_epochs
-    and more epochs are asked for."""
-    more_epochs = train_config.num_epochs > state.epoch
-    if (state.finished and state.finished != "epochs") or not more_epochs:
-        why = {"early_stop": "stopped early", "decay": "ended its final learning-rate decay"}.get(
-            state.finished, f"trained its --num_epochs {state.epoch}")
-        raise UsageError(f"--state_dict_path {path}: the run is finished ({why} at epoch {state.epoch}): nothing "
-                         f"to resume; --inference_only evaluates it"
-                         + ("" if state.finished not in ("", "epochs") else ", --num_epochs N > "
-                            f"{state.epoch} trains it on"))
+    and more epochs are asked for; nor is a run asked for no epoch beyond those it has trained."""
+    ended = {"early_stop": "stopped early", "decay": "ended its final learning-rate decay"}.get(state.finished)
+    if ended:
+        raise UsageError(f"--state_dict_path {path}: the run is finished ({ended} at epoch {state.epoch}): nothing "
+                         f"to resume; --inference_only evaluates it")
+    if train_config.num_epochs <= state.epoch:
+        what = (f"the run is finished (trained its --num_epochs {state.epoch})" if state.finished else
+                f"--num_epochs {train_config.num_epochs} asks for no epoch beyond the {state.epoch} trained")
+        raise UsageError(f"--state_dict_path {path}: {what}: nothing to resume; --num_epochs N > {state.epoch} trains "
+                         f"it on, --inference_only evaluates it")
     state.finished = ""
 
 

@@ -206,7 +206,7 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(tmp_path, capsy
     main(TINY + ["--num_epochs", "1", "--run_dir", run])
     before = snapshot(run)
     fails_with(capsys, main, ["--state_dict_path", os.path.join(run, "ckpt")],
-               "the run is finished (trained its --num_epochs 1 at epoch 1)")
+               "the run is finished (trained its --num_epochs 1): nothing to resume")
     assert snapshot(run) == before  # results.json keeps its train_minutes
     main(["--state_dict_path", os.path.join(run, "ckpt"), "--num_epochs", "2"])  # more epochs: it trains on
     assert torch.load(os.path.join(run, "ckpt", "last.pt"), weights_only=True)["epoch"] == 2
