@@ -237,8 +237,9 @@ def check_events(where, items, actions, times, num_items):
 
 
 def read_item_table(path, num_items):
-    """item_feat_dict.json: {item re-id: {feature id: value}}; a key that is not one of indexer.pkl's item re-ids
-    1..num_items, or a row that is not an object, is an error naming the key."""
+    """item_feat_dict.json: {item re-id: {feature id: value}}. A key outside indexer.pkl's item re-ids 1..num_items
+    is never looked up (as in the baseline's reader) and is skipped, counted in one line; a row that is not an
+    object is an error naming its key."""
     try:
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
@@ -246,9 +247,11 @@ def read_item_table(path, num_items):
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(table, dict):
         raise DataError(f"{path}: expected an object {{item re-id: {{feature id: value}}}}")
+    outside = [key for key in table if not (re.fullmatch(r"\d+", key) and 1 <= int(key) <= num_items)]
+    if outside:
+        print(f"{path}: {len(outside)} key(s) outside indexer.pkl's item re-ids 1..{num_items} skipped "
+              f"(e.g. {outside[0]!r})")
     for key, row in table.items():
-        if not (re.fullmatch(r"\d+", key) and 1 <= int(key) <= num_items):
-            raise DataError(f"{path}: key {key!r} is not in indexer.pkl's item re-ids 1..{num_items}")
         if row is not None and not isinstance(row, dict):
             raise DataError(f"{path}: key {key!r} holds a {type(row).__name__}, expected an object "
                             f"{{feature id: value}}")
@@ -416,11 +419,12 @@ def parquet_columns(path, id_col, row_ids, num_items=None):
     if id_col not in table.column_names:
         raise DataError(f"{path}: no column {id_col!r} (found {table.column_names})")
     ids = table.column(id_col).to_numpy()
-    if row_ids is None:
-        bad = np.flatnonzero(~((ids >= 1) & (ids <= num_items)))
-        if len(bad):
-            raise DataError(f"{path}: {id_col} {ids[bad[0]]} is not in indexer.pkl's item re-ids 1..{num_items}")
-        position = ids.astype(np.int64) - 1
+    if row_ids is None:  # rows of items outside the indexer are never looked up: skipped, counted
+        outside = ~((ids >= 1) & (ids <= num_items))
+        if outside.any():
+            print(f"{path}: {int(outside.sum())} row(s) whose {id_col} is outside indexer.pkl's item re-ids "
+                  f"1..{num_items} skipped (e.g. {ids[outside][0]})")
+        position = np.where(outside, -1, ids).astype(np.int64) - np.where(outside, 0, 1)
         rows = num_items
     else:
         lookup = {int(u): r for r, u in enumerate(row_ids)}

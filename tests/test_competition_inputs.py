@@ -21,7 +21,7 @@ from conftest import ROOT
 from dataset import DataError
 from eval.competition import main as competition_main
 from eval.infer import main as infer_main
-from features import read_vectors
+from features import UNKNOWN, read_vectors
 from main import main as train_main
 
 TRAIN = ["--device", "cpu", "--maxlen", "20", "--hidden_units", "16", "--num_blocks", "1", "--num_epochs", "1",
@@ -285,24 +285,26 @@ def test_an_item_id_far_beyond_the_indexer_is_one_line(base, tmp_path, item):
         taac.read_taac(str(folder))
 
 
-def test_item_feature_keys_beyond_the_indexer_are_one_line(base, tmp_path):
+def test_item_feature_keys_beyond_the_indexer_are_skipped_without_sizing_anything(base, tmp_path, capsys):
     folder = copy(base / "jsonl", tmp_path / "f")
+    clean = taac.read_taac(str(folder))
     table = json.loads((folder / "item_feat_dict.json").read_text())
-    table[str(10 ** 9)] = {"100": 3}
+    table[str(10 ** 9)] = {"100": 3}  # once sized a list of 10^9 rows
     (folder / "item_feat_dict.json").write_text(json.dumps(table))
-    with pytest.raises(DataError, match=r"item_feat_dict\.json: key '1000000000' is not in indexer\.pkl's item "
-                                        r"re-ids 1\.\.40"):
-        taac.read_taac(str(folder))
+    data = taac.read_taac(str(folder))
+    assert "1 key(s) outside indexer.pkl's item re-ids 1..40 skipped (e.g. '1000000000')" in capsys.readouterr().out
+    for a, b in zip(clean.item_side.features, data.item_side.features):
+        np.testing.assert_array_equal(a.values, b.values)
 
 
-def test_parquet_ids_beyond_the_indexer_are_one_line(base, tmp_path):
+def test_parquet_ids_beyond_the_indexer_are_one_line_or_skipped(base, tmp_path):
     folder = copy(base / "parquet", tmp_path / "f")
     items = read_parquet(folder / "item_feat")
     ids = items.column("item_id").to_pylist()
-    ids[3] = 10 ** 9
+    replaced, ids[3] = ids[3], 10 ** 9
     write_parquet(folder / "item_feat", set_column(items, "item_id", ids, pa.int64()))
-    with pytest.raises(DataError, match=r"item_feat: item_id 1000000000 is not in indexer\.pkl's item re-ids 1\.\.40"):
-        taac.read_taac(str(folder))
+    data = taac.read_taac(str(folder))  # the row outside is skipped; the item it replaced has no features now
+    assert all(f.values[replaced, 0] == UNKNOWN for f in data.item_side.features)
     folder = copy(base / "parquet", tmp_path / "g")
     seq = read_parquet(folder / "seq")
     rows = seq.column("seq").to_pylist()
