@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import pytest
@@ -34,3 +35,29 @@ class Replay:
 
     def epoch(self, rng):
         return iter(self.steps)
+
+
+TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1",
+        "--batch_size", "256", "--cache_dir", ""]  # 4,000 users: 16 batches per epoch
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file below `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def fails_with(capsys, entry, argv, message, code=2):
+    """Run a command's main(argv): it must exit `code` with one line on stderr holding `message`."""
+    with pytest.raises(SystemExit) as e:
+        entry(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    assert message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one line, no traceback
+    return err

@@ -1,5 +1,4 @@
 """Bad input, interruptions and checkpoint safety: every failure is one clear line, exit 2, nothing damaged."""
-import hashlib
 import io
 import json
 import os
@@ -13,14 +12,11 @@ import zipfile
 import pytest
 import torch
 
-from conftest import ROOT, write
+from conftest import ROOT, TINY, fails_with, snapshot, write
 from eval import infer
 from config import ModelConfig
 from main import main
 from model import SASRec
-
-TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1",
-        "--batch_size", "256", "--cache_dir", ""]  # 4,000 users: 16 batches per epoch
 
 
 @pytest.fixture(scope="module")
@@ -29,26 +25,6 @@ def run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
     main(TINY + ["--num_epochs", "1", "--run_dir", run_dir])
     return run_dir
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file below `folder`."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
-
-
-def fails_with(capsys, entry, argv, message, code=2):
-    with pytest.raises(SystemExit) as e:
-        entry(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == code, err
-    assert message in err, err
-    assert err.startswith("error: ") and err.count("\n") == 1  # one line, no traceback
-    return err
 
 
 # ----------------------------------------------------------------------------- bad data files

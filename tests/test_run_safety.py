@@ -1,7 +1,6 @@
 """A run owns its folder; a checkpoint knows its data; finished runs, runs without targets and full disks are
 one line. Each case here was a silent wrong result or a lost run before."""
 import errno
-import hashlib
 import json
 import os
 import re
@@ -14,36 +13,14 @@ import torch
 
 import checkpoint
 import taac_synthetic
-from conftest import ROOT, write
+from conftest import ROOT, TINY, fails_with, snapshot, write
 from config import ModelConfig
 from eval import infer
 from files import lock_folder, release_locks
 from main import main
 from model import SASRec
 
-TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1",
-        "--batch_size", "256", "--cache_dir", ""]  # 4,000 users: 16 batches per epoch
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two torch processes on 2 cores: no spin-waiting
-
-
-def fails_with(capsys, entry, argv, message, code=2):
-    with pytest.raises(SystemExit) as e:
-        entry(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == code, err
-    assert message in err, err
-    assert err.startswith("error: ") and err.count("\n") == 1  # one line, no traceback
-    return err
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file below `folder`."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def start(args):
