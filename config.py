@@ -54,7 +54,7 @@ class DataConfig:
     feature_sep: str = flag("|", "separator of multi-valued cells in --item_features")
     item_emb: tuple = flag((), "frozen pretrained item vectors: .npz (ids, vectors) or .npy with <name>.ids.txt "
                            "(repeatable)", action="append", metavar="FILE")
-    # Competition folders (--data DIR, taac.py):
+    # Competition folders (--data DIR, readers/taac.py):
     mm_emb_id: tuple = flag((), "competition folders: multimodal feature ids to load, e.g. 81 82 (as the "
                             "basemodel's flag)", nargs="+", metavar="ID")
     item_feature_ids: Optional[tuple] = flag(None, "competition folders: item feature ids to use (default: all "

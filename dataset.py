@@ -44,7 +44,7 @@ class Interactions:
     # Derived once and cached beside the rest (None: LeaveOneOut derives them):
     history: np.ndarray = None       # (I,) int32: items, each user's training part sorted (membership tests)
     split_counts: np.ndarray = None  # (2, N+1) int64: interactions per item before validation / test targets
-    # Competition logs (taac.py) also carry, per event and per entity:
+    # Competition logs (readers/taac.py) also carry, per event and per entity:
     actions: np.ndarray = None  # (I,) int8 action type of each interaction (0 exposure, 1 click, 2 conversion)
     times: np.ndarray = None    # (I,) int64 unix seconds of each interaction
     item_side: object = None    # features.SideInfo of items 0..N (row 0 padding)

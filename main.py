@@ -2,7 +2,7 @@
 
 Configuration flows one way (config.py): config file -> defaults -> command-line flags, built once.
 The resolved config is written beside every checkpoint, so evaluation and inference never need the
-training flags again. The loop lives in train.py, checkpoints in checkpoint.py.
+training flags again. The loop lives in training/loop.py, checkpoints in training/checkpoint.py.
 """
 import ctypes
 import dataclasses
@@ -13,20 +13,20 @@ import time
 import numpy as np
 import torch
 
-import checkpoint
-import distributed
+from training import checkpoint
+from training import distributed
 from cli import UsageError, exits, make_writable_folder
 from config import action_weights, build_config, checkpoint_file, with_output_dirs
 from dataset import DataError, LeaveOneOut, load_interactions
 from eval.metrics import evaluate, popularity_scorer
-from features import load_side_info
+from readers.features import load_side_info
 from files import FolderBusy, lock_folder, release_locks, write_json
-from losses import build_loss, popularity
-from taac import load_taac
+from objectives.losses import build_loss, popularity
+from readers.taac import load_taac
 from model import SASRec
-from samplers import NegativeSampler
-from train import Interrupted, LoopState, check_trainable, fit, run_evaluation
-from weight_average import WeightAverage
+from objectives.samplers import NegativeSampler
+from training.loop import Interrupted, LoopState, check_trainable, fit, run_evaluation
+from training.weight_average import WeightAverage
 
 
 def keep_freed_memory():

@@ -9,7 +9,7 @@ builds id batches with numpy and looks features up from tensors. This measures b
 2. training: sequences/s of one training step, timed around the step only (batches are drawn outside the
    timing): the baseline's BaselineModel forward, BCE on its positive / negative logits at the positions
    whose next token is an item, backward and Adam step, as its main.py does; against this repository's
-   train.TrainStep + backward + its optimizer's step, over --steps steps after --warmup_steps.
+   loop.TrainStep + backward + its optimizer's step, over --steps steps after --warmup_steps.
 
     python bench/baseline_speed.py --baseline ~/baseline_2025                     # synthetic data, 3 rounds
     python bench/baseline_speed.py --baseline ~/baseline_2025 --data DIR/train   # a competition folder
@@ -286,13 +286,13 @@ def baseline_side(spec):
 
 
 def ours_side(spec):
-    """This repository, as train.py's loop calls it. Returns (info, loader(workers), count, train_step)."""
+    """This repository, as training/loop.py calls it. Returns (info, loader(workers), count, train_step)."""
     import numpy as np
     import torch
     sys.path.insert(0, ROOT)
     import dataset
     import main as repo_main
-    import train
+    from training import loop
     from cli import UsageError
     from config import build_config
     repo_main.keep_freed_memory()  # as main.main() does
@@ -305,7 +305,7 @@ def ours_side(spec):
                          f"synthetic measures this side on its embedded log)") from None
     batches = dataset.TrainBatches(split, config.model.maxlen, config.train.batch_size,
                                    sampler=sampler if loss.per_position_negatives else None)
-    step = train.TrainStep(model, loss, sampler, config.loss.l2_emb)
+    step = loop.TrainStep(model, loss, sampler, config.loss.l2_emb)
     step.train()
     rng = np.random.default_rng(0)
 

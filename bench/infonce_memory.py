@@ -18,12 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def one_step(args):
     import numpy as np
     import torch
-    import losses
+    from objectives import losses
     from config import ModelConfig, build_config
     from dataset import Batch
     from model import SASRec
-    from samplers import NegativeSampler
-    from train import TrainStep
+    from objectives.samplers import NegativeSampler
+    from training.loop import TrainStep
 
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=args.num_items, maxlen=args.maxlen, hidden_units=args.hidden_units,
@@ -53,12 +53,12 @@ def main():
     p.add_argument("--hidden_units", type=int, default=64)
     p.add_argument("--num_blocks", type=int, default=2)
     p.add_argument("--num_items", type=int, default=50000)
-    p.add_argument("--chunk_elems", type=int, default=None, help="logits per chunk; 0 = unchunked (default: losses.py's)")
+    p.add_argument("--chunk_elems", type=int, default=None, help="logits per chunk; 0 = unchunked (default: objectives/losses.py's)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         if args.chunk_elems is None:
-            import losses
+            from objectives import losses
             args.chunk_elems = losses.SOFTMAX_CHUNK_ELEMS
         one_step(args)
         return

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import PerPositionSampledSoftmax, Similarity  # noqa: E402
+from objectives.losses import PerPositionSampledSoftmax, Similarity  # noqa: E402
 
 
 class Table(torch.nn.Module):

@@ -48,7 +48,7 @@ def child(mode, path, cache, steps, num_items):
     sys.path.insert(0, ROOT)
     import main
     main.keep_freed_memory()  # as main.main() does
-    import train
+    from training import loop
     from config import build_config
     from dataset import TrainBatches
     if mode == "baseline":  # what the imports alone hold
@@ -68,7 +68,7 @@ def child(mode, path, cache, steps, num_items):
     config, side = main.complete_config(config, data)
     model, loss, sampler, optimizer = main.build(config, side, split, torch.device("cpu"))
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, sampler=sampler)
-    step = train.make_step(model, loss, sampler, config, torch.device("cpu"))
+    step = loop.make_step(model, loss, sampler, config, torch.device("cpu"))
 
     class FirstSteps:
         def __len__(self):
@@ -77,8 +77,8 @@ def child(mode, path, cache, steps, num_items):
         def epoch(self, rng):
             return (b for _, b in zip(range(steps), batches.epoch(rng)))
 
-    _, seq_per_s, seconds = train.train_epoch(step, optimizer, FirstSteps(), config, torch.device("cpu"),
-                                              train.LoopState(), train.NullWriter(), train.GracefulStop())
+    _, seq_per_s, seconds = loop.train_epoch(step, optimizer, FirstSteps(), config, torch.device("cpu"),
+                                              loop.LoopState(), loop.NullWriter(), loop.GracefulStop())
     return {**out, "train_steps": steps, "train_s": seconds, "seq_per_s": seq_per_s}
 
 

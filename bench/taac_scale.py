@@ -50,7 +50,7 @@ def stage_train(args):
     import main
     from config import build_config
     from dataset import TrainBatches
-    from train import TrainStep, target_weights
+    from training.loop import TrainStep, target_weights
     config, data, split, model, loss, sampler, optimizer = main.prepare(build_config(model_flags(args)),
                                                                         torch.device("cpu"))
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size,

@@ -49,7 +49,7 @@ def child(argv, epochs, profile_steps=0):
     sys.path.insert(0, ROOT)
     import main
     main.keep_freed_memory()  # as main.main() does
-    import train
+    from training import loop
     from config import build_config
     from dataset import TrainBatches
     imported = time.time()
@@ -64,17 +64,17 @@ def child(argv, epochs, profile_steps=0):
                            sampler=sampler if loss.per_position_negatives else None)
     next(iter(batches.epoch(np.random.default_rng(0))))  # the first batch is ready: training could start
     startup = time.time() - launched
-    state, writer, stop = train.LoopState(), train.NullWriter(), train.GracefulStop()
-    step = train.make_step(model, loss, sampler, config, device)
+    state, writer, stop = loop.LoopState(), loop.NullWriter(), loop.GracefulStop()
+    step = loop.make_step(model, loss, sampler, config, device)
     if profile_steps:
         print_profile(step, optimizer, batches, device, profile_steps)
     seconds = []
     for _ in range(epochs + 1):
-        _, _, s = train.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
+        _, _, s = loop.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
         state.epoch, state.batch = state.epoch + 1, 0
         seconds.append(s)
     with FlopCounterMode(display=False) as counter:
-        train.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
+        loop.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
     epoch_s = statistics.median(seconds[1:])
     flops = counter.get_total_flops()
     rate = matmul_gflops()

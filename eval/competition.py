@@ -7,7 +7,7 @@ item_feat_dict.json, creative_emb/), or the 2026 release's seq/, user_feat/, ite
 indexer.pkl + candidate/. Each user's whole sequence is the query, most recent event included; the
 prediction time is unknown, so the last event's gap-to-prediction code is 'none'. Candidates the
 training catalogue lacks are appended to the item tower with their own features (no id embedding).
-The folder is read as training reads (taac.py: a user on several lines is one user, so result.json has one row
+The folder is read as training reads (readers/taac.py: a user on several lines is one user, so result.json has one row
 per user; non-finite values follow the checkpoint's --non_finite unless given); its indexer.pkl must map
 feature values to the codes training used; feature values the checkpoint never saw are 'unknown', action
 types it never saw are clicks. A non-finite user or candidate vector stops the run before any file is written.
@@ -33,9 +33,9 @@ from cli import ArgumentParser, UsageError, exits, make_writable_folder  # noqa:
 from dataset import DataError, history_batch, length_batches  # noqa: E402
 from eval.infer import build_index, check_finite, load_run  # noqa: E402
 from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k, SCORE_HR, SCORE_NDCG  # noqa: E402
-from features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
+from readers.features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
-import taac  # noqa: E402
+from readers import taac  # noqa: E402
 
 HNSW = dict(hnsw_m=64, ef_construction=1280, ef_search=640)  # the baseline's faiss_demo parameters
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import checkpoint  # noqa: E402
+from training import checkpoint  # noqa: E402
 from cli import ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder  # noqa: E402
 from config import model_config_from_dict  # noqa: E402
 from dataset import (DataError, LeaveOneOut, left_padded, length_batches, load_interactions,  # noqa: E402

@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-import distributed
+from training import distributed
 from dataset import LeaveOneOut, history_batch, ragged_positions
-from samplers import NegativeSampler
+from objectives.samplers import NegativeSampler
 
 HR_KS = (1, 5, 10, 20)
 NDCG_KS = (5, 10, 20)

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a few DDP training steps through
-train.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
+loop.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
 a sharded validation, and gather_pool results) to OUT/rank<r>.pt. Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
 import os
 import sys
@@ -7,9 +7,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed  # noqa: E402
+from training import distributed  # noqa: E402
 import main  # noqa: E402
-import train  # noqa: E402
+from training import loop  # noqa: E402
 from config import build_config  # noqa: E402
 from dataset import TrainBatches  # noqa: E402
 from eval import metrics  # noqa: E402
@@ -53,11 +53,11 @@ def run(out, argv):
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = FirstSteps(TrainBatches(split, config.model.maxlen, config.train.batch_size, rank=distributed.rank(),
                                       world=distributed.world_size(), sampler=sampler))
-    step = train.make_step(model, loss_fn, sampler, config, device)
-    loss, _, _ = train.train_epoch(step, optimizer, batches, config, device, train.LoopState(), train.NullWriter(),
-                                   train.GracefulStop())
+    step = loop.make_step(model, loss_fn, sampler, config, device)
+    loss, _, _ = loop.train_epoch(step, optimizer, batches, config, device, loop.LoopState(), loop.NullWriter(),
+                                   loop.GracefulStop())
     metrics.users_per_batch = lambda *sizes: EVAL_BATCH  # several score batches, so each rank gets some
-    valid = train.run_evaluation(model, split, config, device, "valid", sharded=True)
+    valid = loop.run_evaluation(model, split, config, device, "valid", sharded=True)
     torch.save({"initial": initial, "final": model.state_dict(), "loss": loss, "valid": valid,
                 "batches": [{"users": b.users, "seq": b.inputs, "pos": b.positives, "neg": b.negatives}
                             for b in batches.seen],

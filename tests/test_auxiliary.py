@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-import auxiliary
+from objectives import auxiliary
 from dataset import Batch
 from model import ItemTower
 

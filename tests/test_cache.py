@@ -9,7 +9,7 @@ import pytest
 from conftest import write
 
 import dataset
-import taac
+from readers import taac
 import taac_synthetic
 from config import build_config
 from dataset import CACHE_VERSION, DataError, file_digest, load_interactions, read_cache

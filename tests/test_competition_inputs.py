@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import taac
+from readers import taac
 import taac_synthetic
 from conftest import ROOT
 from dataset import DataError
 from eval.competition import main as competition_main
 from eval.infer import main as infer_main
-from features import UNKNOWN, read_vectors
+from readers.features import UNKNOWN, read_vectors
 from main import main as train_main
 
 TRAIN = ["--device", "cpu", "--maxlen", "20", "--hidden_units", "16", "--num_blocks", "1", "--num_epochs", "1",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import write, shared_file
-from samplers import NegativeSampler
+from objectives.samplers import NegativeSampler
 from dataset import (DataError, LeaveOneOut, TrainBatches, detect_format, left_padded, load_interactions,
                      make_synthetic)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main
-import train
+from training import loop
 from config import build_config
 from conftest import Replay
 from dataset import Batch
@@ -61,8 +61,8 @@ def test_ddp_matches_one_process_on_the_global_batch(ranks):
     model.load_state_dict(ranks[0]["initial"])
     steps = [union([ranks[0]["batches"][i], ranks[1]["batches"][i]]) for i in range(len(ranks[0]["batches"]))]
     cpu = torch.device("cpu")
-    loss, _, _ = train.train_epoch(train.make_step(model, loss_fn, sampler, config, cpu), optimizer, Replay(steps),
-                                   config, cpu, train.LoopState(), train.NullWriter(), train.GracefulStop())
+    loss, _, _ = loop.train_epoch(loop.make_step(model, loss_fn, sampler, config, cpu), optimizer, Replay(steps),
+                                   config, cpu, loop.LoopState(), loop.NullWriter(), loop.GracefulStop())
     assert loss == pytest.approx(ranks[0]["loss"], rel=1e-5)
     d = config.model.hidden_units
     for key, value in model.state_dict().items():
@@ -81,7 +81,7 @@ def test_sharded_validation_equals_one_process(ranks, monkeypatch):
     model.load_state_dict(ranks[0]["final"])
     monkeypatch.setattr(metrics, "users_per_batch", lambda *sizes: EVAL_BATCH)
     assert ranks[1]["valid"] is None  # only rank 0 gets the metrics
-    assert ranks[0]["valid"] == train.run_evaluation(model, split, config, torch.device("cpu"), "valid")
+    assert ranks[0]["valid"] == loop.run_evaluation(model, split, config, torch.device("cpu"), "valid")
 
 
 def test_gathered_pool_is_world_size_times_local_with_gradients(ranks):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import write
 from eval import infer
-from features import PAD, UNKNOWN, load_side_info, read_attributes
+from readers.features import PAD, UNKNOWN, load_side_info, read_attributes
 from main import main
 from model import ItemTower
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from cli import exits
 from config import LOSSES, build_config
 from dataset import Batch
-from losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, scaled_unit_rows, softmax_loss
-from samplers import NegativeSampler
-from train import TrainStep
+from objectives.losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, scaled_unit_rows, softmax_loss
+from objectives.samplers import NegativeSampler
+from training.loop import TrainStep
 
 E = math.e
 
@@ -296,7 +296,7 @@ def test_every_loss_logs_logit_statistics_and_trains(loss_name):
 def test_symmetric_infonce_hand_computed_2x3():
     """--symmetric adds the item-to-sequence direction: each positive item against the batch's states."""
     from types import SimpleNamespace
-    from losses import InfoNCE, Similarity
+    from objectives.losses import InfoNCE, Similarity
     table = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])  # items 1..4
     states = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0]])
     pos_ids, negatives = torch.tensor([1, 2]), SimpleNamespace(per_position=torch.tensor([3, 4]))
@@ -317,7 +317,7 @@ def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
     Both routes (vectors gathered per row; the whole table's logits, then picked) give the same loss and
     gradients, whole or in chunks."""
     from types import SimpleNamespace
-    from losses import PerPositionSampledSoftmax, Similarity
+    from objectives.losses import PerPositionSampledSoftmax, Similarity
     table = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0], [1, 1]], requires_grad=True)  # items 1..4
 
     class Tower:
@@ -352,8 +352,8 @@ def test_negative_queue_is_a_fifo_of_earlier_pools_with_hits_masked():
     """--negative_queue N: after a few steps the queue holds the last N pool entries (ids and the vectors
     as computed then), oldest first, as a hand-simulated FIFO; a queued copy of a row's positive is masked."""
     from types import SimpleNamespace
-    from losses import InfoNCE, Similarity
-    from negative_queue import NegativeQueue
+    from objectives.losses import InfoNCE, Similarity
+    from objectives.negative_queue import NegativeQueue
     queue = NegativeQueue(5, 2)
     fifo = []  # (id, vector) by hand
     for step, ids in enumerate(([3, 1, 4], [1, 5], [9, 2, 6, 5])):
@@ -381,7 +381,7 @@ def test_negative_queue_is_a_fifo_of_earlier_pools_with_hits_masked():
 def test_queue_and_loss_schedule_build_from_flags():
     """--negative_queue gives the softmax losses a queue of the item width; --loss_schedule stages share one
     similarity, switch at the stated epoch, and the schedule's last stage is the run's loss."""
-    from losses import InfoNCE, ScheduledLoss
+    from objectives.losses import InfoNCE, ScheduledLoss
     config = build_config(["--loss_schedule", "bce:2,sampled_softmax:1,infonce", "--negative_queue", "8"])
     assert config.loss.loss == "infonce" and config.loss.similarity == "cosine"
     loss = build_loss(config.loss, np.ones(5), dim=3)

@@ -10,7 +10,7 @@ from cli import exits
 from conftest import ROOT, shared_file, write
 from config import build_config
 from main import main
-from train import LoopState, learning_rate
+from training.loop import LoopState, learning_rate
 
 parse_args = exits(build_config)  # as main() runs it: a bad flag is one line on stderr and exit status 2
 
@@ -201,7 +201,7 @@ def test_gpu_and_multiprocess_flags_on_one_cpu_process_do_nothing_and_say_so(tmp
 
 
 def test_resuming_a_mid_epoch_checkpoint_needs_the_same_process_count(capsys):
-    from train import LoopState, train_epoch
+    from training.loop import LoopState, train_epoch
     with pytest.raises(SystemExit) as e:
         exits(train_epoch)(None, None, None, parse_args(TINY), torch.device("cpu"), LoopState(batch=3, world=2), None,
                            None)
@@ -210,9 +210,9 @@ def test_resuming_a_mid_epoch_checkpoint_needs_the_same_process_count(capsys):
 
 def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
     from dataset import Batch
-    from losses import LossOutput
+    from objectives.losses import LossOutput
     from model import ItemTower
-    from train import TrainStep
+    from training.loop import TrainStep
 
     class Model(torch.nn.Module):
         target_tower = ItemTower(3, 1)  # no item dropout: its step context does nothing
@@ -260,10 +260,10 @@ def test_keep_freed_memory_lets_later_steps_reuse_pages_without_faults():
 
 
 def test_min_delta_counts_only_real_progress_but_best_follows_every_gain(tmp_path, monkeypatch):
-    import train
-    from train import NullWriter, validate
+    from training import loop
+    from training.loop import NullWriter, validate
     scores = iter([0.100, 0.1005, 0.1008])
-    monkeypatch.setattr(train, "run_evaluation", lambda *args, **kwargs: {"NDCG@10": next(scores)})
+    monkeypatch.setattr(loop, "run_evaluation", lambda *args, **kwargs: {"NDCG@10": next(scores)})
     saved = []
     for min_delta, stops in ((0.01, [False, False, True]), (0.0, [False, False, False])):
         scores = iter([0.100, 0.1005, 0.1008])
@@ -278,9 +278,9 @@ def test_min_delta_counts_only_real_progress_but_best_follows_every_gain(tmp_pat
 
 def test_plateau_waits_for_min_steps(tmp_path, monkeypatch):
     """A plateau before --min_steps optimizer steps starts no decay; the first one after does."""
-    import train
-    from train import NullWriter, validate
-    monkeypatch.setattr(train, "run_evaluation", lambda *args, **kwargs: {"NDCG@10": 0.1})
+    from training import loop
+    from training.loop import NullWriter, validate
+    monkeypatch.setattr(loop, "run_evaluation", lambda *args, **kwargs: {"NDCG@10": 0.1})
     config = parse_args(["--lr_schedule", "plateau", "--patience", "1", "--min_steps", "100", "--eval_every", "1",
                          "--ckpt_dir", str(tmp_path)])
     state = LoopState()
@@ -294,10 +294,10 @@ def test_plateau_waits_for_min_steps(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bucket, widths_vary", [("32", True), ("1", False)])
 def test_bucket_batches_reaches_training(tmp_path, monkeypatch, bucket, widths_vary):
     """--bucket_batches 1 trains on random batches, each as wide as maxlen; the default trims by length."""
-    import train
+    from training import loop
     widths = []
-    real_make_batch = train.TrainBatches.make_batch
-    monkeypatch.setattr(train.TrainBatches, "make_batch",
+    real_make_batch = loop.TrainBatches.make_batch
+    monkeypatch.setattr(loop.TrainBatches, "make_batch",
                         lambda self, users, rng: widths.append(int(self.seq_lengths[users].max())) or
                         real_make_batch(self, users, rng))
     main(TINY + ["--batch_size", "64", "--num_epochs", "1", "--bucket_batches", bucket, "--run_dir",

@@ -5,10 +5,10 @@ import torch
 
 from config import ModelConfig, build_config
 from dataset import Batch
-from losses import build_loss
+from objectives.losses import build_loss
 from model import SASRec
-from samplers import NegativeSampler
-from train import TrainStep
+from objectives.samplers import NegativeSampler
+from training.loop import TrainStep
 
 
 def make_model(**kw):
@@ -143,7 +143,7 @@ def test_separate_output_refuses_side_information():
 
 
 def test_encode_reads_the_batch_inputs_and_from_checkpoint_rebuilds_the_model():
-    import checkpoint
+    from training import checkpoint
     model = make_model(norm_first=False)
     seqs = torch.tensor([[0, 0, 1, 2], [5, 6, 7, 8]])
     batch = Batch(seqs, seqs, torch.arange(2), (seqs != 0).view(-1).nonzero().squeeze(1))

@@ -203,17 +203,18 @@ def test_unknown_ids_at_inference(run, tmp_path, capsys):
 CHILD = """
 import os, signal, sys, time, io
 sys.path.insert(0, {root!r})
-import torch, train, main
+import torch, main
+from training import loop
 mode, at = sys.argv[1], int(sys.argv[2])
 calls = [0]
 if mode == "sigint":  # Ctrl-C in the middle of an epoch, during the forward pass of step `at`
-    forward = train.TrainStep.eager
+    forward = loop.TrainStep.eager
     def counting(self, *a, **k):
         calls[0] += 1
         if calls[0] == at:
             os.kill(os.getpid(), signal.SIGINT)
         return forward(self, *a, **k)
-    train.TrainStep.eager = counting
+    loop.TrainStep.eager = counting
 else:  # the `at`-th checkpoint save stalls half-written until the parent kills us
     save = torch.save
     def stalling(obj, f):
@@ -281,8 +282,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     main(TINY + ["--num_epochs", "1", "--run_dir", run])
     checkpoints = ("best.pt", "last.pt")
     before = [open(os.path.join(run, "ckpt", f), "rb").read() for f in checkpoints]
-    import train
-    forward = train.TrainStep.eager
+    from training import loop
+    forward = loop.TrainStep.eager
     calls = [0]
 
     def poisoned(self, *a, **k):  # the 3rd step of epoch 2 (global step 19) produces NaN
@@ -290,7 +291,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
         out = forward(self, *a, **k)
         out.loss = out.loss * float("nan") if calls[0] == 3 else out.loss
         return out
-    monkeypatch.setattr(train.TrainStep, "eager", poisoned)
+    monkeypatch.setattr(loop.TrainStep, "eager", poisoned)
     capsys.readouterr()
     fails_with(capsys, main, ["--state_dict_path", os.path.join(run, "ckpt"), "--num_epochs", "2"],
                "non-finite loss (nan) at epoch 2, step 19; training stopped, checkpoints left as they were", code=1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+from training import checkpoint
 import taac_synthetic
 from conftest import ROOT, TINY, fails_with, snapshot, write
 from config import ModelConfig
@@ -191,7 +191,7 @@ def test_resuming_a_finished_run_is_refused_and_rewrites_nothing(tmp_path, capsy
 
 def test_an_early_stopped_run_is_not_resumed(tmp_path, capsys, monkeypatch):
     run = str(tmp_path / "run")
-    monkeypatch.setattr("train.run_evaluation", lambda *a, **k: {"NDCG@10": 0.1, "HR@10": 0.2})
+    monkeypatch.setattr("training.loop.run_evaluation", lambda *a, **k: {"NDCG@10": 0.1, "HR@10": 0.2})
     main(TINY + ["--num_epochs", "10", "--eval_every", "1", "--patience", "1", "--run_dir", run])
     assert torch.load(os.path.join(run, "ckpt", "last.pt"), weights_only=True)["finished"] == "early_stop"
     fails_with(capsys, main, ["--state_dict_path", os.path.join(run, "ckpt"), "--num_epochs", "20"],

@@ -5,8 +5,8 @@ import pickletools
 import numpy as np
 import pytest
 
-import safe_pickle
-from safe_pickle import UnsafePickleError
+from readers import safe_pickle
+from readers.safe_pickle import UnsafePickleError
 
 PROTOCOLS = [2, 3, 4, 5]
 

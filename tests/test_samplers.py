@@ -3,8 +3,8 @@ import numpy as np
 import torch
 
 from dataset import Interactions, LeaveOneOut
-from losses import popularity
-from samplers import BatchNegatives, NegativeSampler
+from objectives.losses import popularity
+from objectives.samplers import BatchNegatives, NegativeSampler
 
 
 def tiny_split():

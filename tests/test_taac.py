@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import taac
+from readers import taac
 import taac_synthetic
 from dataset import DataError, LeaveOneOut, TrainBatches
 from eval.competition import main as competition_main, read_bin, write_bin
 from eval.metrics import metrics_from_ranks, weighted_score
-from losses import bce_loss, softmax_loss
+from objectives.losses import bce_loss, softmax_loss
 from main import main as train_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import main
-import train
+from training import loop
 from config import build_config
 from conftest import Replay
 from dataset import Batch, TrainBatches
@@ -51,11 +51,11 @@ def test_position_reduction_weighs_every_position_the_same(reduction, every_posi
     rows = [len(b.rows) for b in batches]
     assert max(rows) > 1.5 * min(rows)  # batches of different lengths, or the test shows nothing
     mean_rows = sum(rows) / len(rows)
-    step = train.make_step(model, loss_fn, sampler, config, torch.device("cpu"))
+    step = loop.make_step(model, loss_fn, sampler, config, torch.device("cpu"))
 
     recorder = GradientRecorder(model.parameters())
-    train.train_epoch(step, recorder, Replay(batches, mean_rows), config, torch.device("cpu"), train.LoopState(),
-                      train.NullWriter(), train.GracefulStop())
+    loop.train_epoch(step, recorder, Replay(batches, mean_rows), config, torch.device("cpu"), loop.LoopState(),
+                      loop.NullWriter(), loop.GracefulStop())
     model.zero_grad()
     everything = one_batch(batches)
     (step(everything).loss * len(everything.rows) / mean_rows).backward()  # mean over all positions x their count

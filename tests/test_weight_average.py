@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from main import main
-from weight_average import WeightAverage
+from training.weight_average import WeightAverage
 
 TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1",
         "--batch_size", "256", "--eval_every", "1", "--ema_decay", "0.9"]

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-import distributed
+from training import distributed
 from cli import RunError, UsageError, first_line
 from config import STRUCTURE_KEYS
 from files import atomic_write

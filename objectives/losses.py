@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import distributed
+from training import distributed
 from config import LOSSES, TEMPERATURE_RANGE, loss_stages
-from negative_queue import NegativeQueue
+from objectives.negative_queue import NegativeQueue
 
 SOFTMAX_CHUNK_ELEMS = 1 << 20  # logits per chunk (4 MB fp32): bounds memory, keeps a chunk in cache
 STAT_ROWS, STAT_COLUMNS = 256, 4096  # logits logged at most (the CE pool is the whole catalogue)

@@ -9,7 +9,7 @@ Two layouts of one folder (`--data DIR`, detected, or `--data_format taac`):
 
 Both load to the same arrays: users in file order, items by their re-id (1..N, as indexer['i'] numbers them),
 feature values by their re-ids. Pickles are read by safe_pickle (an allow-list: data only, no code).
-Feature codes follow features.py: 0 padding, 1 unknown (an item or user the file gives no value), 2.. values.
+Feature codes follow readers/features.py: 0 padding, 1 unknown (an item or user the file gives no value), 2.. values.
 An item in seq without an entry in the item features gets 'unknown' for every feature (counted in the log).
 A user on several lines (rows) is one user: all their events in time order (a stable sort: file order for equal
 times), the profile of their first line that has one (a line counts the merged users). An item id outside
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import safe_pickle
+from readers import safe_pickle
 from dataset import CACHE_ARRAYS, CACHE_VERSION, DataError, Interactions, cache_arrays, file_digest, read_cache, write_cache
-from features import (FLOAT16_MAX, NON_FINITE_HINT, UNKNOWN, Feature, SideInfo, Vectors, first_non_finite,
+from readers.features import (FLOAT16_MAX, NON_FINITE_HINT, UNKNOWN, Feature, SideInfo, Vectors, first_non_finite,
                       non_finite_rows)
 
 MM_DIMS = {"81": 32, "82": 1024, "83": 3584, "84": 4096, "85": 3584, "86": 3584}

@@ -1,0 +1,1 @@
+"""Reading data into dataset.Interactions: competition folders (taac.py), item side information, safe pickles."""
