@@ -4,6 +4,8 @@ import functools
 import os
 import sys
 
+import torch
+
 
 class UsageError(Exception):
     """Bad input: a flag, config key, data file or checkpoint. Exit status 2 (argparse's convention)."""
@@ -53,3 +55,13 @@ def make_writable_folder(folder, flag):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"{flag} {folder}: not a writable folder ({e.strerror})") from None
+
+
+def resolve_device(name):
+    """--device: auto (CUDA when present), cpu, cuda, cuda:1, ...; CUDA asked for where there is none is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Optional, get_args
 
 from cli import ArgumentParser, UsageError
-from dataset import FORMATS, ID_TYPES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+FORMATS = ("lines", "pairs", "delimited")  # log layouts readers/logs.py reads
+ID_TYPES = ("auto", "int", "str")
 LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
 TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted

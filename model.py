@@ -1,13 +1,18 @@
 """SASRec: a causal transformer over left-padded item sequences (Kang & McAuley, 2018).
 
     model = SASRec(ModelConfig(num_items=N, ...))
-    states = model.encode(batch)            # (B, W, D); padding positions exactly zero
-    tower = model.target_tower              # every item vector the states are scored against
-    scores = model.full_sort_predict(seqs)  # (B, N + 1) against the whole catalogue
+    states = model.encode(batch)            # (B, W, D); padding positions exactly zero (training)
+    tower = model.target_tower              # the item vectors the states are scored against:
+    vectors = tower(ids)                    #   (..., D) for ids; tower() every item's, (N + 1, D)
+    table = model.item_table()              # evaluation: every input item vector, once, without grad
+    users = model.user_embeddings(batch, item_table=table)            # (B, D) query vectors
+    items = model.item_embeddings(normalize=True, item_table=table)   # (N + 1, D) scored against
+    scores = model.score(seqs)              # (B, N + 1) against the whole catalogue
 """
 import contextlib
 import dataclasses
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,10 +26,9 @@ class Dropout(nn.Module):
     """Inverted dropout; on CPU the mask comes from numpy's PCG64 bytes (seeded from torch's generator, so
     runs stay reproducible): one byte per element, so p is rounded to a multiple of 1/256 there.
 
-    Why not nn.Dropout on CPU: its bernoulli_ mask cost 31% of a BCE epoch and 17% of an InfoNCE epoch on
-    Beauty at pmixer's settings (bench/train_speed.py, this class vs nn.Dropout alone, alternating runs,
-    medians of 5+ pairs; docs/performance.md). On CUDA it is F.dropout (no measured need there), which
-    is also what torch.compile traces, as --compile acts on CUDA only."""
+    Why not nn.Dropout on CPU: its bernoulli_ mask was a large share of an epoch (figures in
+    docs/performance.md, "Standard calls, and the three tricks that stay"). On CUDA it is F.dropout (no
+    measured need there), which is also what torch.compile traces, as --compile acts on CUDA only."""
 
     def __init__(self, p):
         super().__init__()
@@ -88,6 +92,7 @@ class ItemTower(nn.Module):
     (padding slots masked); items without a pretrained vector get a learned default. The per-item codes
     and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
     `side_spec` is features.SideInfo.spec(); `use_id=False` gives a pure-content tower."""
+    TABLE_CHUNK = 65536  # items per block of a whole table built without grad (forward())
 
     def __init__(self, num_items, hidden_units, side_spec=None, use_id=True, id_dropout=0.0):
         super().__init__()
@@ -139,8 +144,18 @@ class ItemTower(nn.Module):
                 copy_rows(getattr(self, f"vectors{j}"), v.vectors)
                 copy_rows(getattr(self, f"has_vector{j}"), v.present)
 
-    def forward(self, ids):
-        """(...) item ids -> (..., D) vectors; id 0 (padding) gives zeros."""
+    def forward(self, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Item vectors, the one way to get them: (...) item ids -> (..., D), id 0 (padding) giving zeros; no ids:
+        every item's, (N + 1, D), row 0 the padding's (inside dropout_step, the step's dropped table). Without
+        grad, the whole table is built in blocks of TABLE_CHUNK items: a 500k-item table with 1024-d vectors
+        would otherwise hold several GB of temporaries at once."""
+        if ids is None:
+            if self.fuse is None:
+                return self.id_emb.weight if self._step_ids is None else self._step_ids
+            ids = torch.arange(self.num_items + 1, device=self.fuse.weight.device)
+            if not torch.is_grad_enabled():
+                step = self.TABLE_CHUNK
+                return torch.cat([self(ids[s:s + step]) for s in range(0, len(ids), step)])
         if self.fuse is None:
             return self.id_vectors(ids)
         parts = ([self.id_vectors(ids)] if self.id_emb is not None else []) + self.side_parts(ids)
@@ -176,24 +191,11 @@ class ItemTower(nn.Module):
             codes = F.pad(codes, (0, max(0, width - codes.shape[1])))[:, :width]
             setattr(self, name, torch.cat([getattr(self, name), codes.to(getattr(self, name).device)]))
         for j, v in enumerate(side.vectors):
-            for name, rows in ((f"vectors{j}", np.asarray(v.vectors, np.float16)), (f"has_vector{j}", np.asarray(v.present))):
+            for name, rows in ((f"vectors{j}", np.asarray(v.vectors, np.float16)),
+                               (f"has_vector{j}", np.asarray(v.present))):
                 old = getattr(self, name)
                 setattr(self, name, torch.cat([old, torch.from_numpy(rows).to(old.device, old.dtype)]))
         self.num_items += count
-
-    @property
-    def all_items_device(self):
-        return (self.fuse if self.fuse is not None else self.id_emb).weight.device
-
-    def all_items(self, chunk=65536):
-        """(N + 1, D): every item's vector, row 0 the padding's. Without grad in blocks of `chunk` items: a
-        500k-item table with 1024-d vectors would otherwise hold several GB of temporaries at once."""
-        if self.fuse is None:
-            return self.id_emb.weight if self._step_ids is None else self._step_ids
-        ids = torch.arange(self.num_items + 1, device=self.all_items_device)
-        if torch.is_grad_enabled():
-            return self(ids)
-        return torch.cat([self(ids[s:s + chunk]) for s in range(0, len(ids), chunk)])
 
     def id_tables(self):
         """The id embedding tables (what --l2_emb penalises)."""
@@ -252,8 +254,8 @@ class EventContext(nn.Module):
 
 
 class SASRec(nn.Module):
-    """The contract: encode(batch) -> states; target_tower scores them; user_embeddings / score /
-    full_sort_predict for evaluation and retrieval; from_checkpoint rebuilds a trained model."""
+    """The contract: encode(batch) -> states; target_tower scores them; item_table, user_embeddings,
+    item_embeddings and score for evaluation and retrieval; from_checkpoint rebuilds a trained model."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -276,7 +278,6 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(c.hidden_units, c.num_heads, c.dropout_rate, c.norm_first)
                                     for _ in range(c.num_blocks))
         self.last_norm = nn.LayerNorm(c.hidden_units, eps=1e-8)
-        self._item_table = None  # see input_vectors
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
@@ -285,32 +286,16 @@ class SASRec(nn.Module):
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
 
-    def input_vectors(self, seqs):
-        """Item vectors of the inputs: the tower in training, else rows of items_table()."""
-        if self.training or torch.is_grad_enabled():
-            return self.item_tower(seqs)
-        return F.embedding(seqs, self.items_table())
-
-    def items_table(self):
-        """(N + 1, D) every input item vector, computed once outside training and kept until the weights or the
-        catalogue can change (train(), load_state_dict, a tower extended or moved): with features and
-        multimodal vectors, a tower pass per position cost most of embedding a user."""
-        tower = self.item_tower
-        table = self._item_table
-        if table is None or len(table) != tower.num_items + 1 or table.device != tower.all_items_device:
-            table = self._item_table = tower.all_items().detach()  # a tensor, never a registered Parameter
-        return table
-
-    def train(self, mode=True):
-        self._item_table = None
-        return super().train(mode)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._item_table = None
-        return super().load_state_dict(*args, **kwargs)
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor:
+        """(N + 1, D) every input item vector, without grad: what an evaluation asks for once and passes to
+        encode / user_embeddings / item_embeddings (item_table=), so that a batch of users reads rows instead
+        of running the tower at every position (with features and multimodal vectors, that tower pass cost
+        most of embedding a user). It holds the weights and catalogue of its call: ask again after a change."""
+        return self.item_tower().detach()  # a tensor, never a registered Parameter
 
     @classmethod
-    def from_checkpoint(cls, checkpoint):
+    def from_checkpoint(cls, checkpoint: dict) -> "SASRec":
         """The model a checkpoint (checkpoint.load's dict) describes, with its weights, in eval mode.
         Raises ValueError / RuntimeError when the weights do not fit the saved config."""
         model = cls(dataclasses.replace(model_config_from_dict(checkpoint["model_config"]), dropout_rate=0.0))
@@ -325,19 +310,21 @@ class SASRec(nn.Module):
     def id_tables(self):
         return self.item_tower.id_tables() + (self.output_tower.id_tables() if self.output_tower else [])
 
-    def encode(self, batch):
-        """A dataset.Batch -> (B, W, D) states of its inputs (with the user's and each event's context when
-        the model has them and the batch carries them)."""
+    def encode(self, batch, item_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A dataset.Batch -> (B, W, D) states of its (B, W) inputs (with the user's and each event's context
+        when the model has them and the batch carries them); padding positions are exactly zero.
+        item_table: item_table()'s, whose rows replace the item tower's pass (evaluation)."""
         extra = self.context(batch) if self.context is not None else None
         user = None
         if self.user_tower is not None and batch.user_features is not None:
             user = self.user_tower(batch.user_features)
-        return self.sequence_states(batch.inputs, extra, user)
+        return self.sequence_states(batch.inputs, extra, user, item_table)
 
-    def sequence_states(self, seqs, token_extra=None, user=None):
+    def sequence_states(self, seqs, token_extra=None, user=None, item_table=None):
         """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero.
         token_extra (B, W, D): added to the item tokens; user (B, D): the user's vector, as a first token
-        every real position attends to (user_features 'token') or added to every state ('add')."""
+        every real position attends to (user_features 'token') or added to every state ('add');
+        item_table (N + 1, D): item_table()'s, read instead of the item tower."""
         B, W = seqs.shape
         maxlen, hidden = self.config.maxlen, self.config.hidden_units
         if W > maxlen:
@@ -346,7 +333,8 @@ class SASRec(nn.Module):
         # Positions count from the right so the last item always gets the same embedding, whatever W is.
         # (a slice, not a lookup: its backward is a copy, not a dense scatter into the table)
         scale = math.sqrt(hidden) if self.config.emb_scale else 1.0
-        x = self.input_vectors(seqs) * scale + self.pos_emb.weight[maxlen - W:]
+        items = self.item_tower(seqs) if item_table is None else F.embedding(seqs, item_table)
+        x = items * scale + self.pos_emb.weight[maxlen - W:]
         if token_extra is not None:
             x = x + token_extra
         prefix = user is not None and self.config.user_features == "token"
@@ -369,27 +357,30 @@ class SASRec(nn.Module):
 
     forward = sequence_states
 
-    def user_embeddings(self, batch, normalize=False):
-        """State at the last real position of each (left-padded) history: the user's query vector.
-        batch: a dataset.Batch, or (B, W) item ids alone."""
-        states = self.encode(batch) if hasattr(batch, "inputs") else self.sequence_states(batch)
+    def user_embeddings(self, batch, normalize: bool = False,
+                        item_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, D) the state at the last real position of each (left-padded) history: the user's query vector,
+        unit-length with `normalize`. batch: a dataset.Batch, or (B, W) item ids alone; item_table: as encode's."""
+        if hasattr(batch, "inputs"):
+            states = self.encode(batch, item_table)
+        else:
+            states = self.sequence_states(batch, item_table=item_table)
         users = states[:, -1].clone()  # a view would keep the whole (B, W, D) alive: 13 GB over 1M users
         return F.normalize(users, dim=-1) if normalize else users
 
-    def item_embeddings(self, item_ids=None, normalize=False):
-        """Vectors the states are scored against, for `item_ids`, or all N + 1 rows (row 0 padding) if None."""
+    def item_embeddings(self, item_ids: Optional[torch.Tensor] = None, normalize: bool = False,
+                        item_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The vectors the states are scored against (target_tower's), unit-length with `normalize`: (K, D) for
+        (K,) `item_ids`, or all (N + 1, D) rows (row 0 padding) if None. item_table: item_table()'s, whose rows
+        are read when the inputs' tower is also the scoring one (tied): one tower pass per evaluation, not two."""
         tower = self.target_tower
-        if item_ids is not None:
-            items = tower(item_ids)
-        elif tower is self.item_tower and not (self.training or torch.is_grad_enabled()):
-            items = self.items_table()  # the table the inputs use: one pass per evaluation, not two
+        if item_table is not None and tower is self.item_tower:
+            items = item_table if item_ids is None else item_table[item_ids]
         else:
-            items = tower.all_items()
+            items = tower(item_ids)
         return F.normalize(items, dim=-1) if normalize else items
 
-    def score(self, batch, item_ids=None, normalize=False):
+    def score(self, batch, item_ids: Optional[torch.Tensor] = None, normalize: bool = False) -> torch.Tensor:
         """Scores of each user (a Batch, or (B, W) item ids) against items: (B, N + 1), or (B, K) for (K,) ids.
         Dot products, or cosines with `normalize` (how a cosine-trained model ranks)."""
         return self.user_embeddings(batch, normalize) @ self.item_embeddings(item_ids, normalize).T
-
-    full_sort_predict = score

@@ -291,15 +291,15 @@ def ours_side(spec):
     import torch
     sys.path.insert(0, ROOT)
     import dataset
-    import main as repo_main
+    from training import run as repo_run
     from training import loop
     from cli import UsageError
     from config import build_config
-    repo_main.keep_freed_memory()  # as main.main() does
+    repo_run.keep_freed_memory()  # as main.main() does
     device = torch.device("cpu")
     try:
         config = build_config(spec["ours_argv"])
-        config, _, split, model, loss, sampler, optimizer = repo_main.prepare(config, device)
+        config, _, split, model, loss, sampler, optimizer = repo_run.prepare(config, device)
     except UsageError as e:
         raise SystemExit(f"error (this repository's side): {e}\n(if it cannot read the folder, --ours_data "
                          f"synthetic measures this side on its embedded log)") from None

@@ -2,11 +2,12 @@
 
     python bench/eval_memory.py                          # this checkout
     python bench/eval_memory.py --repo /path/to/other    # another checkout's main.py on the same log
+    python bench/eval_memory.py --users 100 --items 50 --log /tmp/small.txt -- --maxlen 10   # after --: main.py's
 
-The log is made here: 6,040 users with ~163 interactions each over 3,416 items (the shape of
-MovieLens-1M), as `user item` lines. The run is InfoNCE, batch 256, maxlen 200, d 64, 2 heads, one
-epoch with validation, then the test report. Prints the process's peak RSS (wait4) and the
-peak_rss_mb that train.log recorded.
+The log is made here, once per --log path: 6,040 users with ~163 interactions each over 3,416 items (the shape
+of MovieLens-1M; --users, --items), as `user item` lines. The run is InfoNCE, batch 256, maxlen 200, d 64,
+2 heads, one epoch with validation, then the test report (flags after -- go to main.py). Prints the process's
+peak RSS (wait4) and the peak_rss_mb that train.log recorded.
 """
 import argparse
 import json
@@ -37,10 +38,17 @@ def write_dense_log(path, users=6040, items=3416, seed=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", default=ROOT, help="checkout whose main.py runs")
-    p.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "sasrec_dense_log.txt"))
+    p.add_argument("--users", type=int, default=6040, help="users of the log written when --log does not exist")
+    p.add_argument("--items", type=int, default=3416, help="items of that log")
+    p.add_argument("--log", help="the log (written if absent; default: sasrec_dense_log[_USERSxITEMS].txt in the "
+                   "temporary folder)")
     args, extra = p.parse_known_args()
+    extra = [x for x in extra if x != "--"]
+    if args.log is None:
+        sizes = "" if (args.users, args.items) == (6040, 3416) else f"_{args.users}x{args.items}"
+        args.log = os.path.join(tempfile.gettempdir(), f"sasrec_dense_log{sizes}.txt")
     if not os.path.exists(args.log):
-        print(f"writing {args.log}: {write_dense_log(args.log)} interactions")
+        print(f"writing {args.log}: {write_dense_log(args.log, args.users, args.items)} interactions")
     run_dir = tempfile.mkdtemp(prefix="eval_memory_")
     cmd = [sys.executable, os.path.join(args.repo, "main.py"), "--data", args.log, "--run_dir", run_dir, *FLAGS, *extra]
     start = time.perf_counter()

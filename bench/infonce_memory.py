@@ -53,7 +53,8 @@ def main():
     p.add_argument("--hidden_units", type=int, default=64)
     p.add_argument("--num_blocks", type=int, default=2)
     p.add_argument("--num_items", type=int, default=50000)
-    p.add_argument("--chunk_elems", type=int, default=None, help="logits per chunk; 0 = unchunked (default: objectives/losses.py's)")
+    p.add_argument("--chunk_elems", type=int, default=None,
+                   help="logits per chunk; 0 = unchunked (default: objectives/losses.py's)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

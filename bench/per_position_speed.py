@@ -24,11 +24,8 @@ class Table(torch.nn.Module):
         self.num_items = items - 1
         self.weight = torch.nn.Parameter(torch.randn(items, dim) * 0.1)
 
-    def forward(self, ids):
-        return self.weight[ids]
-
-    def all_items(self):
-        return self.weight
+    def forward(self, ids=None):  # as model.ItemTower: no ids, the whole table
+        return self.weight if ids is None else self.weight[ids]
 
 
 def main():

@@ -3,6 +3,7 @@
     python bench/quality.py --jobs 2                              # the whole grid, two runs at a time
     python bench/quality.py --datasets beauty toys --variants default symmetric queue --seeds 42 43 --jobs 2
     python bench/quality.py --table_only                          # rebuild the table from finished runs
+    python bench/quality.py --data_dir DIR --datasets lastfm --variants default --seeds 42 -- --num_epochs 1
 
 Each run is `python main.py --config configs/default.toml --data <file> --seed S <the variant's flags>`
 (the one recipe: only the data and the variant change), in its own process so its peak memory is its
@@ -55,23 +56,24 @@ VARIANTS = {
 }
 
 
-def data_flags(dataset):
-    path = os.path.join(DATA, f"{DATASETS[dataset]}.txt")
+def data_flags(dataset, data_dir=DATA):
+    path = os.path.join(data_dir, f"{DATASETS[dataset]}.txt")
     return ["--data", path] + (["--data_format", "pairs", "--sampled_metrics"] if dataset == "games" else [])
 
 
-def variant_flags(variant, dataset):
-    attributes = os.path.join(DATA, f"{DATASETS[dataset]}_item2attributes.json")
+def variant_flags(variant, dataset, data_dir=DATA):
+    attributes = os.path.join(data_dir, f"{DATASETS[dataset]}_item2attributes.json")
     return [a.format(attributes=attributes) for a in VARIANTS[variant]]
 
 
-def run_one(job, jobs, extra):
+def run_one(job, jobs, extra, data_dir=DATA):
     """Train one (dataset, variant, seed) in a child process; record its minutes and peak RSS."""
     dataset, variant, seed, run_dir = job
     shutil.rmtree(run_dir, ignore_errors=True)  # an old or unfinished run starts over
     os.makedirs(run_dir)
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs", "default.toml"),
-           *data_flags(dataset), "--seed", str(seed), "--run_dir", run_dir, *variant_flags(variant, dataset), *extra]
+           *data_flags(dataset, data_dir), "--seed", str(seed), "--run_dir", run_dir,
+           *variant_flags(variant, dataset, data_dir), *extra]
     env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if jobs > 1 else {}))
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()
@@ -133,18 +135,21 @@ def main():
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43])
+    p.add_argument("--data_dir", default=DATA, help="folder of the dataset files (Beauty.txt, LastFM.txt, ... and "
+                   "their _item2attributes.json)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one thread when > 1)")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "quality"), help="one folder per run")
     p.add_argument("--out", default=None, help="markdown file (default: <runs>/quality.md)")
     p.add_argument("--rerun", action="store_true", help="train again even where results.json exists")
     p.add_argument("--table_only", action="store_true", help="only tabulate finished runs")
     args, extra = p.parse_known_args()  # anything else goes to every main.py run
+    extra = [x for x in extra if x != "--"]
     folder = lambda d, v, s: os.path.join(args.runs, f"{d}-{v}-s{s}")  # noqa: E731
     grid = [(d, v, s, folder(d, v, s)) for d in args.datasets for v in args.variants for s in args.seeds]
     todo = [job for job in grid if not args.table_only
             and (args.rerun or not os.path.exists(os.path.join(job[3], "results.json")))]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on their child processes
-        list(pool.map(lambda job: run_one(job, args.jobs, extra), todo))
+        list(pool.map(lambda job: run_one(job, args.jobs, extra, args.data_dir), todo))
     cells = {(d, v): summary([folder(d, v, s) for s in args.seeds]) for d in args.datasets for v in args.variants}
     text = table({k: c for k, c in cells.items() if c}, args.datasets, args.variants)
     print(text)

@@ -73,7 +73,8 @@ class Validation(Callback):
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, batch["x"], True)
         seen[:, 0] = True
         ranks = (scores.masked_fill(seen, float("-inf")) > target).sum(1)
-        self.ranks.append(ranks.masked_fill(seen.gather(1, batch["y"][:, -1:]).squeeze(1), len(seen[0])))  # a seen target: a miss
+        seen_target = seen.gather(1, batch["y"][:, -1:]).squeeze(1)
+        self.ranks.append(ranks.masked_fill(seen_target, len(seen[0])))  # a seen target: a miss
 
     def on_validation_epoch_end(self, trainer, module):
         ranks, self.ranks = torch.cat(self.ranks), []
@@ -83,8 +84,8 @@ class Validation(Callback):
         recall, ndcg = hit.float().mean().item(), (hit / torch.log2(ranks.float() + 2)).mean().item()
         loss = trainer.callback_metrics.get("train_loss")
         print(f"epoch {trainer.current_epoch + 1}  valid HR@10 {recall:.4f} NDCG@10 {ndcg:.4f}  train loss "
-              f"{float('nan') if loss is None else float(loss):.4f}  users {len(ranks)}  {time.time() - self.start:.0f} s",
-              flush=True)
+              f"{float('nan') if loss is None else float(loss):.4f}  users {len(ranks)}  "
+              f"{time.time() - self.start:.0f} s", flush=True)
         if recall > self.best_recall:
             self.best_recall, self.best_state = recall, copy.deepcopy(module.state_dict())
 

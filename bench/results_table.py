@@ -18,7 +18,8 @@ def row(path):
 
 
 if __name__ == "__main__":
-    print("| data | loss | d | HR@10 | NDCG@10 | pop HR@10 | pop NDCG@10 | sampled HR@10 / NDCG@10 | best epoch | train min |")
+    print("| data | loss | d | HR@10 | NDCG@10 | pop HR@10 | pop NDCG@10 | sampled HR@10 / NDCG@10 | best epoch | "
+          "train min |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for p in sys.argv[1:]:
         print(row(p))

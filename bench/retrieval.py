@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.infer import build_index, search  # noqa: E402
+from eval.infer import build_index, choose_blas_kernel, search  # noqa: E402
+
+choose_blas_kernel()  # before faiss is first imported (build_index imports it)
 
 
 def clustered(n, d, centres, rng, noise=1.0):
@@ -31,7 +33,7 @@ def timed(fn):
 
 
 def recall(approx, exact):
-    return float(np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(approx, exact)]))
+    return float(np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(approx, exact, strict=False)]))
 
 
 def torch_topk(items, queries, k, chunk=1024):

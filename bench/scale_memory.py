@@ -5,7 +5,7 @@
 
 Writes the log as a `user_id,item_id,timestamp` CSV (a real log's shape) under --work, then runs two
 child processes and prints each one's peak resident memory (wait4's ru_maxrss) next to the file size:
-  prepare  main.load_data: parse, index, write the cache (once per file)
+  prepare  training/run.load_data: parse, index, write the cache (once per file)
   train    main.py's data path from the cache (memory-mapped arrays), the model, --steps training steps
 and two reference rows: `baseline` (the imports alone) and `train, small log` (the same model and steps on
 the embedded 58k-interaction synthetic log), so what the 20M log itself costs is the difference.
@@ -46,8 +46,8 @@ def write_log(path, interactions, num_items, seed=0):
 def child(mode, path, cache, steps, num_items):
     import torch
     sys.path.insert(0, ROOT)
-    import main
-    main.keep_freed_memory()  # as main.main() does
+    from training import run
+    run.keep_freed_memory()  # as main.main() does
     from training import loop
     from config import build_config
     from dataset import TrainBatches
@@ -58,15 +58,15 @@ def child(mode, path, cache, steps, num_items):
     config = build_config(["--data", path, "--cache_dir", cache, "--device", "cpu", "--hidden_units", "64",
                             "--batch_size", "128"])
     start = time.perf_counter()
-    data, split = main.load_data(config)
+    data, split = run.load_data(config)
     out = {"load_s": time.perf_counter() - start, "users": data.num_users, "items": data.num_items,
            "interactions": int(data.offsets[-1])}
     if mode == "prepare":
         return out
-    if mode == "train_small":
-        data.item_ids = np.arange(1, num_items + 1).astype(str)
-    config, side = main.complete_config(config, data)
-    model, loss, sampler, optimizer = main.build(config, side, split, torch.device("cpu"))
+    if mode == "train_small":  # a large log's catalogue (never fewer items than the small log's own ids)
+        data.item_ids = np.arange(1, max(num_items, data.num_items) + 1).astype(str)
+    config, side = run.complete_config(config, data)
+    model, loss, sampler, optimizer = run.build(config, side, split, torch.device("cpu"))
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size, sampler=sampler)
     step = loop.make_step(model, loss, sampler, config, torch.device("cpu"))
 
@@ -75,7 +75,7 @@ def child(mode, path, cache, steps, num_items):
             return steps
 
         def epoch(self, rng):
-            return (b for _, b in zip(range(steps), batches.epoch(rng)))
+            return (b for _, b in zip(range(steps), batches.epoch(rng), strict=False))
 
     _, seq_per_s, seconds = loop.train_epoch(step, optimizer, FirstSteps(), config, torch.device("cpu"),
                                               loop.LoopState(), loop.NullWriter(), loop.GracefulStop())
@@ -126,8 +126,8 @@ def main():
     for mode, r in rows:
         seconds = r.get("train_s", r.get("load_s"))
         seq_s = f"{r['seq_per_s']:,.0f}" if "seq_per_s" in r else ""
-        print(f"| {mode.replace('_small', ', small log')} | {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] / size_mb:.2f} | "
-              f"{'' if seconds is None else f'{seconds:.1f}'} | {seq_s} |")
+        print(f"| {mode.replace('_small', ', small log')} | {r['peak_rss_mb']:,.0f} | "
+              f"{r['peak_rss_mb'] / size_mb:.2f} | {'' if seconds is None else f'{seconds:.1f}'} | {seq_s} |")
     print(json.dumps(dict(rows)))
 
 

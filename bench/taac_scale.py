@@ -4,7 +4,7 @@
     python bench/taac_scale.py --out /tmp/taac_small --users 20000 --items 10000
 
 Writes the synthetic folder once (taac_synthetic.py, 2026 parquet layout), then, each in a fresh process
-so peak RSS is its own: (1) prepare = parse + cache + model build (main.prepare), first from the folder,
+so peak RSS is its own: (1) prepare = parse + cache + model build (training/run.prepare), first from the folder,
 then again from the cache; (2) --steps training steps after --warmup steps (sequences/s, BCE as the
 basemodel); (3) every training user embedded after their whole history, and the exact top-10 over the whole
 catalogue (FAISS flat, inner product); (4) eval/competition.py on the predict users. Prints one line per
@@ -35,10 +35,10 @@ def peak_rss_mb():
 
 def stage_prepare(args):
     import torch
-    import main
+    from training import run
     from config import build_config
     start = time.perf_counter()
-    config, data, split, model, *_ = main.prepare(build_config(model_flags(args)), torch.device("cpu"))
+    config, data, split, model, *_ = run.prepare(build_config(model_flags(args)), torch.device("cpu"))
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "users": data.num_users,
             "items": data.num_items, "events": int(len(data.items)),
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -47,11 +47,11 @@ def stage_prepare(args):
 def stage_train(args):
     import numpy as np
     import torch
-    import main
+    from training import run
     from config import build_config
     from dataset import TrainBatches
     from training.loop import TrainStep, target_weights
-    config, data, split, model, loss, sampler, optimizer = main.prepare(build_config(model_flags(args)),
+    config, data, split, model, loss, sampler, optimizer = run.prepare(build_config(model_flags(args)),
                                                                         torch.device("cpu"))
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size,
                            sampler=sampler if loss.per_position_negatives else None,
@@ -76,22 +76,18 @@ def stage_infer(args):
     """Every training user's vector after the whole history, then the exact top-10 over all items."""
     import numpy as np
     import torch
-    import main
     from config import build_config
-    from dataset import history_batch
-    from eval.infer import build_index
-    config, data, split, model, *_ = main.prepare(build_config(model_flags(args)), torch.device("cpu"))
+    from eval.competition import whole_histories
+    from eval.infer import build_index, choose_blas_kernel
+    from eval.metrics import embed_users
+    from training import run
+    choose_blas_kernel()  # before faiss is first imported
+    config, data, split, model, *_ = run.prepare(build_config(model_flags(args)), torch.device("cpu"))
     model.eval()
     start = time.perf_counter()
-    ends, lengths = data.offsets[1:], np.minimum(data.lengths, config.model.maxlen)
-    users, vecs = np.arange(data.num_users), []
+    vecs = embed_users(model, whole_histories(data), data.lengths, torch.device("cpu"))  # the competition's loop
     with torch.no_grad():
-        for s in range(0, len(users), 1024):
-            b = slice(s, s + 1024)
-            batch = history_batch(data, users[b], ends[b], lengths[b], int(lengths[b].max()), known_end=ends[b])
-            vecs.append(model.user_embeddings(batch).numpy())
-        items = model.item_embeddings().numpy()[1:]
-    vecs = np.concatenate(vecs)
+        items = model.item_embeddings(item_table=model.item_table()).numpy()[1:]
     embed_s = time.perf_counter() - start
     index = build_index(np.ascontiguousarray(items), "flat", "cpu", verbose=False)
     start = time.perf_counter()
@@ -106,8 +102,9 @@ STAGES = {"prepare": stage_prepare, "train": stage_train, "infer": stage_infer}
 
 def run_stage(name, args):
     """A stage in its own process: its peak RSS is its own."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--out", args.out, "--mm_emb_id", *args.mm_emb_id,
-           "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--stage", name, "--out", args.out, "--mm_emb_id",
+           *args.mm_emb_id, "--batch_size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
+           str(args.warmup)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"stage {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")

@@ -47,19 +47,20 @@ def child(argv, epochs, profile_steps=0):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     sys.path.insert(0, ROOT)
-    import main
-    main.keep_freed_memory()  # as main.main() does
+    from cli import resolve_device
+    from training import run
+    run.keep_freed_memory()  # as main.main() does
     from training import loop
     from config import build_config
     from dataset import TrainBatches
     imported = time.time()
     config = build_config(argv)
-    device = main.resolve_device(config.train.device)
+    device = resolve_device(config.train.device)
     t = time.perf_counter()
-    data, split = main.load_data(config)
+    data, split = run.load_data(config)
     data_seconds = time.perf_counter() - t
-    config, side = main.complete_config(config, data)
-    model, loss, sampler, optimizer = main.build(config, side, split, device)
+    config, side = run.complete_config(config, data)
+    model, loss, sampler, optimizer = run.build(config, side, split, device)
     batches = TrainBatches(split, config.model.maxlen, config.train.batch_size,
                            sampler=sampler if loss.per_position_negatives else None)
     next(iter(batches.epoch(np.random.default_rng(0))))  # the first batch is ready: training could start
@@ -118,13 +119,13 @@ def run_child(argv, epochs, profile=0, script=__file__):
 def run_pmixer(path, data, epochs, settings):
     """pmixer/SASRec.pytorch's main.py on `data` (converted to its `user item` format in a temp dir)."""
     sys.path.insert(0, ROOT)
-    from dataset import load_interactions
+    from readers.logs import load_interactions
     log = load_interactions(data, cache_dir=os.path.join(ROOT, ".cache"))
     work = tempfile.mkdtemp(prefix="pmixer_bench_")
     os.makedirs(os.path.join(work, "data"))
     users = np.repeat(np.arange(1, log.num_users + 1), log.lengths)
     np.savetxt(os.path.join(work, "data", "bench.txt"), np.stack([users, log.items], 1), fmt="%d")
-    flags = dict(zip(settings[::2], settings[1::2]))
+    flags = dict(zip(settings[::2], settings[1::2], strict=False))
     cmd = [sys.executable, "-u", os.path.join(path, "main.py"), "--dataset", "bench", "--train_dir", "bench",
            "--device", "cpu", "--num_epochs", str(epochs + 1), *[x for k, v in flags.items() for x in (k, v)]]
     launched = time.time()
@@ -169,7 +170,8 @@ def main():
     if args.compare:
         other = os.path.join(os.path.abspath(args.compare), "bench", "train_speed.py")
         runs = {name: run for loss in args.losses for name, run in (
-            (f"this repo, {loss}", runs[f"this repo, {loss}"]), (f"{args.compare}, {loss}", (base + ["--loss", loss], other)))}
+            (f"this repo, {loss}", runs[f"this repo, {loss}"]),
+            (f"{args.compare}, {loss}", (base + ["--loss", loss], other)))}
     results = {name: [] for name in [*runs, *([PMIXER] if args.pmixer else [])]}
     for round_ in range(args.rounds):
         for name, (argv, script) in runs.items():
@@ -182,8 +184,9 @@ def main():
 
 
 def round_ratios(numerator, denominator):
-    ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(numerator, denominator)]
-    return f"{statistics.median(ratios):.2f}x" + (f" ({', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
+    ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(numerator, denominator, strict=False)]
+    each = f" ({', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}x" + each
 
 
 def print_table(results, compare=None):
@@ -193,10 +196,11 @@ def print_table(results, compare=None):
           "achieved GFLOP/s | matmul GFLOP/s | pmixer s / epoch over this | s / epoch over --compare's |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rounds in results.items():
-        def cell(key, fmt):
+        def cell(key, fmt, rounds=rounds):
             return format(statistics.median(r[key] for r in rounds), fmt) if key in rounds[0] else ""
         ratio = round_ratios(reference, rounds) if reference and name != PMIXER else ""
-        other = results.get(name.replace("this repo", str(compare))) if compare and name.startswith("this repo") else None
+        mine = compare and name.startswith("this repo")
+        other = results.get(name.replace("this repo", str(compare))) if mine else None
         versus = round_ratios(rounds, other) if other else ""
         print(f"| {name} | {cell('epoch_s', '.2f')} | {cell('users_per_s', ',.0f')} | {cell('startup_s', '.1f')} "
               f"| {cell('data_s', '.3f')} | {cell('peak_rss_mb', ',.0f')} | {cell('gflop_per_epoch', '.1f')} "

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,10 +30,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import ArgumentParser, UsageError, exits, make_writable_folder  # noqa: E402
-from dataset import DataError, history_batch, length_batches  # noqa: E402
-from eval.infer import build_index, check_finite, load_run  # noqa: E402
-from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k, SCORE_HR, SCORE_NDCG  # noqa: E402
+from cli import ArgumentParser, UsageError, exits, make_writable_folder, resolve_device  # noqa: E402
+from dataset import DataError, history_batch  # noqa: E402
+from eval.infer import build_index, check_finite, choose_blas_kernel, load_run  # noqa: E402
+from eval.metrics import SCORE_HR, SCORE_NDCG, embed_users, metrics_at_k  # noqa: E402
 from readers.features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
 from readers import taac  # noqa: E402
@@ -54,14 +55,12 @@ def build_parser():
     p.add_argument("--device", default="auto", help="torch device for the model")
     p.add_argument("--non_finite", choices=("error", "zero"), help="a NaN / infinite vector or value in the "
                    "evaluation folder: an error, or zero (absent) (default: as the checkpoint was trained)")
-    for flag in ("maxlen", "hidden_units", "num_blocks", "num_heads"):  # load_run checks them when given
-        p.add_argument(f"--{flag}", type=int, help=argparse.SUPPRESS)
     return p
 
 
 # ----------------------------------------------------------------------------- reading
 
-def read_users(folder, config, non_finite=None):
+def read_users(folder: str, config: dict, non_finite: Optional[str] = None):
     """The users to predict, as Interactions of the evaluation folder (feature ids as in training; non_finite:
     taac.read_taac's policy, by default the one the checkpoint was trained with)."""
     item_ids = [f["name"] for f in (config.get("item_side") or {}).get("features", [])]
@@ -71,7 +70,7 @@ def read_users(folder, config, non_finite=None):
                           non_finite or config.get("non_finite") or "error")
 
 
-def check_feature_codes(folder, data, trained_on):
+def check_feature_codes(folder: str, data, trained_on: Optional[dict]) -> None:
     """The evaluation folder's feature codes must mean the values they meant in training (indexer.pkl's 'f'
     map); a checkpoint without the digest (older than it) is not checked."""
     expected = (trained_on or {}).get("feature_codes")
@@ -80,13 +79,13 @@ def check_feature_codes(folder, data, trained_on):
                          f"one the checkpoint was trained with (its feature codes would mean other values)")
 
 
-def known_codes(values, vocab_size):
+def known_codes(values, vocab_size: int) -> np.ndarray:
     """Feature codes the checkpoint's tables lack (a value unseen in training, a negative one) -> unknown."""
     values = np.asarray(values, np.int64)
     return np.where((values < 0) | (values >= vocab_size), UNKNOWN, values)
 
 
-def fit_to_checkpoint(data, model):
+def fit_to_checkpoint(data, model) -> None:
     """Every code read at inference within the checkpoint's tables: user feature values unseen in training
     become unknown (at the training widths), action types it never saw become clicks (1, as a missing one)."""
     spec = (model.config.user_side or {}).get("features", [])
@@ -101,7 +100,7 @@ def fit_to_checkpoint(data, model):
         data.actions = np.where((data.actions < 0) | (data.actions >= actions), min(1, actions - 1), data.actions)
 
 
-def read_candidates(folder):
+def read_candidates(folder: str) -> tuple:
     """(creative ids, retrieval ids, {feature id: [value per candidate]}) of predict_set.jsonl or candidate/."""
     path = os.path.join(folder, "predict_set.jsonl")
     if os.path.isfile(path):
@@ -119,7 +118,7 @@ def read_candidates(folder):
     path = os.path.join(folder, "candidate")
     if not os.path.isdir(path):
         raise DataError(f"{folder}: no predict_set.jsonl or candidate/ (the candidate set to retrieve from)")
-    table = taac._dataset(path).to_table()
+    table = taac.parquet_dataset(path).to_table()
     missing = [c for c in ("creative_id", "retrieval_id") if c not in table.column_names]
     if missing or table.num_rows == 0:
         raise DataError(f"{path}: " + (f"no column {missing[0]!r} (found {table.column_names})" if missing
@@ -135,7 +134,7 @@ def read_candidates(folder):
 INT64, UINT64 = (-2 ** 63, 2 ** 63 - 1), (0, 2 ** 64 - 1)
 
 
-def id_in(value, name, bounds):
+def id_in(value, name: str, bounds: tuple) -> int:
     """An integer id that its array (int64 / uint64) can hold; else a ValueError for json_lines' one line."""
     value = int(value)
     if not bounds[0] <= value <= bounds[1]:
@@ -153,7 +152,7 @@ def candidate_value(cell):
 
 # ----------------------------------------------------------------------------- items
 
-def item_rows(model, id_map, data, creatives, candidate_features):
+def item_rows(model, id_map: dict, data, creatives: np.ndarray, candidate_features: dict) -> tuple:
     """Tower rows of the evaluation folder's items and of the candidates: training rows where training knew
     the creative, new rows (appended to the tower) otherwise. Returns (row of each evaluation item re-id
     (0..N_eval), row of each candidate)."""
@@ -205,20 +204,14 @@ def new_item_side(model, data, new, eval_creatives, creatives, candidate_feature
 
 # ----------------------------------------------------------------------------- embedding, search, files
 
-@torch.no_grad()
-def embed_users(model, data, eval_rows, normalize, batch_size, device):
-    """Each user's query vector after their whole sequence (the most recent event included)."""
-    data.items = eval_rows[data.items]  # evaluation re-ids -> tower rows
-    ends, lengths = data.offsets[1:], np.minimum(data.lengths, model.config.maxlen)
-    batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max()))))
-    out = np.zeros((data.num_users, model.config.hidden_units), np.float32)
-    for b in length_batches(lengths, batch_size):
-        batch = history_batch(data, b, ends[b], lengths[b], int(lengths[b].max()), known_end=ends[b])
-        out[b] = model.user_embeddings(batch.to(device), normalize).float().cpu().numpy()
-    return out
+def whole_histories(data):
+    """eval.metrics' histories(rows, lengths, width): each user's Batch after their whole sequence (the most
+    recent event included; the prediction time unknown, so no event's gap-to-prediction code is known)."""
+    ends = data.offsets[1:]
+    return lambda rows, lengths, width: history_batch(data, rows, ends[rows], lengths, width, known_end=ends[rows])
 
 
-def write_bin(path, array):
+def write_bin(path: str, array: np.ndarray) -> None:
     """The baseline's ANN files: uint32 rows, uint32 columns, then the rows (float32 or uint64)."""
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -227,14 +220,14 @@ def write_bin(path, array):
     atomic_write(path, write)
 
 
-def read_bin(path, dtype):
+def read_bin(path: str, dtype) -> np.ndarray:
     """(rows, columns) array of an .fbin / .u64bin file."""
     with open(path, "rb") as f:
         rows, cols = np.fromfile(f, np.uint32, 2)
         return np.fromfile(f, dtype, int(rows) * int(cols)).reshape(int(rows), int(cols))
 
 
-def competition_score(top, users, truth):
+def competition_score(top: list, users: list, truth: dict) -> dict:
     """0.31 HR@10 + 0.69 NDCG@10 of the top lists against truth {user: creative id} (users without one skipped)."""
     known = [(row, truth[u]) for row, u in zip(top, users) if u in truth]
     ranks = [list(row).index(t) if t in row else len(row) for row, t in known]
@@ -244,12 +237,13 @@ def competition_score(top, users, truth):
 
 
 @exits
-def main(argv=None):
+def main(argv: Optional[list] = None) -> None:
+    """eval/competition.py's command line (see the module docstring); errors exit with one line (cli.exits)."""
+    choose_blas_kernel()
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     config, id_map, model, trained_on = load_run(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     normalize = config.get("similarity") == "cosine"
     try:
         data = read_users(args.eval_data, config, args.non_finite)
@@ -261,8 +255,9 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "competition")
     make_writable_folder(out, "--out")
     eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
+    data.items = eval_rows[data.items]  # evaluation re-ids -> tower rows
     model.to(device)
-    user_vecs = embed_users(model, data, eval_rows, normalize, args.batch_size, device)
+    user_vecs = embed_users(model, whole_histories(data), data.lengths, device, normalize, args.batch_size)
     with torch.no_grad():
         item_vecs = model.item_embeddings(torch.from_numpy(cand_rows).to(device), normalize).float().cpu().numpy()
     check_finite(user_vecs, data.user_ids, "user")

@@ -4,12 +4,14 @@
     python eval/infer.py --ckpt runs/<name>/ckpt --split next     # recommend after each user's whole history
     python eval/infer.py --ckpt ... --queries q.txt --candidates c.txt --index hnsw --format csv
 
-The model is rebuilt from the config saved beside the checkpoint; no training flag is repeated.
+The model is rebuilt from the config saved beside the checkpoint; no training flag is repeated
+(--maxlen, --hidden_units, --num_blocks, --num_heads, when given, only check that config).
 """
 import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,22 +21,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from training import checkpoint  # noqa: E402
-from cli import ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder  # noqa: E402
+from cli import (ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder,  # noqa: E402
+                 resolve_device)
 from config import model_config_from_dict  # noqa: E402
-from dataset import (DataError, LeaveOneOut, left_padded, length_batches, load_interactions,  # noqa: E402
-                     ragged_positions)
-from eval.metrics import MEMORY_BUDGET, encode_floats, metrics_at_k  # noqa: E402
-from files import atomic_write  # noqa: E402
+from dataset import DataError, LeaveOneOut, left_padded, ragged_positions  # noqa: E402
+from readers.logs import load_interactions  # noqa: E402
+from eval.metrics import embed_users, metrics_at_k  # noqa: E402
+from files import atomic_write, write_json  # noqa: E402
 from model import SASRec  # noqa: E402
 
-STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")
+STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")  # optional checks of the saved config
 
 
 def choose_blas_kernel(cpuinfo="/proc/cpuinfo"):
     """Name the CPU's kernel family for the OpenBLAS inside faiss-cpu wheels, unless the user did: on this
-    project's Xeons it fell back to its Prescott (SSE3) kernels. Why: the exact top-10 of 16,384 queries over
-    500k items (d 32) took 21.8 s with its own choice, 10.4 s with Haswell, 9.3 s with SkylakeX (same
-    process order, one run each; docs/competition.md). Takes effect only before faiss is first imported."""
+    project's Xeons it fell back to its Prescott (SSE3) kernels, about twice as slow for exact search
+    (figures in docs/competition.md). Takes effect only before faiss is first imported: the entry points
+    that search (main here, eval/competition.py's) call it first."""
     if "OPENBLAS_CORETYPE" in os.environ or not os.path.isfile(cpuinfo):
         return
     with open(cpuinfo) as f:
@@ -42,9 +45,6 @@ def choose_blas_kernel(cpuinfo="/proc/cpuinfo"):
     kernel = "SkylakeX" if "avx512f" in flags else ("Haswell" if "avx2" in flags and "fma" in flags else None)
     if kernel:
         os.environ["OPENBLAS_CORETYPE"] = kernel
-
-
-choose_blas_kernel()
 
 
 def build_parser():
@@ -78,16 +78,18 @@ def build_parser():
     p.add_argument("--data", help="training log, if it moved since training (default: the saved config's)")
     p.add_argument("--allow_other_data", action="store_true",
                    help="accept a --data log whose content differs from the checkpoint's (its item ids must match)")
-    for flag in STRUCTURE_FLAGS:  # accepted only to check them against the saved config
-        p.add_argument(f"--{flag}", type=int, help="must equal the saved config's value (optional)")
+    for flag in STRUCTURE_FLAGS:  # the model is rebuilt from the saved config; these only check it
+        p.add_argument(f"--{flag}", type=int, help="optional check: must equal the saved config's value")
     return p
 
 
 # ----------------------------------------------------------------------------- model + data
 
-def load_run(args):
-    """(saved config, id map, model, the checkpoint's data identity) of a checkpoint directory; the model is
-    rebuilt from the checkpoint alone, and id_map.json must be the map it was trained with."""
+def load_run(args: argparse.Namespace) -> tuple:
+    """(saved config, id map, model, the checkpoint's data identity) of a checkpoint directory (args.ckpt,
+    args.weights); the model is rebuilt from the checkpoint alone, in eval mode, and id_map.json must be the
+    map it was trained with. Raises UsageError naming the file at fault. args.maxlen etc. (STRUCTURE_FLAGS,
+    given to eval/infer.py), when set, must equal the saved config's."""
     paths = {name: os.path.join(args.ckpt, name) for name in ("config.json", "id_map.json", args.weights)}
     for name, path in paths.items():
         if not os.path.isfile(path):
@@ -100,7 +102,7 @@ def load_run(args):
     except (ValueError, OSError) as e:
         raise UsageError(f"--ckpt {args.ckpt}: unreadable config.json / id_map.json ({e})") from None
     for flag in STRUCTURE_FLAGS:
-        given = getattr(args, flag)
+        given = vars(args).get(flag)  # eval/competition.py has no such flags
         if given is not None and given != config[flag]:
             raise UsageError(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
     ckpt = checkpoint.load(paths[args.weights], "--ckpt")
@@ -114,7 +116,8 @@ def load_run(args):
     return config, id_map, model, ckpt.get("data")
 
 
-def training_histories(config, id_map, args, trained_on=None):
+def training_histories(config: dict, id_map: dict, args: argparse.Namespace,
+                       trained_on: Optional[dict] = None) -> tuple:
     """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log,
     which must be the one the checkpoint was trained on (`trained_on`: its data identity), or, with
     --allow_other_data, a log with the same item ids."""
@@ -139,8 +142,9 @@ def training_histories(config, id_map, args, trained_on=None):
     return data.user_ids[users], data.items, ends, lengths, targets
 
 
-def query_histories(id_map, args):
-    """Sequences from --queries mapped through the saved id map (unknown items: an error, or --skip_unknown)."""
+def query_histories(id_map: dict, args: argparse.Namespace) -> tuple:
+    """Sequences from --queries mapped through the saved id map (unknown items: an error, or --skip_unknown),
+    as training_histories' tuple (targets None)."""
     data = load_interactions(args.queries, args.query_format, id_type="str")  # matched to the id map as strings
     index = {raw: i + 1 for i, raw in enumerate(id_map["items"])}
     raw_items = data.item_ids[data.items - 1]
@@ -150,8 +154,9 @@ def query_histories(id_map, args):
         examples = sorted(set(raw_items[unknown].tolist()))
         user = data.user_ids[np.searchsorted(data.offsets, np.flatnonzero(unknown)[0], side="right") - 1]
         if not args.skip_unknown:
-            raise UsageError(f"--queries {args.queries}: item {examples[0]!r} (user {str(user)!r}) is not in the checkpoint's id map "
-                 f"of {len(index)} items; {len(examples)} unknown item ids in all (--skip_unknown drops them)")
+            raise UsageError(f"--queries {args.queries}: item {examples[0]!r} (user {str(user)!r}) is not in the "
+                             f"checkpoint's id map of {len(index)} items; {len(examples)} unknown item ids in all "
+                             f"(--skip_unknown drops them)")
         print(f"{args.queries}: {int(unknown.sum())} interactions with {len(examples)} item ids unknown to the "
               f"checkpoint skipped (e.g. {examples[:5]})")
     owner = np.repeat(np.arange(data.num_users), data.lengths)[~unknown]
@@ -168,22 +173,23 @@ def query_histories(id_map, args):
     return data.user_ids[keep], items, ends[keep], lengths[keep], None
 
 
-def candidate_items(id_map, args):
-    """Item indices to retrieve from: all items, or the known ids of --candidates."""
+def candidate_items(id_map: dict, args: argparse.Namespace) -> np.ndarray:
+    """(K,) int64 item indices to retrieve from, ascending: all items, or the known ids of --candidates."""
     if not args.candidates:
         return np.arange(1, len(id_map["items"]) + 1)
     try:
         with open(args.candidates, encoding="utf-8") as f:
             rows = [(lineno, r) for lineno, line in enumerate(f, 1) for r in line.split()]
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--candidates {args.candidates}: cannot read as text ({getattr(e, 'strerror', None) or e})")
+        raise UsageError(f"--candidates {args.candidates}: cannot read as text "
+                         f"({getattr(e, 'strerror', None) or e})") from None
     index = {r: i + 1 for i, r in enumerate(id_map["items"])}
     raw = [r for _, r in rows]
     unknown = sorted({r for r in raw if r not in index})
     if unknown and not args.skip_unknown:
         lineno, first = next((n, r) for n, r in rows if r not in index)
-        raise UsageError(f"--candidates {args.candidates}:{lineno}: item {first!r} is not in the checkpoint's id map of "
-             f"{len(index)} items; {len(unknown)} unknown item ids in all (--skip_unknown drops them)")
+        raise UsageError(f"--candidates {args.candidates}:{lineno}: item {first!r} is not in the checkpoint's id map "
+                         f"of {len(index)} items; {len(unknown)} unknown item ids in all (--skip_unknown drops them)")
     if unknown:
         print(f"{args.candidates}: {len(unknown)} item ids unknown to the checkpoint skipped (e.g. {unknown[:5]})")
     found = np.unique([index[r] for r in raw if r in index]).astype(np.int64)
@@ -194,33 +200,27 @@ def candidate_items(id_map, args):
 
 # ----------------------------------------------------------------------------- embeddings + search
 
-@torch.no_grad()
-def embed_users(model, items, ends, lengths, normalize, batch_size, device):
-    """User vectors, at most `batch_size` users at a time and fewer when long histories would exceed the
-    memory budget (attention grows with the square of the width)."""
-    maxlen = model.config.maxlen
-    batch_size = max(1, min(batch_size, MEMORY_BUDGET // encode_floats(model.config, int(lengths.max(initial=1)))))
-    lengths = np.minimum(lengths, maxlen)
-    out = np.zeros((len(ends), model.config.hidden_units), np.float32)
-    for b in tqdm(length_batches(lengths, batch_size), desc="users", disable=not sys.stderr.isatty()):
-        seqs = torch.from_numpy(left_padded(items, ends[b], lengths[b], int(lengths[b].max()))).to(device)
-        out[b] = model.user_embeddings(seqs, normalize).float().cpu().numpy()
-    return out
+def padded_histories(items: np.ndarray, ends: np.ndarray):
+    """eval.metrics' histories(rows, lengths, width) over a flat item array: (B, width) left-padded item ids,
+    user r's history being the `lengths` items before ends[r] (item ids alone, no context)."""
+    return lambda rows, lengths, width: torch.from_numpy(left_padded(items, ends[rows], lengths, width))
 
 
 @torch.no_grad()
-def embed_items(model, item_idx, normalize):
+def embed_items(model: SASRec, item_idx: np.ndarray, normalize: bool) -> np.ndarray:
+    """(K, D) float32 vectors the users are scored against, of the (K,) item indices (model on the CPU)."""
     return model.item_embeddings(torch.from_numpy(item_idx), normalize).float().numpy()
 
 
-def faiss_gpu_available():
+def faiss_gpu_available() -> bool:
     import faiss
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
 
 
-def build_index(vectors, kind, faiss_device="auto", nlist=0, nprobe=32, hnsw_m=32, ef_construction=200,
-                ef_search=128, verbose=True):
-    """Inner-product FAISS index over `vectors` (float32, rows = items)."""
+def build_index(vectors: np.ndarray, kind: str, faiss_device: str = "auto", nlist: int = 0, nprobe: int = 32,
+                hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128, verbose: bool = True):
+    """Inner-product FAISS index over `vectors` ((K, D) float32, rows = items): kind 'flat' (exact), 'ivf' or
+    'hnsw'; on the GPU when faiss_device says so (UsageError if it cannot)."""
     import faiss
     n, d = vectors.shape
     if kind == "flat":
@@ -251,12 +251,15 @@ def build_index(vectors, kind, faiss_device="auto", nlist=0, nprobe=32, hnsw_m=3
 
 
 # FAISS's exact search only uses BLAS when a call's queries x dim >= 128,000 (its
-# distance_compute_blas_threshold); below that it loops over queries one by one, 2-5x slower at d=64.
+# distance_compute_blas_threshold); below that it loops over queries one by one, several times slower
+# (docs/performance.md, "Retrieval").
 SEARCH_BATCH = 8192
 
 
-def search(index, user_vecs, k, exclude=None, batch_size=SEARCH_BATCH):
-    """Top-k positions in the index (and scores) per user, skipping each user's `exclude` positions.
+def search(index, user_vecs: np.ndarray, k: int, exclude: Optional[list] = None,
+           batch_size: int = SEARCH_BATCH) -> tuple:
+    """(ids (U, k) int64, scores (U, k) float32): top-k positions in the index per user (-1 / -inf where fewer
+    remain), skipping each user's `exclude` positions.
 
     exclude: list of int arrays (index positions to filter per user) or None. The search goes k + the
     batch's longest exclusion list deep, so k results remain after filtering whenever the index has them.
@@ -281,7 +284,8 @@ def search(index, user_vecs, k, exclude=None, batch_size=SEARCH_BATCH):
     return ids, scores
 
 
-def history_positions(items, ends, lengths, cands, num_items):
+def history_positions(items: np.ndarray, ends: np.ndarray, lengths: np.ndarray, cands: np.ndarray,
+                      num_items: int) -> list:
     """Per user, the index positions (in the candidate list) of the items in their history."""
     position = np.full(num_items + 1, -1, np.int64)
     position[cands] = np.arange(len(cands))
@@ -292,7 +296,7 @@ def history_positions(items, ends, lengths, cands, num_items):
 
 # ----------------------------------------------------------------------------- outputs
 
-def check_finite(vectors, ids, what):
+def check_finite(vectors: np.ndarray, ids, what: str) -> None:
     """No output file may hold a NaN / infinite row: one line naming the first (`ids`: the rows' raw ids)."""
     bad = ~np.isfinite(vectors).all(1)
     if bad.any():
@@ -301,8 +305,12 @@ def check_finite(vectors, ids, what):
                        f"nothing written (non-finite weights in the checkpoint, or non-finite inputs?)")
 
 
-def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user_vecs, item_vecs, metrics):
-    """top-k per user (raw ids), embeddings with their id lists, metrics; each file written atomically."""
+def write_outputs(out: str, fmt: str, user_ids, item_ids: np.ndarray, cands: np.ndarray, top_ids: np.ndarray,
+                  top_scores: np.ndarray, user_vecs: np.ndarray, item_vecs: np.ndarray,
+                  metrics: Optional[dict] = None) -> None:
+    """Into folder `out`, each file written atomically: top-k per user (raw ids; top_ids / top_scores (U, k), -1
+    where none) as topk.jsonl or .csv (`fmt`), user_emb.npy (U, D) with user_ids.json, item_emb.npy (K, D) with
+    item_ids.json (item_ids: index -> raw id; cands: the K indices), metrics.json unless metrics is None."""
     def write_topk(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             if fmt == "csv":
@@ -313,7 +321,8 @@ def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user
                 if fmt == "csv":
                     f.writelines(f"{u},{r + 1},{i},{sc:.6f}\n" for r, (i, sc) in enumerate(zip(items, scores)))
                 else:
-                    f.write(json.dumps({"user": str(u), "items": items, "scores": [round(x, 6) for x in scores]}) + "\n")
+                    row = {"user": str(u), "items": items, "scores": [round(x, 6) for x in scores]}
+                    f.write(json.dumps(row) + "\n")
 
     def save_npy(array):
         def write(tmp):
@@ -321,44 +330,38 @@ def write_outputs(out, fmt, user_ids, item_ids, cands, top_ids, top_scores, user
                 np.save(f, array)
         return write
 
-    def save_json(obj):
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(obj, f, indent=1)
-        return write
-
     atomic_write(os.path.join(out, f"topk.{fmt}"), write_topk)
     atomic_write(os.path.join(out, "user_emb.npy"), save_npy(user_vecs))
-    atomic_write(os.path.join(out, "user_ids.json"), save_json([str(u) for u in user_ids]))
+    write_json(os.path.join(out, "user_ids.json"), [str(u) for u in user_ids])
     atomic_write(os.path.join(out, "item_emb.npy"), save_npy(item_vecs))
-    atomic_write(os.path.join(out, "item_ids.json"), save_json(item_ids[cands].tolist()))
+    write_json(os.path.join(out, "item_ids.json"), item_ids[cands].tolist())
     if metrics is not None:
-        atomic_write(os.path.join(out, "metrics.json"), save_json(metrics))
+        write_json(os.path.join(out, "metrics.json"), metrics)
 
 
 @exits
-def main(argv=None):
+def main(argv: Optional[list] = None) -> None:
+    """eval/infer.py's command line (see the module docstring); errors exit with one line (cli.exits)."""
+    choose_blas_kernel()
     args = build_parser().parse_args(argv)
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
     config, id_map, model, trained_on = load_run(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     model.to(device)
-    trained = config.get("similarity") or ("cosine" if config.get("use_infonce") else "dot")
-    normalize = (trained if args.similarity == "auto" else args.similarity) == "cosine"
+    normalize = (config.get("similarity") if args.similarity == "auto" else args.similarity) == "cosine"
     try:
         if args.queries:
             user_ids, items, ends, lengths, targets = query_histories(id_map, args)
         else:
             user_ids, items, ends, lengths, targets = training_histories(config, id_map, args, trained_on)
     except DataError as e:
-        raise UsageError(str(e))
+        raise UsageError(str(e)) from None
     cands = candidate_items(id_map, args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "infer")
     make_writable_folder(out, "--out")
 
-    user_vecs = embed_users(model, items, ends, lengths, normalize, args.batch_size, device)
+    user_vecs = embed_users(model, padded_histories(items, ends), lengths, device, normalize, args.batch_size)
     item_vecs = embed_items(model.cpu(), cands, normalize)
     check_finite(user_vecs, user_ids, "user")
     check_finite(item_vecs, np.array([""] + id_map["items"], dtype=object)[cands], "item")

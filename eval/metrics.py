@@ -1,9 +1,14 @@
-"""Leave-one-out ranking metrics: full ranking over the catalogue, sampled (100 negatives), popularity baseline."""
+"""Leave-one-out ranking metrics: full ranking over the catalogue, sampled (100 negatives), popularity baseline;
+and the one loop that embeds users (user_batches), for validation, eval/infer.py and eval/competition.py."""
+import sys
+from typing import Callable, Iterator, Optional
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from training import distributed
-from dataset import LeaveOneOut, history_batch, ragged_positions
+from dataset import LeaveOneOut, history_batch, length_batches, ragged_positions
 from objectives.samplers import NegativeSampler
 
 HR_KS = (1, 5, 10, 20)
@@ -24,6 +29,38 @@ def encode_floats(model_config, width):
 def users_per_batch(num_items, encode_per_user=0):
     """Users scored at once: their (N + 1) scores and their encoding within MEMORY_BUDGET floats."""
     return max(1, MEMORY_BUDGET // (num_items + 1 + encode_per_user))
+
+
+# histories(rows, lengths, width): the dataset.Batch, or the (B, width) left-padded item ids, of the users at
+# `rows` (an index array), each history its last `lengths` (B,) items.
+Histories = Callable[[np.ndarray, np.ndarray, int], object]
+
+
+@torch.no_grad()
+def user_batches(model, histories: Histories, lengths: np.ndarray, device: torch.device, normalize: bool = False,
+                 batch_size: Optional[int] = None,
+                 item_table: Optional[torch.Tensor] = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The loop that embeds users: yields (rows, (B, D) query vectors on `device`) until every one of the
+    len(lengths) users is embedded, users batched by history length (dataset.length_batches), at most
+    `batch_size` at a time and fewer where long histories would hold more than MEMORY_BUDGET floats.
+    lengths (U,): history lengths (clipped to the model's maxlen here); normalize: unit-length vectors;
+    item_table: model.item_table()'s (computed here if None), so the inputs read rows, not the item tower."""
+    lengths = np.minimum(lengths, model.config.maxlen)
+    fits = MEMORY_BUDGET // encode_floats(model.config, int(lengths.max(initial=1)))
+    table = model.item_table() if item_table is None else item_table
+    for rows in length_batches(lengths, max(1, min(batch_size or fits, fits))):
+        batch = histories(rows, lengths[rows], int(lengths[rows].max())).to(device)
+        yield rows, model.user_embeddings(batch, normalize, item_table=table)
+
+
+def embed_users(model, histories: Histories, lengths: np.ndarray, device: torch.device, normalize: bool = False,
+                batch_size: int = 1024) -> np.ndarray:
+    """(U, D) float32 query vectors of the U users, in their order, on the CPU (user_batches' loop)."""
+    out = np.zeros((len(lengths), model.config.hidden_units), np.float32)
+    batches = user_batches(model, histories, lengths, device, normalize, batch_size)
+    for rows, vectors in tqdm(batches, desc="users", disable=not sys.stderr.isatty()):
+        out[rows] = vectors.float().cpu().numpy()
+    return out
 
 
 def metrics_from_ranks(ranks, prefix=""):
@@ -74,17 +111,23 @@ def full_ranks(scores, targets, exclude_rows=None, exclude_items=None):
     return ranks.masked_fill(torch.isneginf(target_scores), MISS)
 
 
-def model_scorer(model, data, maxlen, device, cosine=False):
+def model_scorer(model, data, device, cosine=False):
     """score(users, ends, lengths) -> (B, N + 1) scores of users whose history is items[ends - lengths:ends]
-    (with the log's user and event context, the target's timestamp as the prediction time)."""
-    with torch.no_grad():  # the item side once per evaluation, not once per user batch
-        items = model.item_embeddings(normalize=cosine)
+    (with the log's user and event context, the target's timestamp as the prediction time), on the CPU; the
+    histories are clipped to model.config.maxlen. The item table is computed once per scorer (one evaluation),
+    not once per user batch."""
+    table = model.item_table()
+    with torch.no_grad():
+        items = model.item_embeddings(normalize=cosine, item_table=table)
 
     def score(users, ends, lengths):
-        lengths = np.minimum(lengths, maxlen)
-        batch = history_batch(data, users, ends, lengths, int(lengths.max())).to(device)
+        def histories(rows, clipped, width):
+            return history_batch(data, users[rows], ends[rows], clipped, width)
+        queries = items.new_empty(len(users), items.shape[1])
+        for rows, vectors in user_batches(model, histories, lengths, device, cosine, len(users), table):
+            queries[torch.from_numpy(rows).to(queries.device)] = vectors
         with torch.no_grad():
-            return (model.user_embeddings(batch, normalize=cosine) @ items.T).float().cpu()
+            return (queries @ items.T).float().cpu()
     return score
 
 
@@ -117,7 +160,8 @@ def evaluate(score, split: LeaveOneOut, which, exclude_history=True, sampled=Fal
         starts = starts[distributed.rank()::distributed.world_size()]
     ranks, sampled_ranks = {}, {}
     for s in starts:
-        b_users, b_ends, b_len, b_tgt = users[s:s + batch], ends[s:s + batch], hist_len[s:s + batch], targets[s:s + batch]
+        b = slice(s, s + batch)
+        b_users, b_ends, b_len, b_tgt = users[b], ends[b], hist_len[b], targets[b]
         scores = score(b_users, b_ends, b_len)
         if sampled:  # each batch its own negatives' stream, whichever process scores it
             sampled_ranks[s] = _sampled_ranks(scores, split, b_users, b_tgt, np.random.default_rng([seed, s]))

@@ -15,8 +15,12 @@ mean of its attribute embeddings and projected pretrained vectors); the batch's 
 either kind, are the negatives.
 
 Both use cosine logits / AUXILIARY_TEMPERATURE. Random draws come from torch's stream, seeded per epoch.
+
+extra_losses(loss_config) turns these and --l2_emb into the training step's optional terms, once, when the
+step is built: the step adds whichever exist and reads no option of those that are off.
 """
 import dataclasses
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -111,3 +115,31 @@ def alignment_loss(tower, ids):
     items = torch.unique(ids[ids != 0])
     items = items[torch.randperm(len(items), device=items.device)[:ALIGN_ITEMS]]
     return paired_infonce(tower.id_emb(items), tower.side_vectors(items))
+
+
+class ExtraLoss(NamedTuple):
+    """An optional term of the training loss: the step adds weight x term(model, batch, pos_ids) and keeps the
+    unweighted term in LossOutput.<field> (TensorBoard's train/<field>) when `field` names one."""
+    field: Optional[str]
+    weight: float
+    term: Callable
+
+
+def l2_term(model, batch, pos_ids):
+    return sum(table.norm() for table in model.id_tables())
+
+
+def augment_term(augmentations):
+    return lambda model, batch, pos_ids: augmentation_loss(model, batch, augmentations)
+
+
+def align_term(model, batch, pos_ids):
+    return alignment_loss(model.item_tower, pos_ids)
+
+
+def extra_losses(l2_emb=0.0, augment=0.0, augmentations=(), align_side_info=0.0):
+    """The step's extra terms, in the order they are added: --l2_emb, --augment, --align_side_info; those at
+    weight 0 are left out."""
+    extras = (ExtraLoss(None, l2_emb, l2_term), ExtraLoss("augment_loss", augment, augment_term(tuple(augmentations))),
+              ExtraLoss("align_loss", align_side_info, align_term))
+    return tuple(extra for extra in extras if extra.weight)

@@ -11,6 +11,7 @@ ce               full softmax over the whole catalogue (Klenitskiy & Vasilev, Re
 Every loss is called as `loss(states, pos_ids, tower, negatives, with_logits, weights)`:
     states (R, D)   states of the R real positions      pos_ids (R,)   their next items
     tower           model.ItemTower: ids -> vectors     negatives      samplers.BatchNegatives
+                    (tower() the whole (N + 1, D) table)
     weights (R,)    each row's weight (--action_weights by the target's action), None: all 1; the loss is
                     then sum(w_r loss_r) / sum(w_r)
 and returns a LossOutput (the scalar loss; with_logits: detached positive / negative logits to log).
@@ -21,7 +22,7 @@ so memory is O(chunk x pool), never O(rows x pool).
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,10 @@ from torch.utils.checkpoint import checkpoint
 from training import distributed
 from config import LOSSES, TEMPERATURE_RANGE, loss_stages
 from objectives.negative_queue import NegativeQueue
+
+if TYPE_CHECKING:
+    from model import ItemTower
+    from objectives.samplers import BatchNegatives
 
 SOFTMAX_CHUNK_ELEMS = 1 << 20  # logits per chunk (4 MB fp32): bounds memory, keeps a chunk in cache
 STAT_ROWS, STAT_COLUMNS = 256, 4096  # logits logged at most (the CE pool is the whole catalogue)
@@ -74,7 +79,8 @@ def softmax_loss(queries, pos_logits, pool, pool_ids, pos_ids, pool_bias=None, h
                     for i in range(0, len(queries), rows))
         return total / total_weight
     hit_rows, hit_cols = accidental_hits(pos_ids, pool_ids)
-    return ChunkedSoftmaxCE.apply(queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, rows, weights) / total_weight
+    total = ChunkedSoftmaxCE.apply(queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, rows, weights)
+    return total / total_weight
 
 
 class ChunkedSoftmaxCE(torch.autograd.Function):
@@ -155,8 +161,8 @@ def accidental_hits(pos_ids, pool_ids):
 class ScaledUnitRows(torch.autograd.Function):
     """scale * x / |x| row-wise (F.normalize(x) * scale, same eps) with a hand-written backward:
     grad_x = scale / |x| * (g - u (g . u)), u = x / |x|. Half the ops of autograd's; the step is bound by
-    per-op overhead at these sizes. Why it stays: F.normalize instead made an InfoNCE epoch 9.7% slower
-    on Beauty at pmixer's settings (bench/train_speed.py, alternating runs, medians of 5+ pairs)."""
+    per-op overhead at these sizes. Why it stays: F.normalize instead made an InfoNCE epoch measurably slower
+    (figures in docs/performance.md, "Standard calls, and the three tricks that stay")."""
 
     @staticmethod
     def forward(ctx, x, scale):
@@ -215,13 +221,6 @@ class LossOutput:
     align_loss: Optional[torch.Tensor] = None
 
 
-def infonce_loss(states, pos_emb, neg_emb, pos_ids, neg_ids, temperature, chunk_elems=None):
-    """Masked in-batch InfoNCE on cosine logits / T from raw vectors: what InfoNCE computes, for tests."""
-    s = scaled_unit_rows(states, 1 / temperature)  # scale the (R, D) side, not the (R, P) logits
-    p, n = scaled_unit_rows(pos_emb), scaled_unit_rows(neg_emb)
-    return softmax_loss(s, (s * p).sum(-1), n, neg_ids, pos_ids, chunk_elems=chunk_elems)
-
-
 class Loss(nn.Module):
     """Base of the losses: holds the similarity. `per_position_negatives`: batches must carry one sampled
     negative per real position (drawn with the batch, outside the user's history)."""
@@ -231,6 +230,14 @@ class Loss(nn.Module):
         super().__init__()
         self.similarity = similarity
 
+    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, tower: "ItemTower", negatives: "BatchNegatives",
+                with_logits: bool = False, weights: Optional[torch.Tensor] = None) -> LossOutput:
+        """states (R, D): the R real positions' states; pos_ids (R,): their next items; tower: item ids -> vectors
+        (tower() the whole (N + 1, D) table); negatives: the batch's draws; weights (R,) or None (all 1).
+        Returns the scalar loss sum_r(w_r loss_r) / sum_r(w_r); with_logits: also detached positive (R,) and
+        negative logits to log."""
+        raise NotImplementedError
+
     def targets(self, tower, ids):
         """Item vectors of `ids` (any shape) as the logits use them, from one lookup."""
         return self.similarity.items(tower(ids))
@@ -239,7 +246,9 @@ class Loss(nn.Module):
 class BCE(Loss):
     per_position_negatives = True
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
+    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, tower: "ItemTower", negatives: "BatchNegatives",
+                with_logits: bool = False, weights: Optional[torch.Tensor] = None) -> LossOutput:
+        """Loss.forward; negatives.per_position (R,): each row's one negative, logged as (R,) logits."""
         q = self.similarity.queries(states)
         pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
         pos_logits, neg_logits = (q * pos).sum(-1), (q * neg).sum(-1)
@@ -257,7 +266,10 @@ class GBCE(Loss):
         super().__init__(similarity)
         self.num_negatives, self.beta = num_negatives, gbce_beta(num_negatives, num_items, t)
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
+    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, tower: "ItemTower", negatives: "BatchNegatives",
+                with_logits: bool = False, weights: Optional[torch.Tensor] = None) -> LossOutput:
+        """Loss.forward; negatives.shape (B, W) and rows (R,) place the rows in their sequences, each sequence
+        drawing (N,) negatives; logged negative logits: up to STAT_ROWS x N, masked hits left out."""
         (B, W), rows = negatives.shape, negatives.rows
         neg_ids = negatives.draw((B, self.num_negatives), states.device)
         q = self.similarity.queries(states)
@@ -287,7 +299,10 @@ class SoftmaxLoss(Loss):
         """(pos vectors (R, D), pool vectors (P, D), pool ids (P,), pos bias, pool bias (P,) or None)."""
         raise NotImplementedError
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
+    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, tower: "ItemTower", negatives: "BatchNegatives",
+                with_logits: bool = False, weights: Optional[torch.Tensor] = None) -> LossOutput:
+        """Loss.forward; the pool (P, D) comes from pool(); logged negative logits: up to STAT_ROWS x
+        STAT_COLUMNS of the pool, the rows' positives left out."""
         q = self.similarity.queries(states)
         pos, pool, pool_ids, pos_bias, pool_bias = self.pool(pos_ids, tower, negatives, states.device)
         pos_logits = (q * pos).sum(-1)
@@ -377,23 +392,25 @@ class PerPositionSampledSoftmax(Loss):
 
     Two routes to the (R, N) negative logits, in row chunks. A catalogue of at most DENSE_ITEMS_PER_NEGATIVE
     x N items: each chunk's logits against the whole table, then each row's N picked (autograd keeps only
-    the picked ones). Why: forward + backward of 900 rows x 256 negatives, d 256, over 12,102 items took
-    0.190 s against 0.734 s gathering each row's vectors (bench/per_position_speed.py, one thread, medians
-    of 5 alternating rounds); an eSASRec epoch on Beauty went from 57-65 s to 35-44 s. A larger
-    catalogue: each row's N vectors gathered, recomputed in backward (checkpointing), so memory holds one
-    chunk's (rows x N x D) vectors, never R x N x D."""
+    the picked ones). Why: on Beauty-sized catalogues that is several times faster than gathering each
+    row's vectors (bench/per_position_speed.py; figures in docs/results.md, "eSASRec's SASRec + SS protocol
+    with per-position negatives"). A larger catalogue: each row's N vectors gathered, recomputed in
+    backward (checkpointing), so memory holds one chunk's (rows x N x D) vectors, never R x N x D."""
     DENSE_ITEMS_PER_NEGATIVE = 64
 
     def __init__(self, similarity, num_negatives, chunk_elems=None):
         super().__init__(similarity)
         self.num_negatives, self.chunk_elems = num_negatives, chunk_elems or SOFTMAX_CHUNK_ELEMS
 
-    def forward(self, states, pos_ids, tower, negatives, with_logits=False, weights=None):
+    def forward(self, states: torch.Tensor, pos_ids: torch.Tensor, tower: "ItemTower", negatives: "BatchNegatives",
+                with_logits: bool = False, weights: Optional[torch.Tensor] = None) -> LossOutput:
+        """Loss.forward; each row draws (N,) negatives; logged negative logits: up to STAT_ROWS x N, masked
+        hits left out."""
         q = self.similarity.queries(states)
         pos_logits = (q * self.targets(tower, pos_ids)).sum(-1)
         neg_ids = negatives.draw((len(pos_ids), self.num_negatives), states.device)
         if tower.num_items <= self.DENSE_ITEMS_PER_NEGATIVE * self.num_negatives:
-            table = self.similarity.items(tower.all_items())
+            table = self.similarity.items(tower())
             rows = max(1, self.chunk_elems // len(table))
             per_row = torch.cat([self.row_losses(q[i:i + rows], pos_logits[i:i + rows], pos_ids[i:i + rows],
                                                  neg_ids[i:i + rows], table=table) for i in range(0, len(q), rows)])
@@ -430,7 +447,7 @@ class FullCE(SoftmaxLoss):
     """The pool is the whole catalogue: the tower's table sliced, not gathered."""
 
     def pool(self, pos_ids, tower, negatives, device):
-        table = self.similarity.items(tower.all_items())
+        table = self.similarity.items(tower())
         return table[pos_ids], table[1:], torch.arange(1, len(table), device=device), 0.0, None
 
 
@@ -456,7 +473,8 @@ class ScheduledLoss(nn.Module):
     def name(self, epoch):
         return self.names[self.stage(epoch)]
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> LossOutput:
+        """The current epoch's stage's Loss.forward."""
         return self.stages[self.stage(self.epoch)](*args, **kwargs)
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from dataset import ITEM_COLUMNS, DataError, column_key
+from dataset import DataError
+from readers.logs import ITEM_COLUMNS, column_key
 
 PAD, UNKNOWN = 0, 1
 FLOAT16_MAX = 65504.0  # side vectors are stored as float16: a larger |value| would become infinite

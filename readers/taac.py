@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from readers import safe_pickle
-from dataset import CACHE_ARRAYS, CACHE_VERSION, DataError, Interactions, cache_arrays, file_digest, read_cache, write_cache
+from dataset import DataError, Interactions
+from readers.cache import CACHE_ARRAYS, CACHE_VERSION, cache_arrays, file_digest, read_cache, write_cache
 from readers.features import (FLOAT16_MAX, NON_FINITE_HINT, UNKNOWN, Feature, SideInfo, Vectors, first_non_finite,
                       non_finite_rows)
 
@@ -51,7 +52,8 @@ def detect_layout(folder):
         missing = [p for p in JSONL_PARTS if not has(p)]
         if missing:
             raise DataError(f"{folder}: missing {', '.join(missing)} (the competition layout has "
-                            f"{', '.join(JSONL_PARTS)}, creative_emb/; the 2026 release has {', '.join(PARQUET_PARTS)})")
+                            f"{', '.join(JSONL_PARTS)}, creative_emb/; the 2026 release has "
+                            f"{', '.join(PARQUET_PARTS)})")
         return "jsonl"
     missing = [p for p in PARQUET_PARTS if not has(p)]
     if missing:
@@ -136,7 +138,8 @@ def to_cache(data):
     arrays = {**cache_arrays(data), "actions": data.actions, "times": data.times}
     meta = {"feature_codes": data.feature_codes}
     for side, info in (("item", data.item_side), ("user", data.user_side)):
-        meta[side] = {"features": [[f.name, f.vocab_size] for f in info.features], "vectors": [v.name for v in info.vectors]}
+        meta[side] = {"features": [[f.name, f.vocab_size] for f in info.features],
+                      "vectors": [v.name for v in info.vectors]}
         for i, f in enumerate(info.features):
             arrays[f"{side}_feature{i}"] = f.values
         for j, v in enumerate(info.vectors):
@@ -149,7 +152,8 @@ def from_cache(arrays, meta):
     data.actions, data.times = arrays["actions"], arrays["times"]
     for side in ("item", "user"):
         m = meta[side]
-        info = SideInfo([Feature(name, arrays[f"{side}_feature{i}"], vocab) for i, (name, vocab) in enumerate(m["features"])],
+        info = SideInfo([Feature(name, arrays[f"{side}_feature{i}"], vocab)
+                         for i, (name, vocab) in enumerate(m["features"])],
                         [Vectors(name, arrays[f"{side}_vectors{j}"], arrays[f"{side}_present{j}"])
                          for j, name in enumerate(m["vectors"])])
         setattr(data, f"{side}_side", info)
@@ -369,7 +373,8 @@ def _int_or(s):
 
 # ----------------------------------------------------------------------------- 2026 release (parquet)
 
-def _dataset(path):
+def parquet_dataset(path):
+    """The pyarrow dataset of a parquet file or folder (of parts); DataError if pyarrow cannot open it."""
     import pyarrow.dataset as ds
     try:
         return ds.dataset(path, format="parquet")
@@ -380,7 +385,7 @@ def _dataset(path):
 def read_parquet_folder(folder, num_items):
     """seq/, item_feat/, user_feat/ -> the arrays read_seq_jsonl returns (a user on several rows is one user)."""
     path = os.path.join(folder, "seq")
-    seq = _dataset(path)
+    seq = parquet_dataset(path)
     missing = [c for c in ("user_id", "seq") if c not in seq.schema.names]
     if missing:
         raise DataError(f"{path}: no column {missing[0]!r} (found {seq.schema.names})")
@@ -415,7 +420,7 @@ def read_parquet_folder(folder, num_items):
 def parquet_columns(path, id_col, row_ids, num_items=None):
     """{feature id: [value or None per row]}; rows are item re-ids 1..num_items (row_ids None: an id outside is
     an error naming it) or the given ids (others ignored). A repeated id keeps its first value."""
-    table = _dataset(path).to_table()
+    table = parquet_dataset(path).to_table()
     if id_col not in table.column_names:
         raise DataError(f"{path}: no column {id_col!r} (found {table.column_names})")
     ids = table.column(id_col).to_numpy()
@@ -454,7 +459,7 @@ def read_parquet_vectors(folder, mm, indexer, non_finite="error"):
     out = np.zeros((len(items) + 1, dim), np.float16)
     present = np.zeros(len(items) + 1, bool)
     dropped = 0
-    for batch in _dataset(path).to_batches(columns=["anonymous_cid", "emb"], batch_size=65536):
+    for batch in parquet_dataset(path).to_batches(columns=["anonymous_cid", "emb"], batch_size=65536):
         cids = batch.column("anonymous_cid").to_pylist()
         emb = batch.column("emb")
         lengths = np.diff(emb.offsets.to_numpy())

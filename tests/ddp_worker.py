@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import distributed  # noqa: E402
-import main  # noqa: E402
+from training import run  # noqa: E402
 from training import loop  # noqa: E402
 from config import build_config  # noqa: E402
 from dataset import TrainBatches  # noqa: E402
@@ -45,11 +45,11 @@ def gather_checks():
             "even_rows": len(even_pool), "even_bias_is_none": even_bias is None, "world": world}
 
 
-def run(out, argv):
+def train_and_save(out, argv):
     config = build_config(argv)
     device = distributed.init(torch.device("cpu"))
     torch.manual_seed(config.train.seed)
-    config, data, split, model, loss_fn, sampler, optimizer = main.prepare(config, device)
+    config, data, split, model, loss_fn, sampler, optimizer = run.prepare(config, device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     batches = FirstSteps(TrainBatches(split, config.model.maxlen, config.train.batch_size, rank=distributed.rank(),
                                       world=distributed.world_size(), sampler=sampler))
@@ -66,4 +66,4 @@ def run(out, argv):
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2:])
+    train_and_save(sys.argv[1], sys.argv[2:])

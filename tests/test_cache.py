@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from conftest import write
 
-import dataset
+from readers import cache
 from readers import taac
 import taac_synthetic
 from config import build_config
-from dataset import CACHE_VERSION, DataError, file_digest, load_interactions, read_cache
+from dataset import DataError
+from readers.logs import load_interactions
+from readers.cache import CACHE_VERSION, file_digest, read_cache
 
 LOG = "1 5 3 4 1 2\n2 2 3\n3 4 4 1 5\n4 1 2\n"
 
@@ -45,7 +47,7 @@ def test_manifest_records_each_array_and_its_own_checksum(tmp_path):
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
     assert CACHE_VERSION >= 5 and set(manifest) >= {"arrays", "meta", "checksum"}
-    assert list(manifest["arrays"]) == list(dataset.CACHE_ARRAYS)
+    assert list(manifest["arrays"]) == list(cache.CACHE_ARRAYS)
     for name, entry in manifest["arrays"].items():
         npy = os.path.join(folder, f"{name}.npy")
         array = np.load(npy, mmap_mode="r")
@@ -171,7 +173,7 @@ def test_a_failed_cache_write_without_errno_says_why(tmp_path, monkeypatch, caps
 
 
 def test_verify_cache_is_a_flag_that_reaches_the_loaders(tmp_path, capsys):
-    from main import load_data
+    from training.run import load_data
     path, cache, folder = cached_log(tmp_path)
     npy = os.path.join(folder, "items.npy")
     overwrite(npy, data_offset(npy), np.array([2], np.int32).tobytes())

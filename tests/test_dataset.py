@@ -6,8 +6,8 @@ import pytest
 
 from conftest import write, shared_file
 from objectives.samplers import NegativeSampler
-from dataset import (DataError, LeaveOneOut, TrainBatches, detect_format, left_padded, load_interactions,
-                     make_synthetic)
+from dataset import DataError, LeaveOneOut, TrainBatches, left_padded
+from readers.logs import detect_format, load_interactions, make_synthetic
 
 
 def sequences(data):
@@ -163,11 +163,11 @@ def test_synthetic_is_deterministic():
 
 
 def test_chunked_parsing_matches_one_chunk_and_names_lines_past_the_first_chunk(tmp_path, monkeypatch):
-    import dataset
+    from readers import logs
     rows = [f"{u},{i},{t}" for u, i, t in zip([3, 1, 2, 1, 3, 2, 1, 3, 2, 1] * 3, range(30, 0, -1), range(30))]
     path = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     whole = load_interactions(path)
-    monkeypatch.setattr(dataset, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(logs, "CHUNK_ROWS", 7)
     chunked = load_interactions(path)
     for name in ("offsets", "items", "user_ids", "item_ids"):
         np.testing.assert_array_equal(getattr(whole, name), getattr(chunked, name))
@@ -177,8 +177,8 @@ def test_chunked_parsing_matches_one_chunk_and_names_lines_past_the_first_chunk(
 
 
 def test_time_column_is_read_one_way_across_chunks(tmp_path, monkeypatch):
-    import dataset
-    monkeypatch.setattr(dataset, "CHUNK_ROWS", 3)
+    from readers import logs
+    monkeypatch.setattr(logs, "CHUNK_ROWS", 3)
     header = "user_id,item_id,timestamp\n"
     # day-first dates: the first chunk reads as month-first (10/01 .. 12/01), so 13/01 cannot fit it
     days = "".join(f"1,{i},{d}/01/2020\n" for i, d in zip(range(1, 7), range(10, 16)))

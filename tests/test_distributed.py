@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import main
+from training import run
 from training import loop
 from config import build_config
 from conftest import Replay
@@ -44,7 +44,7 @@ def union(batches):
 
 def built(flags):
     """(config, data, split, (model, loss, sampler, optimizer)) as main.py builds them, on the CPU."""
-    config, data, split, *parts = main.prepare(build_config(flags), torch.device("cpu"))
+    config, data, split, *parts = run.prepare(build_config(flags), torch.device("cpu"))
     return config, data, split, parts
 
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from cli import exits
 from config import LOSSES, build_config
 from dataset import Batch
-from objectives.losses import bce_loss, build_loss, gbce_beta, infonce_loss, popularity, scaled_unit_rows, softmax_loss
+from objectives import losses
+from objectives.losses import bce_loss, build_loss, gbce_beta, popularity, scaled_unit_rows, softmax_loss
 from objectives.samplers import NegativeSampler
 from training.loop import TrainStep
 
@@ -30,11 +31,8 @@ class Table(nn.Module):
         self.emb = nn.Embedding.from_pretrained(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [-3.0, 0.0],
                                                               [0.0, -1.0]]))
 
-    def forward(self, ids):
-        return self.emb(ids)
-
-    def all_items(self):
-        return self.emb.weight
+    def forward(self, ids=None):
+        return self.emb.weight if ids is None else self.emb(ids)
 
     def id_tables(self):
         return [self.emb.weight]
@@ -130,14 +128,23 @@ def test_scaled_unit_rows_matches_normalize_values_and_gradients():
                                                                                    dtype=torch.float64))
 
 
-def test_softmax_chunked_equals_unchunked_loss_and_gradients():
+def test_softmax_chunked_equals_unchunked_loss_and_gradients(monkeypatch):
+    from types import SimpleNamespace
+    from objectives.losses import InfoNCE, Similarity
     torch.manual_seed(0)
     R, D = 37, 6
     pos_ids, neg_ids = torch.randint(1, 9, (R,)), torch.randint(1, 9, (R,))  # many accidental hits
     inputs = [torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    states, pos_emb, neg_emb = inputs
+
+    def rows(ids):  # InfoNCE asks once for cat([pos_ids, negatives]): each row's own raw vectors
+        assert torch.equal(ids, torch.cat([pos_ids, neg_ids]))
+        return torch.cat([pos_emb, neg_emb])
+    negatives = SimpleNamespace(per_position=neg_ids)
     results = []
     for chunk_elems in (R * R, 5 * R, 1):  # one chunk, 5-row chunks, 1-row chunks
-        loss = infonce_loss(*inputs, pos_ids, neg_ids, 0.2, chunk_elems=chunk_elems)
+        monkeypatch.setattr(losses, "SOFTMAX_CHUNK_ELEMS", chunk_elems)
+        loss = InfoNCE(Similarity(True, 0.2))(states, pos_ids, rows, negatives).loss  # cosine / T
         grads = torch.autograd.grad(loss, inputs)
         results.append((loss.detach(), grads))
     for loss, grads in results[1:]:
@@ -241,7 +248,8 @@ def test_gbce_negatives_are_per_sequence_and_hits_masked_in_their_own_sequence()
     out = call(obj, states, pos, draws=torch.tensor([[2, 3], [4, 4]]), with_logits=True)
     loss, pos_logits, neg_logits = out.loss, out.pos_logits, out.neg_logits
     assert call.shapes == [(2, 2)]
-    sp = lambda x: math.log(1 + E ** x)  # softplus
+    def sp(x):  # softplus
+        return math.log(1 + E ** x)
     rows = [sp(-1) + sp(0) + sp(-3),     # state +x: positive 1 -> 1; negatives 2 -> 0, 3 -> -3
             sp(-2) + sp(0),              # state +y: positive 2 -> 2; negative 2 masked, 3 -> 0
             sp(1),                       # state +y: positive 4 -> -1; both negatives (4) masked
@@ -323,11 +331,8 @@ def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
     class Tower:
         num_items = 4
 
-        def __call__(self, ids):
-            return table[ids]
-
-        def all_items(self):
-            return table
+        def __call__(self, ids=None):
+            return table if ids is None else table[ids]
     states = torch.tensor([[1.0, 0], [0, 2]], requires_grad=True)
     drawn = torch.tensor([[2, 3], [4, 2]])  # row 2's second negative is its positive (item 2): masked
     negatives = SimpleNamespace(draw=lambda shape, device: drawn[:, :shape[1]])

@@ -236,8 +236,8 @@ def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
 
 FAULTS_SCRIPT = """
 import resource, sys, torch
-import main
-applied = main.keep_freed_memory() if sys.argv[1] == "on" else None
+from training import run
+applied = run.keep_freed_memory() if sys.argv[1] == "on" else None
 widths = torch.randint(2, 51, (40,), generator=torch.Generator().manual_seed(0)).tolist()
 def step(w):  # a CPU step's activations: sizes follow the batch's width; all freed when the step ends
     return [torch.ones(128 * w * 50 * (1 + i % 3)) for i in range(10)]

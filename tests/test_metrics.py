@@ -5,9 +5,10 @@ import torch
 
 from config import ModelConfig
 from conftest import write
-from dataset import LeaveOneOut, left_padded, load_interactions
-from eval.infer import embed_users
-from eval.metrics import MISS, evaluate, full_ranks, metrics_from_ranks, model_scorer, popularity_scorer
+from dataset import LeaveOneOut, left_padded
+from readers.logs import load_interactions
+from eval.infer import padded_histories
+from eval.metrics import MISS, embed_users, evaluate, full_ranks, metrics_from_ranks, model_scorer, popularity_scorer
 from model import SASRec
 
 
@@ -67,12 +68,12 @@ def test_length_sorted_batches_give_each_user_its_own_vector_and_rank(tmp_path):
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=data.num_items, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2)).eval()
     ends, lengths = data.offsets[1:], data.lengths
-    vectors = embed_users(model, data.items, ends, lengths, False, 2, torch.device("cpu"))
+    vectors = embed_users(model, padded_histories(data.items, ends), lengths, torch.device("cpu"), False, 2)
     for u in range(data.num_users):
         n = min(lengths[u], 6)
         alone = torch.from_numpy(left_padded(data.items, ends[u:u + 1], np.array([n]), n))
         np.testing.assert_allclose(vectors[u], model.user_embeddings(alone)[0].detach().numpy(), rtol=1e-5, atol=1e-6)
-    score = model_scorer(model, data, 6, torch.device("cpu"))
+    score = model_scorer(model, data, torch.device("cpu"))
     for which in ("valid", "test"):  # each user scored alone, the history excluded by hand
         users, h_ends, h_len, targets = split.eval_arrays(which)
         ranks = []

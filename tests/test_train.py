@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import main
+from training import run
 from training import loop
 from config import build_config
 from conftest import Replay
@@ -44,7 +44,7 @@ def one_batch(batches):
 def test_position_reduction_weighs_every_position_the_same(reduction, every_position_equal):
     """position: an epoch's summed gradient is that of all its positions' summed loss / mean_rows, however
     the positions fall into (length-bucketed) batches; batch: short batches' positions weigh more."""
-    config, _, split, model, loss_fn, sampler, _ = main.prepare(
+    config, _, split, model, loss_fn, sampler, _ = run.prepare(
         build_config(FLAGS + ["--loss_reduction", reduction]), torch.device("cpu"))
     bucketed = TrainBatches(split, 20, 64, sampler=sampler)
     batches = list(bucketed.epoch(np.random.default_rng(0)))[:4]

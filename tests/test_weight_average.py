@@ -49,9 +49,11 @@ def test_ema_run_saves_the_average_resumes_exactly_and_infers_with_it(tmp_path):
     assert not torch.equal(a["model"][name], a["online_model"][name])  # the average is not the online weights
     log = [json.loads(line) for line in open(os.path.join(straight, "logs", "train.log"))]
     best = torch.load(os.path.join(straight, "ckpt", "best.pt"), weights_only=True)
-    assert best["epoch"] == max(log, key=lambda r: r["valid"]["NDCG@10"])["epoch"]
-    if best["epoch"] == 3:
-        torch.testing.assert_close(best["model"][name], a["model"][name], rtol=0, atol=0)
+    # Validation NDCG@10 rises every epoch of this run (about 0.005, 0.013, 0.019), so the last epoch is the best
+    # and best.pt must hold the same average as last.pt: asserted, not assumed.
+    assert best["epoch"] == max(log, key=lambda r: r["valid"]["NDCG@10"])["epoch"] == 3
+    for key in a["model"]:
+        torch.testing.assert_close(best["model"][key], a["model"][key], rtol=0, atol=0)
     main(["--state_dict_path", os.path.join(straight, "ckpt"), "--inference_only"])
     trained = json.load(open(os.path.join(straight, "results.json")))
     evaluated = json.load(open(os.path.join(straight, "eval_results.json")))

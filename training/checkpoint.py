@@ -24,7 +24,7 @@ from files import atomic_write
 FORMAT = 2  # 1 (no 'format' key): before the typed-config redesign; state-dict names changed with it
 
 
-def save(path, model, loss, optimizer, loop_state, average=None, data=None):
+def save(path: str, model, loss, optimizer, loop_state, average=None, data: dict | None = None) -> None:
     """Write a checkpoint atomically; under torchrun every rank holds the same weights and rank 0 writes.
     `average`: the run's WeightAverage (--ema_decay), whose weights become "model"; `data`: data_identity().
     A failed write (a full disk) is a RunError naming the file; the previous checkpoint stays as it was."""
@@ -42,7 +42,7 @@ def save(path, model, loss, optimizer, loop_state, average=None, data=None):
                        f"resume from it once there is room") from None
 
 
-def read_id_map(weights_path, flag):
+def read_id_map(weights_path: str, flag: str) -> dict:
     """The id_map.json ({"items": [...], "users": [...]}) of the run folder holding `weights_path`."""
     path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), "id_map.json")
     try:
@@ -58,7 +58,7 @@ def read_id_map(weights_path, flag):
     return id_map
 
 
-def id_digest(ids):
+def id_digest(ids) -> str:
     """SHA-256 of a list of raw ids, in order: equal digests mean the same index -> raw id map."""
     h = hashlib.sha256()
     for start in range(0, len(ids), 1 << 16):
@@ -66,7 +66,7 @@ def id_digest(ids):
     return h.hexdigest()
 
 
-def data_identity(data):
+def data_identity(data) -> dict:
     """What a checkpoint records of its data (dataset.Interactions): the content fingerprint of the file or
     folder (with its parse settings), digests of the item and user id maps, and (competition folders) of
     the feature-value map."""
@@ -75,7 +75,7 @@ def data_identity(data):
             "feature_codes": data.feature_codes}
 
 
-def check_same_data(saved, current, data_path, path, hints):
+def check_same_data(saved: dict | None, current: dict, data_path: str, path: str, hints: dict) -> None:
     """Refuse, in one line saying what differs, data other than the checkpoint's. `saved`: the checkpoint's
     "data" (None in checkpoints older than it: nothing to compare); `current`: data_identity() of the data
     read now; `hints`: what the user can do instead, {"items": ..., "content": ...} by what differs."""
@@ -91,7 +91,7 @@ def check_same_data(saved, current, data_path, path, hints):
     raise UsageError(f"--data {data_path}: {what}, so the weights of {path} would score other data; {hint}")
 
 
-def check_id_map(saved, items, id_map_path, path):
+def check_id_map(saved: dict | None, items: list, id_map_path: str, path: str) -> None:
     """id_map.json beside a checkpoint must be the map the checkpoint was trained with."""
     if saved and id_digest(items) != saved["items_sha256"]:
         raise UsageError(f"{id_map_path}: not the item id map {path} was trained with ({len(items)} items; the "
@@ -105,7 +105,7 @@ SIDE_BUFFERS = re.compile(r"item_tower\.(feature_values|vectors|has_vector)\d+")
 
 
 @torch.no_grad()
-def transfer_weights(model, checkpoint, old_items, new_items):
+def transfer_weights(model: torch.nn.Module, checkpoint: dict, old_items, new_items) -> tuple[int, list[str]]:
     """Copy a checkpoint's weights into `model`, built for other data (--finetune): item rows matched by raw
     id (new items keep their initialisation), every other tensor whose shape is unchanged. Returns (items
     matched, names of the tensors left at their initialisation)."""
@@ -127,7 +127,7 @@ def transfer_weights(model, checkpoint, old_items, new_items):
     return int(matched.sum()), fresh
 
 
-def load(path, flag="--state_dict_path"):
+def load(path: str, flag: str = "--state_dict_path") -> dict:
     """A checkpoint's dict; weights_only=True: a checkpoint is data, never code (pickled code is refused)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

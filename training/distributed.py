@@ -80,24 +80,6 @@ def gather_objects(obj):
     return out
 
 
-class _AllGatherRows(torch.autograd.Function):
-    """Concatenation of every rank's (equally long) rows. Backward: each rank's rows get the sum over ranks
-    of the gradients flowing into them (an all-reduce of the pool's gradient, then this rank's slice)."""
-
-    @staticmethod
-    def forward(ctx, rows):
-        parts = [torch.empty_like(rows) for _ in range(world_size())]
-        dist.all_gather(parts, rows.contiguous())
-        ctx.rows = len(rows)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
-
-
 def gather_pool(emb, ids):
     """Every rank's pool rows, concatenated in rank order, with gradients flowing back to each rank's rows.
 
@@ -106,6 +88,7 @@ def gather_pool(emb, ids):
     """
     if not dist.is_initialized():
         return emb, ids, None
+    from torch.distributed import _functional_collectives as collectives  # needs a distributed build of torch
     sizes = [torch.zeros(1, dtype=torch.long, device=ids.device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([len(ids)], device=ids.device))
     sizes = torch.cat(sizes)
@@ -114,7 +97,10 @@ def gather_pool(emb, ids):
         emb, ids = torch.cat([emb, emb.new_zeros(pad, emb.shape[1])]), torch.cat([ids, ids.new_zeros(pad)])
     id_parts = [torch.empty_like(ids) for _ in range(world_size())]
     dist.all_gather(id_parts, ids.contiguous())
-    pool, pool_ids = _AllGatherRows.apply(emb), torch.cat(id_parts)
+    # torch's all-gather with autograd (what torch.distributed.nn.functional.all_gather, deprecated, points to):
+    # backward gives each rank's rows the sum over ranks of their gradients; wait_tensor: a plain tensor
+    pool = collectives.wait_tensor(collectives.all_gather_single_autograd(emb.contiguous(), 0, dist.group.WORLD))
+    pool_ids = torch.cat(id_parts)
     if bool((sizes == longest).all()):
         return pool, pool_ids, None
     valid = torch.arange(longest, device=ids.device)[None, :] < sizes[:, None]

@@ -110,8 +110,9 @@ class TrainStep(nn.Module):
     def __init__(self, model, loss, sampler, l2_emb=0.0, compiled=False, augment=0.0, augmentations=(),
                  align_side_info=0.0):
         super().__init__()
-        self.model, self.loss, self.sampler, self.l2_emb = model, loss, sampler, l2_emb
-        self.augment, self.augmentations, self.align_side_info = augment, augmentations, align_side_info
+        self.model, self.loss, self.sampler = model, loss, sampler
+        # --l2_emb, --augment, --align_side_info: resolved here, once; the step adds only those that are on
+        self.extras = auxiliary.extra_losses(l2_emb, augment, augmentations, align_side_info)
         self.compiled = torch.compile(self.eager) if compiled else None
         self.compile_checked = False
 
@@ -126,14 +127,11 @@ class TrainStep(nn.Module):
         per_position = None if batch.negatives is None else batch.negatives.view(-1).index_select(0, batch.rows)
         negatives = BatchNegatives(self.sampler, batch.rows, tuple(batch.positives.shape), per_position)
         out = self.loss(states, pos_ids, self.model.target_tower, negatives, with_logits, batch.weights)
-        if self.l2_emb:
-            out.loss = out.loss + self.l2_emb * sum(table.norm() for table in self.model.id_tables())
-        if self.augment:
-            out.augment_loss = auxiliary.augmentation_loss(self.model, batch, self.augmentations)
-            out.loss = out.loss + self.augment * out.augment_loss
-        if self.align_side_info:
-            out.align_loss = auxiliary.alignment_loss(self.model.item_tower, pos_ids)
-            out.loss = out.loss + self.align_side_info * out.align_loss
+        for field, weight, term in self.extras:
+            value = term(self.model, batch, pos_ids)
+            if field:
+                setattr(out, field, value)  # unweighted, for TensorBoard
+            out.loss = out.loss + weight * value
         return out
 
     def forward(self, batch, with_logits=False):
@@ -313,7 +311,7 @@ def log_logits(writer, step, loss, out, loss_module, hist_every):
 def run_evaluation(model, split, config, device, which, sharded=False):
     """Metrics of `model` on `which`; `sharded`: split over the torchrun ranks, rank 0 gets them (others None)."""
     model.eval()
-    score = model_scorer(model, split.data, config.model.maxlen, device, cosine=config.cosine)
+    score = model_scorer(model, split.data, device, cosine=config.cosine)
     e = config.eval
     return evaluate(score, split, which, exclude_history=not e.keep_history, sampled=e.sampled_metrics,
                     seed=config.train.seed, rare_below=e.rare_below, sharded=sharded,
