@@ -112,7 +112,7 @@ class LeaveOneOut:
         users = self.eval_users
         hist_len = self.train_lengths[users] + (1 if split == "test" else 0)
         ends = self.starts[users] + hist_len
-        if filtered and self.eval_actions is not None and self.data.actions is not None:  # targets of the chosen actions only
+        if filtered and self.eval_actions is not None and self.data.actions is not None:  # chosen actions only
             keep = np.isin(self.data.actions[ends], self.eval_actions)
             users, hist_len, ends = users[keep], hist_len[keep], ends[keep]
         return users, ends, hist_len, self.data.items[ends].astype(np.int64)

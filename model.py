@@ -183,7 +183,7 @@ class ItemTower(nn.Module):
         if self.id_emb is not None:
             w = self.id_emb.weight
             self.id_emb = nn.Embedding.from_pretrained(torch.cat([w, w.new_zeros(count, w.shape[1])]), padding_idx=0)
-        for i, (emb, f) in enumerate(zip(self.feature_emb, side.features)):
+        for i, (emb, f) in enumerate(zip(self.feature_emb, side.features, strict=True)):
             codes = torch.from_numpy(np.asarray(f.values, np.int64))
             codes = torch.where(codes < emb.num_embeddings, codes, torch.ones_like(codes))
             name = f"feature_values{i}"
@@ -227,7 +227,7 @@ class UserTower(nn.Module):
 
     def forward(self, codes):
         """(B, F) feature codes, features side by side -> (B, D)."""
-        parts = [pooled(emb, c) for emb, c in zip(self.emb, codes.split(self.widths, dim=1))]
+        parts = [pooled(emb, c) for emb, c in zip(self.emb, codes.split(self.widths, dim=1), strict=True)]
         return self.fuse(torch.cat(parts, -1))
 
 

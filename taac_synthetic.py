@@ -153,7 +153,8 @@ def generate(num_users, num_items, seed=0, mm_ids=("81",), topics=24, categories
     blocks = [simulate_users(min(BLOCK_USERS, num_users - s), num_items, cells, topics, categories, mean_clicks,
                              exposure_rate, long_gap_rate, drift, rng)
               for s in range(0, num_users, BLOCK_USERS)]  # blocks bound the (users x clicks) temporaries
-    home_topics, home_cat, per_user, items, actions, times = (np.concatenate(parts) for parts in zip(*blocks))
+    parts = zip(*blocks, strict=True)
+    home_topics, home_cat, per_user, items, actions, times = (np.concatenate(p) for p in parts)
     offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
     user_sparse = {fid: rng.integers(1, NOISE_VOCAB + 1, size=num_users) for fid in USER_SPARSE}
     user_sparse["103"] = home_cat + 1
@@ -186,7 +187,7 @@ def split_predict(log, predict_users):
                             {k: v[sel] for k, v in log.user_array.items()}, log.vectors, log.vocab)
     train, predict = users(slice(0, cut), 0), users(slice(cut, U), 1)
     last = log.offsets[cut + 1:] - 1
-    truth = {str(u): int(log.creative_ids[i - 1]) for u, i in zip(log.user_raw[cut:], log.items[last])}
+    truth = {str(u): int(log.creative_ids[i - 1]) for u, i in zip(log.user_raw[cut:], log.items[last], strict=True)}
     return train, predict, truth
 
 
@@ -222,7 +223,7 @@ def write_seq_jsonl(path, log, user_key):
             lo, hi = log.offsets[u], log.offsets[u + 1]
             records = [f"[{uid}, null, {json.dumps(user_feature_dict(log, u))}, null, null, {int(log.times[lo])}]"]
             records += [f"[{uid}, {int(i)}, null, {item_feats[i - 1]}, {int(a)}, {int(t)}]"
-                        for i, a, t in zip(log.items[lo:hi], log.actions[lo:hi], log.times[lo:hi])]
+                        for i, a, t in zip(log.items[lo:hi], log.actions[lo:hi], log.times[lo:hi], strict=True)]
             f.write("[" + ", ".join(records) + "]\n")
     return offsets
 
@@ -244,12 +245,12 @@ def write_jsonl_vectors(folder, log):
     for mm, vectors in log.vectors.items():
         if mm == "81":  # the competition ships 81 as a pickle of {creative id: vector}
             with open(os.path.join(folder, f"emb_{mm}_{MM_DIMS[mm]}.pkl"), "wb") as f:
-                pickle.dump({int(c): v for c, v in zip(log.creative_ids, vectors)}, f)
+                pickle.dump({int(c): v for c, v in zip(log.creative_ids, vectors, strict=True)}, f)
             continue
         sub = os.path.join(folder, f"emb_{mm}_{MM_DIMS[mm]}")
         os.makedirs(sub, exist_ok=True)
         with open(os.path.join(sub, "part-00000.json"), "w", encoding="utf-8") as f:
-            for c, v in zip(log.creative_ids, vectors):
+            for c, v in zip(log.creative_ids, vectors, strict=True):
                 f.write(json.dumps({"anonymous_cid": int(c), "emb": v.tolist()}) + "\n")  # exact float32 values
 
 
@@ -313,7 +314,8 @@ def write_parquet_predict(folder, train, predict):
                                              names=["feature_value", "is_str"])
              for fid, v in train.item_features.items()}
     n = len(train.creative_ids)
-    pq.write_table(pa.table({"creative_id": pa.array(train.creative_ids), "reid_creative_id": pa.array(np.arange(1, n + 1)),
+    pq.write_table(pa.table({"creative_id": pa.array(train.creative_ids),
+                             "reid_creative_id": pa.array(np.arange(1, n + 1)),
                              "retrieval_id": pa.array(np.arange(n)), **feats}),
                    os.path.join(folder, "candidate", "part-00000.parquet"))
 

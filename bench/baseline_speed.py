@@ -291,10 +291,10 @@ def ours_side(spec):
     import torch
     sys.path.insert(0, ROOT)
     import dataset
-    from training import run as repo_run
-    from training import loop
     from cli import UsageError
     from config import build_config
+    from training import loop
+    from training import run as repo_run
     repo_run.keep_freed_memory()  # as main.main() does
     device = torch.device("cpu")
     try:

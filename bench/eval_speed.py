@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import ModelConfig  # noqa: E402
 from dataset import LeaveOneOut, left_padded, length_batches  # noqa: E402
-from readers.logs import load_interactions  # noqa: E402
 from model import SASRec  # noqa: E402
+from readers.logs import load_interactions  # noqa: E402
 
 
 def embed(model, items, ends, lengths, batches):

@@ -18,10 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def one_step(args):
     import numpy as np
     import torch
-    from objectives import losses
+
     from config import ModelConfig, build_config
     from dataset import Batch
     from model import SASRec
+    from objectives import losses
     from objectives.samplers import NegativeSampler
     from training.loop import TrainStep
 

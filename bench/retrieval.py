@@ -33,7 +33,7 @@ def timed(fn):
 
 
 def recall(approx, exact):
-    return float(np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(approx, exact, strict=False)]))
+    return float(np.mean([len(set(a) & set(e)) / exact.shape[1] for a, e in zip(approx, exact, strict=True)]))
 
 
 def torch_topk(items, queries, k, chunk=1024):

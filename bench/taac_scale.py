@@ -35,8 +35,9 @@ def peak_rss_mb():
 
 def stage_prepare(args):
     import torch
-    from training import run
+
     from config import build_config
+    from training import run
     start = time.perf_counter()
     config, data, split, model, *_ = run.prepare(build_config(model_flags(args)), torch.device("cpu"))
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "users": data.num_users,
@@ -47,9 +48,10 @@ def stage_prepare(args):
 def stage_train(args):
     import numpy as np
     import torch
-    from training import run
+
     from config import build_config
     from dataset import TrainBatches
+    from training import run
     from training.loop import TrainStep, target_weights
     config, data, split, model, loss, sampler, optimizer = run.prepare(build_config(model_flags(args)),
                                                                         torch.device("cpu"))
@@ -76,6 +78,7 @@ def stage_infer(args):
     """Every training user's vector after the whole history, then the exact top-10 over all items."""
     import numpy as np
     import torch
+
     from config import build_config
     from eval.competition import whole_histories
     from eval.infer import build_index, choose_blas_kernel

@@ -50,9 +50,9 @@ def child(argv, epochs, profile_steps=0):
     from cli import resolve_device
     from training import run
     run.keep_freed_memory()  # as main.main() does
-    from training import loop
     from config import build_config
     from dataset import TrainBatches
+    from training import loop
     imported = time.time()
     config = build_config(argv)
     device = resolve_device(config.train.device)
@@ -125,7 +125,7 @@ def run_pmixer(path, data, epochs, settings):
     os.makedirs(os.path.join(work, "data"))
     users = np.repeat(np.arange(1, log.num_users + 1), log.lengths)
     np.savetxt(os.path.join(work, "data", "bench.txt"), np.stack([users, log.items], 1), fmt="%d")
-    flags = dict(zip(settings[::2], settings[1::2], strict=False))
+    flags = dict(zip(settings[::2], settings[1::2], strict=True))
     cmd = [sys.executable, "-u", os.path.join(path, "main.py"), "--dataset", "bench", "--train_dir", "bench",
            "--device", "cpu", "--num_epochs", str(epochs + 1), *[x for k, v in flags.items() for x in (k, v)]]
     launched = time.time()
@@ -184,7 +184,7 @@ def main():
 
 
 def round_ratios(numerator, denominator):
-    ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(numerator, denominator, strict=False)]
+    ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(numerator, denominator, strict=True)]
     each = f" ({', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else ""
     return f"{statistics.median(ratios):.2f}x" + each
 

@@ -34,9 +34,9 @@ from cli import ArgumentParser, UsageError, exits, make_writable_folder, resolve
 from dataset import DataError, history_batch  # noqa: E402
 from eval.infer import build_index, check_finite, choose_blas_kernel, load_run  # noqa: E402
 from eval.metrics import SCORE_HR, SCORE_NDCG, embed_users, metrics_at_k  # noqa: E402
-from readers.features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
 from readers import taac  # noqa: E402
+from readers.features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
 
 HNSW = dict(hnsw_m=64, ef_construction=1280, ef_search=640)  # the baseline's faiss_demo parameters
 
@@ -91,7 +91,7 @@ def fit_to_checkpoint(data, model) -> None:
     spec = (model.config.user_side or {}).get("features", [])
     if data.user_side is not None and spec:
         features = []
-        for f, s in zip(data.user_side.features, spec):
+        for f, s in zip(data.user_side.features, spec, strict=True):
             codes = known_codes(f.values, s["vocab_size"])[:, :s["width"]]
             features.append(Feature(f.name, np.pad(codes, ((0, 0), (0, s["width"] - codes.shape[1]))), s["vocab_size"]))
         data.user_side = SideInfo(features)
@@ -113,7 +113,7 @@ def read_candidates(folder: str) -> tuple:
         read = [parsed for _, parsed in taac.json_lines(path, '{"creative_id", "retrieval_id", "features"}', parse)]
         if not read:
             raise DataError(f"{path}: no candidates")
-        creatives, retrievals, rows = zip(*read)
+        creatives, retrievals, rows = zip(*read, strict=True)
         return np.array(creatives, np.int64), np.array(retrievals, np.uint64), taac.dict_columns(list(rows))
     path = os.path.join(folder, "candidate")
     if not os.path.isdir(path):
@@ -229,7 +229,7 @@ def read_bin(path: str, dtype) -> np.ndarray:
 
 def competition_score(top: list, users: list, truth: dict) -> dict:
     """0.31 HR@10 + 0.69 NDCG@10 of the top lists against truth {user: creative id} (users without one skipped)."""
-    known = [(row, truth[u]) for row, u in zip(top, users) if u in truth]
+    known = [(row, truth[u]) for row, u in zip(top, users, strict=True) if u in truth]
     ranks = [list(row).index(t) if t in row else len(row) for row, t in known]
     m = metrics_at_k(np.array(ranks), len(top[0]))
     return {"users": len(known), "HR@10": m["HR@10"], "NDCG@10": m["NDCG@10"],

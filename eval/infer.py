@@ -20,15 +20,14 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training import checkpoint  # noqa: E402
-from cli import (ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder,  # noqa: E402
-                 resolve_device)
+from cli import ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder, resolve_device  # noqa: E402
 from config import model_config_from_dict  # noqa: E402
 from dataset import DataError, LeaveOneOut, left_padded, ragged_positions  # noqa: E402
-from readers.logs import load_interactions  # noqa: E402
 from eval.metrics import embed_users, metrics_at_k  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
 from model import SASRec  # noqa: E402
+from readers.logs import load_interactions  # noqa: E402
+from training import checkpoint  # noqa: E402
 
 STRUCTURE_FLAGS = ("maxlen", "hidden_units", "num_blocks", "num_heads")  # optional checks of the saved config
 
@@ -269,7 +268,7 @@ def search(index, user_vecs: np.ndarray, k: int, exclude: Optional[list] = None,
     scores = np.full((len(user_vecs), k), -np.inf, np.float32)
     # equal-sized batches, so no small tail batch falls below FAISS's BLAS threshold
     bounds = np.linspace(0, len(user_vecs), -(-len(user_vecs) // batch_size) + 1).astype(np.int64)
-    for s, e in tqdm(zip(bounds[:-1], bounds[1:]), total=len(bounds) - 1, desc="search",
+    for s, e in tqdm(zip(bounds[:-1], bounds[1:], strict=False), total=len(bounds) - 1, desc="search",
                      disable=not sys.stderr.isatty()):
         depth = min(n, k + (max(map(len, exclude[s:e])) if exclude is not None else 0))
         d, i = index.search(np.ascontiguousarray(user_vecs[s:e]), depth)
@@ -315,11 +314,12 @@ def write_outputs(out: str, fmt: str, user_ids, item_ids: np.ndarray, cands: np.
         with open(tmp, "w", encoding="utf-8") as f:
             if fmt == "csv":
                 f.write("user,rank,item,score\n")
-            for u, row_ids, row_scores in zip(user_ids, top_ids, top_scores):
+            for u, row_ids, row_scores in zip(user_ids, top_ids, top_scores, strict=True):
                 keep = row_ids >= 0
                 items, scores = item_ids[row_ids[keep]].tolist(), row_scores[keep].tolist()
                 if fmt == "csv":
-                    f.writelines(f"{u},{r + 1},{i},{sc:.6f}\n" for r, (i, sc) in enumerate(zip(items, scores)))
+                    ranked = enumerate(zip(items, scores, strict=True), 1)
+                    f.writelines(f"{u},{r},{i},{sc:.6f}\n" for r, (i, sc) in ranked)
                 else:
                     row = {"user": str(u), "items": items, "scores": [round(x, 6) for x in scores]}
                     f.write(json.dumps(row) + "\n")

@@ -101,7 +101,8 @@ def read_attributes(path, index, sep="|"):
         raise DataError(f"--item_features {path}: header has no item column (looked for {', '.join(ITEM_COLUMNS)}; "
                         f"found {list(frame.columns)})")
     items = frame[item_col].astype(str).tolist()
-    return [_encode(column_key(col), {i: [v for v in cell.split(sep) if v] for i, cell in zip(items, frame[col])},
+    return [_encode(column_key(col),
+                    {i: [v for v in cell.split(sep) if v] for i, cell in zip(items, frame[col], strict=True)},
                     index)
             for col in frame.columns if col != item_col]
 

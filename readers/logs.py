@@ -233,7 +233,7 @@ def _pick_column(names, wanted, candidates, role, path, required=True):
 def detect_format(path: str) -> str:
     """Guess 'delimited' (header row), 'lines' (a line with 3+ fields) or 'pairs' (always 2 fields)."""
     with open(path, encoding="utf-8") as f:
-        head = [line for _, line in zip(range(2000), f) if line.strip()]
+        head = [line for line in itertools.islice(f, 2000) if line.strip()]
     if not head:
         raise DataError(f"{path}: file is empty")
     first = re.split(r"[\t,;\s]+", head[0].strip())

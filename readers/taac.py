@@ -26,11 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from readers import safe_pickle
 from dataset import DataError, Interactions
+from readers import safe_pickle
 from readers.cache import CACHE_ARRAYS, CACHE_VERSION, cache_arrays, file_digest, read_cache, write_cache
-from readers.features import (FLOAT16_MAX, NON_FINITE_HINT, UNKNOWN, Feature, SideInfo, Vectors, first_non_finite,
-                      non_finite_rows)
+from readers.features import (
+    FLOAT16_MAX,
+    NON_FINITE_HINT,
+    UNKNOWN,
+    Feature,
+    SideInfo,
+    Vectors,
+    first_non_finite,
+    non_finite_rows,
+)
 
 MM_DIMS = {"81": 32, "82": 1024, "83": 3584, "84": 4096, "85": 3584, "86": 3584}
 JSONL_PARTS = ("seq.jsonl", "indexer.pkl", "item_feat_dict.json")
@@ -441,7 +449,7 @@ def parquet_columns(path, id_col, row_ids, num_items=None):
             continue
         values = table.column(name).to_pylist()
         column = [None] * rows
-        for p, v in zip(position, values):
+        for p, v in zip(position, values, strict=True):
             if p >= 0 and column[p] is None:
                 column[p] = v
         out[name] = column

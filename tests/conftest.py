@@ -13,7 +13,8 @@ def shared_file(name):
     if not os.path.exists(path):
         if os.environ.get("CI"):
             pytest.fail(f"{path} is missing: CI must have ../shared/data beside the repository")
-        pytest.skip(f"{path} not found (real datasets live in ../shared/data; set SASREC_SHARED_DATA to point elsewhere)")
+        pytest.skip(f"{path} not found (real datasets live in ../shared/data; set SASREC_SHARED_DATA to point "
+                    f"elsewhere)")
     return path
 
 

@@ -1,18 +1,22 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: a few DDP training steps through
 loop.train_epoch, then each rank saves what the test checks (weights, the batches it trained on, the loss,
-a sharded validation, and gather_pool results) to OUT/rank<r>.pt. Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
+a sharded validation, and gather_pool results) to OUT/rank<r>.pt.
+Usage: torchrun ... ddp_worker.py OUT [main.py flags]."""
+import itertools
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training import distributed  # noqa: E402
-from training import run  # noqa: E402
-from training import loop  # noqa: E402
 from config import build_config  # noqa: E402
 from dataset import TrainBatches  # noqa: E402
 from eval import metrics  # noqa: E402
+from training import (
+    distributed,  # noqa: E402
+    loop,  # noqa: E402
+    run,  # noqa: E402
+)
 
 STEPS = 3
 EVAL_BATCH = 500  # users per score batch in the sharded validation
@@ -28,7 +32,7 @@ class FirstSteps:
         return STEPS
 
     def epoch(self, rng):
-        for _, batch in zip(range(STEPS), self.batches.epoch(rng)):
+        for batch in itertools.islice(self.batches.epoch(rng), STEPS):
             self.seen.append(batch)
             yield batch
 

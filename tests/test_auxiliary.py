@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from objectives import auxiliary
 from dataset import Batch
 from model import ItemTower
+from objectives import auxiliary
 
 
 def left_padded(lengths, width, start=1):

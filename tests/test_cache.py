@@ -6,15 +6,14 @@ import os
 
 import numpy as np
 import pytest
-from conftest import write
 
-from readers import cache
-from readers import taac
 import taac_synthetic
 from config import build_config
+from conftest import write
 from dataset import DataError
-from readers.logs import load_interactions
+from readers import cache, taac
 from readers.cache import CACHE_VERSION, file_digest, read_cache
+from readers.logs import load_interactions
 
 LOG = "1 5 3 4 1 2\n2 2 3\n3 4 4 1 5\n4 1 2\n"
 

@@ -15,14 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from readers import taac
 import taac_synthetic
 from conftest import ROOT
 from dataset import DataError
 from eval.competition import main as competition_main
 from eval.infer import main as infer_main
-from readers.features import UNKNOWN, read_vectors
 from main import main as train_main
+from readers import taac
+from readers.features import UNKNOWN, read_vectors
 
 TRAIN = ["--device", "cpu", "--maxlen", "20", "--hidden_units", "16", "--num_blocks", "1", "--num_epochs", "1",
          "--batch_size", "64"]
@@ -293,7 +293,7 @@ def test_item_feature_keys_beyond_the_indexer_are_skipped_without_sizing_anythin
     (folder / "item_feat_dict.json").write_text(json.dumps(table))
     data = taac.read_taac(str(folder))
     assert "1 key(s) outside indexer.pkl's item re-ids 1..40 skipped (e.g. '1000000000')" in capsys.readouterr().out
-    for a, b in zip(clean.item_side.features, data.item_side.features):
+    for a, b in zip(clean.item_side.features, data.item_side.features, strict=True):
         np.testing.assert_array_equal(a.values, b.values)
 
 
@@ -367,7 +367,7 @@ def test_a_user_on_two_lines_is_one_user_in_time_order(base, tmp_path, capsys):
     order = np.argsort(whole.times[whole.offsets[2]:whole.offsets[3]], kind="stable")
     np.testing.assert_array_equal(data.items[data.offsets[2]:data.offsets[3]],
                                   whole.items[whole.offsets[2]:whole.offsets[3]][order])
-    for x, y in zip(data.user_side.features, whole.user_side.features):
+    for x, y in zip(data.user_side.features, whole.user_side.features, strict=True):
         np.testing.assert_array_equal(x.values, y.values)  # the first line's profile
 
 

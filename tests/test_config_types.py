@@ -3,10 +3,10 @@ import json
 import os
 
 import pytest
-from conftest import write
 
 from cli import exits
 from config import build_config
+from conftest import write
 
 parse_args = exits(build_config)  # as main() runs it: one line on stderr and exit status 2
 

@@ -4,9 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import write, shared_file
-from objectives.samplers import NegativeSampler
+from conftest import shared_file, write
 from dataset import DataError, LeaveOneOut, TrainBatches, left_padded
+from objectives.samplers import NegativeSampler
 from readers.logs import detect_format, load_interactions, make_synthetic
 
 
@@ -82,7 +82,8 @@ def test_cached_split_arrays_match_computed_ones_and_a_damaged_cache_is_rebuilt(
     assert a.history.tolist() == [3, 4, 5, 1, 2, 2, 3, 4, 4, 1, 5, 1]
     for split in ("valid", "test"):
         np.testing.assert_array_equal(a.item_counts(split), b.item_counts(split))
-    assert a.item_counts("valid").tolist() == [0, 1, 1, 2, 3, 1] and a.item_counts("test").tolist() == [0, 3, 1, 2, 3, 1]
+    assert a.item_counts("valid").tolist() == [0, 1, 1, 2, 3, 1]
+    assert a.item_counts("test").tolist() == [0, 3, 1, 2, 3, 1]
     users, items = np.array([0, 2]), np.array([[5, 1, 2], [4, 5, 1]])
     assert b.in_history(users, items).tolist() == [[True, False, False], [True, False, False]]
     folder = tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]
@@ -164,7 +165,8 @@ def test_synthetic_is_deterministic():
 
 def test_chunked_parsing_matches_one_chunk_and_names_lines_past_the_first_chunk(tmp_path, monkeypatch):
     from readers import logs
-    rows = [f"{u},{i},{t}" for u, i, t in zip([3, 1, 2, 1, 3, 2, 1, 3, 2, 1] * 3, range(30, 0, -1), range(30))]
+    users = [3, 1, 2, 1, 3, 2, 1, 3, 2, 1] * 3
+    rows = [f"{u},{i},{t}" for u, i, t in zip(users, range(30, 0, -1), range(30), strict=True)]
     path = write(tmp_path, "log.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     whole = load_interactions(path)
     monkeypatch.setattr(logs, "CHUNK_ROWS", 7)
@@ -181,7 +183,7 @@ def test_time_column_is_read_one_way_across_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "CHUNK_ROWS", 3)
     header = "user_id,item_id,timestamp\n"
     # day-first dates: the first chunk reads as month-first (10/01 .. 12/01), so 13/01 cannot fit it
-    days = "".join(f"1,{i},{d}/01/2020\n" for i, d in zip(range(1, 7), range(10, 16)))
+    days = "".join(f"1,{i},{d}/01/2020\n" for i, d in zip(range(1, 7), range(10, 16), strict=True))
     with pytest.raises(DataError, match=r"dates.csv:5: column 'timestamp' expected a date like the first one"):
         load_interactions(write(tmp_path, "dates.csv", header + days))
     mixed = "".join(f"1,{i},{1000 + i}\n" for i in range(1, 5)) + "1,5,2020-01-01\n"

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 
-from training import run
-from training import loop
 from config import build_config
 from conftest import Replay
 from dataset import Batch
+from training import loop, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--data", "synthetic", "--loss", "infonce", "--gather_negatives", "--dropout_rate", "0", "--hidden_units", "16",
-         "--batch_size", "32", "--maxlen", "20", "--cache_dir", "", "--sampled_metrics", "--rare_below", "5"]
+FLAGS = ["--data", "synthetic", "--loss", "infonce", "--gather_negatives", "--dropout_rate", "0",
+         "--hidden_units", "16", "--batch_size", "32", "--maxlen", "20", "--cache_dir", "", "--sampled_metrics",
+         "--rare_below", "5"]
 
 
 def torchrun(*argv, timeout=240, check=True):
@@ -36,7 +36,9 @@ def ranks(tmp_path_factory):
 
 def union(batches):
     width = max(b["seq"].shape[1] for b in batches)
-    pad = lambda x: torch.nn.functional.pad(x, (width - x.shape[1], 0))  # left padding
+
+    def pad(x):  # left padding
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0))
     seq, pos, neg = (torch.cat([pad(b[k]) for b in batches]) for k in ("seq", "pos", "neg"))
     rows = (pos != 0).view(-1).nonzero().squeeze(1)
     return Batch(seq, pos, torch.cat([b["users"] for b in batches]), rows, neg)
@@ -51,7 +53,8 @@ def built(flags):
 def test_ranks_hold_identical_weights_after_steps(ranks):
     for key, value in ranks[0]["final"].items():
         assert torch.equal(value, ranks[1]["final"][key]), key
-    assert not torch.equal(ranks[0]["final"]["item_tower.id_emb.weight"], ranks[0]["initial"]["item_tower.id_emb.weight"])
+    table = "item_tower.id_emb.weight"
+    assert not torch.equal(ranks[0]["final"][table], ranks[0]["initial"][table])
     # each rank trained on its own users
     assert not set(ranks[0]["batches"][0]["users"].tolist()) & set(ranks[1]["batches"][0]["users"].tolist())
 
@@ -75,8 +78,9 @@ def test_ddp_matches_one_process_on_the_global_batch(ranks):
 
 
 def test_sharded_validation_equals_one_process(ranks, monkeypatch):
-    from eval import metrics
     from ddp_worker import EVAL_BATCH
+
+    from eval import metrics
     config, data, split, (model, _, _, _) = built(FLAGS)
     model.load_state_dict(ranks[0]["final"])
     monkeypatch.setattr(metrics, "users_per_batch", lambda *sizes: EVAL_BATCH)

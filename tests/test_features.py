@@ -7,9 +7,9 @@ import torch
 
 from conftest import write
 from eval import infer
-from readers.features import PAD, UNKNOWN, load_side_info, read_attributes
 from main import main
 from model import ItemTower
+from readers.features import PAD, UNKNOWN, load_side_info, read_attributes
 
 ITEMS = ["10", "20", "30", "40"]  # raw ids of items 1..4
 

@@ -45,7 +45,7 @@ def test_outputs_have_raw_ids_embeddings_and_csv(run, tmp_path):
     assert len(rows) == 4000 * 5 and set(rows[0]) == {"user", "rank", "item", "score"}
     first = [r for r in rows if r["user"] == rows[0]["user"]]
     assert [int(r["rank"]) for r in first] == [1, 2, 3, 4, 5]
-    assert all(float(a["score"]) >= float(b["score"]) for a, b in zip(first, first[1:]))
+    assert all(float(a["score"]) >= float(b["score"]) for a, b in zip(first, first[1:], strict=False))
     users, items = np.load(os.path.join(out, "user_emb.npy")), np.load(os.path.join(out, "item_emb.npy"))
     assert users.shape == (4000, 32) and items.shape == (3000, 32)
     np.testing.assert_allclose(np.linalg.norm(users, axis=1), 1, rtol=1e-5)  # L2-normalised
@@ -128,7 +128,7 @@ def test_ann_indexes_find_most_exact_neighbours():
     exact, _ = infer.search(infer.build_index(items, "flat", "cpu", verbose=False), users, 10)
     for kind in ("ivf", "hnsw"):
         approx, _ = infer.search(infer.build_index(items, kind, "cpu", nprobe=8, verbose=False), users, 10)
-        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
         assert recall > 0.9, kind
 
 
@@ -139,7 +139,9 @@ def test_separate_output_table_round_trips_through_the_checkpoint(tmp_path):
     train(["--data", "synthetic", "--device", "cpu", "--loss", "gbce", "--output_emb", "separate", "--maxlen", "20",
            "--hidden_units", "16", "--num_negatives", "32", "--num_epochs", "1", "--run_dir", run_dir])
     out = infer_main(run_dir, tmp_path)
-    got, trained = json.load(open(os.path.join(out, "metrics.json"))), json.load(open(os.path.join(run_dir, "results.json")))
+    got = json.load(open(os.path.join(out, "metrics.json")))
+    trained = json.load(open(os.path.join(run_dir, "results.json")))
     assert abs(got["NDCG@10"] - trained["test"]["NDCG@10"]) < 1e-9
     weights = torch.load(os.path.join(run_dir, "ckpt", "best.pt"), weights_only=True)["model"]
-    np.testing.assert_allclose(np.load(os.path.join(out, "item_emb.npy")), weights["output_tower.id_emb.weight"][1:].numpy())
+    table = weights["output_tower.id_emb.weight"][1:].numpy()
+    np.testing.assert_allclose(np.load(os.path.join(out, "item_emb.npy")), table)

@@ -121,7 +121,7 @@ def test_scaled_unit_rows_matches_normalize_values_and_gradients():
         xs, t = x.clone().requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
         y = fn(xs, t)
         results.append((y, *torch.autograd.grad((y * g).sum(), (xs, t))))
-    for got, expected in zip(*results):
+    for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x: scaled_unit_rows(x, 2.5), x[:3].clone().requires_grad_())
     torch.testing.assert_close(scaled_unit_rows(x, 2.5).norm(dim=-1), torch.tensor([2.5, 2.5, 2.5, 0, 2.5, 2.5],
@@ -130,6 +130,7 @@ def test_scaled_unit_rows_matches_normalize_values_and_gradients():
 
 def test_softmax_chunked_equals_unchunked_loss_and_gradients(monkeypatch):
     from types import SimpleNamespace
+
     from objectives.losses import InfoNCE, Similarity
     torch.manual_seed(0)
     R, D = 37, 6
@@ -149,7 +150,7 @@ def test_softmax_chunked_equals_unchunked_loss_and_gradients(monkeypatch):
         results.append((loss.detach(), grads))
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0])
-        for g, g0 in zip(grads, results[0][1]):
+        for g, g0 in zip(grads, results[0][1], strict=True):
             torch.testing.assert_close(g, g0)
 
 
@@ -167,7 +168,7 @@ def test_chunked_softmax_matches_plain_autograd_reference():
     for chunk_elems in (R * P, 4 * P, 1):
         loss = softmax_loss(q, pos, pool, pool_ids, pos_ids, bias, chunk_elems=chunk_elems)
         torch.testing.assert_close(loss, reference)
-        for g, g0 in zip(torch.autograd.grad(loss * 3, (q, pool, pos)), expected):
+        for g, g0 in zip(torch.autograd.grad(loss * 3, (q, pool, pos)), expected, strict=True):
             torch.testing.assert_close(g, 3 * g0)  # backward scales by the incoming gradient
 
 
@@ -304,6 +305,7 @@ def test_every_loss_logs_logit_statistics_and_trains(loss_name):
 def test_symmetric_infonce_hand_computed_2x3():
     """--symmetric adds the item-to-sequence direction: each positive item against the batch's states."""
     from types import SimpleNamespace
+
     from objectives.losses import InfoNCE, Similarity
     table = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])  # items 1..4
     states = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0]])
@@ -325,6 +327,7 @@ def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
     Both routes (vectors gathered per row; the whole table's logits, then picked) give the same loss and
     gradients, whole or in chunks."""
     from types import SimpleNamespace
+
     from objectives.losses import PerPositionSampledSoftmax, Similarity
     table = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0], [1, 1]], requires_grad=True)  # items 1..4
 
@@ -347,7 +350,7 @@ def test_per_position_sampled_softmax_hand_computed_and_chunk_free():
             assert out.loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
             results.append(torch.autograd.grad(out.loss, [states, table]))
     for grads in results[1:]:
-        for a, b in zip(results[0], grads):
+        for a, b in zip(results[0], grads, strict=True):
             torch.testing.assert_close(a, b)
     with pytest.raises(SystemExit):
         exits(build_config)(["--loss", "sampled_softmax", "--negatives_per_position", "--neg_sampler", "popularity"])
@@ -357,6 +360,7 @@ def test_negative_queue_is_a_fifo_of_earlier_pools_with_hits_masked():
     """--negative_queue N: after a few steps the queue holds the last N pool entries (ids and the vectors
     as computed then), oldest first, as a hand-simulated FIFO; a queued copy of a row's positive is masked."""
     from types import SimpleNamespace
+
     from objectives.losses import InfoNCE, Similarity
     from objectives.negative_queue import NegativeQueue
     queue = NegativeQueue(5, 2)

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from cli import exits
-from conftest import ROOT, shared_file, write
 from config import build_config
+from conftest import ROOT, shared_file, write
 from main import main
 from training.loop import LoopState, learning_rate
 
 parse_args = exits(build_config)  # as main() runs it: a bad flag is one line on stderr and exit status 2
 
-TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1", "--batch_size", "256",
+TINY = ["--data", "synthetic", "--device", "cpu", "--maxlen", "10", "--hidden_units", "16", "--num_blocks", "1",
+        "--batch_size", "256",
         "--eval_every", "1"]
 
 
@@ -210,8 +211,8 @@ def test_resuming_a_mid_epoch_checkpoint_needs_the_same_process_count(capsys):
 
 def test_compile_failure_on_the_first_call_falls_back_to_eager(capsys):
     from dataset import Batch
-    from objectives.losses import LossOutput
     from model import ItemTower
+    from objectives.losses import LossOutput
     from training.loop import TrainStep
 
     class Model(torch.nn.Module):

@@ -6,10 +6,10 @@ import torch
 from config import ModelConfig
 from conftest import write
 from dataset import LeaveOneOut, left_padded
-from readers.logs import load_interactions
 from eval.infer import padded_histories
 from eval.metrics import MISS, embed_users, evaluate, full_ranks, metrics_from_ranks, model_scorer, popularity_scorer
 from model import SASRec
+from readers.logs import load_interactions
 
 
 def test_metrics_from_known_ranks():
@@ -77,7 +77,7 @@ def test_length_sorted_batches_give_each_user_its_own_vector_and_rank(tmp_path):
     for which in ("valid", "test"):  # each user scored alone, the history excluded by hand
         users, h_ends, h_len, targets = split.eval_arrays(which)
         ranks = []
-        for u, e, n, t in zip(users, h_ends, h_len, targets):
+        for u, e, n, t in zip(users, h_ends, h_len, targets, strict=True):
             s = score(np.array([u]), np.array([e]), np.array([n]))[0]
             s[0] = s[data.items[e - n:e]] = float("-inf")
             ranks.append(int((s >= s[t]).sum()) - 1 if t not in data.items[e - n:e] else MISS)

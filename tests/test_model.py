@@ -5,8 +5,8 @@ import torch
 
 from config import ModelConfig, build_config
 from dataset import Batch
-from objectives.losses import build_loss
 from model import SASRec
+from objectives.losses import build_loss
 from objectives.samplers import NegativeSampler
 from training.loop import TrainStep
 

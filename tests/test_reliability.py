@@ -12,9 +12,9 @@ import zipfile
 import pytest
 import torch
 
+from config import ModelConfig
 from conftest import ROOT, TINY, fails_with, snapshot, write
 from eval import infer
-from config import ModelConfig
 from main import main
 from model import SASRec
 

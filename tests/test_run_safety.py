@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from training import checkpoint
 import taac_synthetic
-from conftest import ROOT, TINY, fails_with, snapshot, write
 from config import ModelConfig
+from conftest import ROOT, TINY, fails_with, snapshot, write
 from eval import infer
 from files import lock_folder, release_locks
 from main import main
 from model import SASRec
+from training import checkpoint
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two torch processes on 2 cores: no spin-waiting
 

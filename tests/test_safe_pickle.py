@@ -167,7 +167,8 @@ def test_numpy_1x_module_names(protocol):
     """numpy 1.x writes numpy.core.* where numpy 2.x writes numpy._core.*; both are read."""
     obj = {"v": np.arange(4, dtype=np.float32), "n": np.int64(7)}
     data = pickle.dumps(obj, protocol=protocol)
-    for new, old in ((b"numpy._core.multiarray", b"numpy.core.multiarray"), (b"numpy._core.numeric", b"numpy.core.numeric")):
+    renamed = ((b"numpy._core.multiarray", b"numpy.core.multiarray"), (b"numpy._core.numeric", b"numpy.core.numeric"))
+    for new, old in renamed:
         if protocol >= 4:  # SHORT_BINUNICODE carries the length in the byte before the text
             new, old = bytes([len(new)]) + new, bytes([len(old)]) + old
         data = data.replace(new, old)

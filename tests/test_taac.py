@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from readers import taac
 import taac_synthetic
 from dataset import DataError, LeaveOneOut, TrainBatches
-from eval.competition import main as competition_main, read_bin, write_bin
+from eval.competition import main as competition_main
+from eval.competition import read_bin, write_bin
 from eval.metrics import metrics_from_ranks, weighted_score
-from objectives.losses import bce_loss, softmax_loss
 from main import main as train_main
+from objectives.losses import bce_loss, softmax_loss
+from readers import taac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,10 +50,10 @@ def test_both_layouts_load_to_identical_arrays(folders):
     for side in ("item_side", "user_side"):
         fa, fb = getattr(a, side), getattr(b, side)
         assert [f.name for f in fa.features] == [f.name for f in fb.features]
-        for x, y in zip(fa.features, fb.features):
+        for x, y in zip(fa.features, fb.features, strict=True):
             np.testing.assert_array_equal(x.values, y.values, err_msg=x.name)
             assert x.vocab_size == y.vocab_size
-        for x, y in zip(fa.vectors, fb.vectors):
+        for x, y in zip(fa.vectors, fb.vectors, strict=True):
             np.testing.assert_array_equal(x.vectors, y.vectors)
             np.testing.assert_array_equal(x.present, y.present)
     assert [v.vectors.shape for v in a.item_side.vectors] == [(201, 32), (201, 1024)]
@@ -67,7 +68,7 @@ def test_cache_round_trips_every_array(folders, tmp_path):
     for name in ("offsets", "items", "actions", "times"):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
     for x, y in zip(first.user_side.features + first.item_side.features,
-                    again.user_side.features + again.item_side.features):
+                    again.user_side.features + again.item_side.features, strict=True):
         assert x.name == y.name and x.vocab_size == y.vocab_size
         np.testing.assert_array_equal(x.values, y.values)
     np.testing.assert_array_equal(first.item_side.vectors[0].vectors, again.item_side.vectors[0].vectors)
@@ -97,8 +98,10 @@ def test_action_weights_weight_each_rows_loss_as_by_hand():
     row0 = -F.log_softmax(torch.tensor([0.5, 1.0, 2.0, 0.0]), 0)[0]
     row1 = -F.log_softmax(torch.tensor([0.25, 1.0, -1.0]), 0)[0]
     expected = (1.0 * row0 + 2.5 * row1) / 3.5
-    assert softmax_loss(q, pos_logits, pool, pool_ids, pos_ids, weights=w).item() == pytest.approx(expected.item(), 1e-6)
-    assert softmax_loss(q, pos_logits, pool, pool_ids, pos_ids).item() == pytest.approx(((row0 + row1) / 2).item(), 1e-6)
+    weighted = softmax_loss(q, pos_logits, pool, pool_ids, pos_ids, weights=w)
+    assert weighted.item() == pytest.approx(expected.item(), 1e-6)
+    plain = softmax_loss(q, pos_logits, pool, pool_ids, pos_ids)
+    assert plain.item() == pytest.approx(((row0 + row1) / 2).item(), 1e-6)
 
 
 def test_positive_actions_leave_exposure_targets_out(folders):

@@ -3,11 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from training import run
-from training import loop
 from config import build_config
 from conftest import Replay
 from dataset import Batch, TrainBatches
+from training import loop, run
 
 FLAGS = ["--data", "synthetic", "--device", "cpu", "--loss", "bce", "--dropout_rate", "0", "--hidden_units", "16",
          "--num_blocks", "1", "--maxlen", "20", "--batch_size", "64", "--cache_dir", ""]
@@ -60,7 +59,7 @@ def test_position_reduction_weighs_every_position_the_same(reduction, every_posi
     everything = one_batch(batches)
     (step(everything).loss * len(everything.rows) / mean_rows).backward()  # mean over all positions x their count
 
-    got = dict(zip([name for name, _ in model.named_parameters()], recorder.total()))
+    got = dict(zip([name for name, _ in model.named_parameters()], recorder.total(), strict=True))
     expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     table = "item_tower.id_emb.weight"
     assert expected[table].abs().sum() > 0

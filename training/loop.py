@@ -25,16 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from objectives import auxiliary
-from training import checkpoint
-from training import distributed
 from cli import RunError, UsageError, first_line
 from config import action_weights
 from dataset import TrainBatches
 from eval.metrics import encode_floats, evaluate, model_scorer
 from files import remove_stale_temp_files
+from objectives import auxiliary
 from objectives.losses import ScheduledLoss
 from objectives.samplers import BatchNegatives
+from training import checkpoint, distributed
 
 SYNC_EVERY = 20  # steps between host read-backs of the loss (and TensorBoard points)
 

@@ -10,19 +10,18 @@ import time
 import numpy as np
 import torch
 
-from training import checkpoint
-from training import distributed
 from cli import UsageError, make_writable_folder
 from config import Config, TrainConfig, action_weights, checkpoint_file, with_output_dirs
 from dataset import DataError, Interactions, LeaveOneOut
-from readers.logs import load_interactions
 from eval.metrics import evaluate, popularity_scorer
-from readers.features import SideInfo, load_side_info
 from files import FolderBusy, lock_folder, write_json
-from objectives.losses import build_loss, popularity
-from readers.taac import load_taac
 from model import SASRec
+from objectives.losses import build_loss, popularity
 from objectives.samplers import NegativeSampler
+from readers.features import SideInfo, load_side_info
+from readers.logs import load_interactions
+from readers.taac import load_taac
+from training import checkpoint, distributed
 from training.loop import LoopState, check_trainable, fit, run_evaluation
 from training.weight_average import WeightAverage
 
@@ -198,7 +197,8 @@ def describe_loss(c):
     if c.loss == "sampled_softmax" and c.negatives_per_position:
         parts.append("uniform, per position")
     elif c.loss == "sampled_softmax":
-        parts.append(f"{c.neg_sampler}{' + in-batch' if c.in_batch_negatives else ''}{', logQ' if c.logq_correction else ''}")
+        in_batch, logq = " + in-batch" if c.in_batch_negatives else "", ", logQ" if c.logq_correction else ""
+        parts.append(f"{c.neg_sampler}{in_batch}{logq}")
     if c.symmetric and c.loss == "infonce":
         parts.append("symmetric")
     if c.hard_negatives and c.loss in ("infonce", "sampled_softmax", "ce"):
