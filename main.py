@@ -8,10 +8,10 @@ loop training/loop.py.
 import os
 import sys
 
+import distributed
 from cli import exits, resolve_device
 from config import build_config
 from files import release_locks
-from training import distributed
 from training.loop import Interrupted
 from training.run import keep_freed_memory, run_job
 

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 from dataset import LeaveOneOut, history_batch, length_batches, ragged_positions
 from objectives.samplers import NegativeSampler
-from training import distributed
 
 HR_KS = (1, 5, 10, 20)
 NDCG_KS = (5, 10, 20)

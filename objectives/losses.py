@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import distributed
 from config import LOSSES, TEMPERATURE_RANGE, loss_stages
 from objectives.negative_queue import NegativeQueue
-from training import distributed
 
 if TYPE_CHECKING:
     from model import ItemTower

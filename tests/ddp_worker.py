@@ -9,14 +9,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distributed  # noqa: E402
 from config import build_config  # noqa: E402
 from dataset import TrainBatches  # noqa: E402
 from eval import metrics  # noqa: E402
-from training import (
-    distributed,  # noqa: E402
-    loop,  # noqa: E402
-    run,  # noqa: E402
-)
+from training import loop, run  # noqa: E402
 
 STEPS = 3
 EVAL_BATCH = 500  # users per score batch in the sharded validation

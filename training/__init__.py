@@ -1,1 +1,1 @@
-"""Training: the loop (loop.py), checkpoints, the weight average and the torchrun plumbing."""
+"""Training: the job (run.py), the loop (loop.py), checkpoints and the weight average."""

@@ -16,10 +16,10 @@ import re
 
 import torch
 
+import distributed
 from cli import RunError, UsageError, first_line
 from config import STRUCTURE_KEYS
 from files import atomic_write
-from training import distributed
 
 FORMAT = 2  # 1 (no 'format' key): before the typed-config redesign; state-dict names changed with it
 

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import distributed
 from cli import RunError, UsageError, first_line
 from config import action_weights
 from dataset import TrainBatches
@@ -33,7 +34,7 @@ from files import remove_stale_temp_files
 from objectives import auxiliary
 from objectives.losses import ScheduledLoss
 from objectives.samplers import BatchNegatives
-from training import checkpoint, distributed
+from training import checkpoint
 
 SYNC_EVERY = 20  # steps between host read-backs of the loss (and TensorBoard points)
 

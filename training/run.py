@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+import distributed
 from cli import UsageError, make_writable_folder
 from config import Config, TrainConfig, action_weights, checkpoint_file, with_output_dirs
 from dataset import DataError, Interactions, LeaveOneOut
@@ -21,7 +22,7 @@ from objectives.samplers import NegativeSampler
 from readers.features import SideInfo, load_side_info
 from readers.logs import load_interactions
 from readers.taac import load_taac
-from training import checkpoint, distributed
+from training import checkpoint
 from training.loop import LoopState, check_trainable, fit, run_evaluation
 from training.weight_average import WeightAverage
 
