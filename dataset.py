@@ -5,7 +5,7 @@ Everything is kept as two flat arrays: `items` (all interactions, grouped by use
 chronological) and `offsets` (user u owns items[offsets[u]:offsets[u+1]]). Item
 indices run 1..N with 0 reserved for padding.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
@@ -160,15 +160,13 @@ class Batch:
     user_features: Optional[torch.Tensor] = None  # (B, F) the users' feature codes, features side by side
     weights: Optional[torch.Tensor] = None    # (R,) loss weight of each row (by its target's action), None: all 1
 
-    FIELDS = ("inputs", "positives", "users", "rows", "negatives", "actions", "times", "user_features", "weights")
-
     def to(self, device: torch.device) -> "Batch":
         """A copy on `device`; on CUDA through page-locked memory, so the copies run asynchronously."""
         def move(t):
             if t is None or t.device == device:
                 return t
             return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-        return Batch(*(move(getattr(self, f)) for f in self.FIELDS))
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def num_users(self):
