@@ -122,7 +122,7 @@ def load_taac(folder, cache_dir=None, mm_ids=(), item_feature_ids=None, user_fea
     (multimodal vectors as float16) instead of parsing the folder again (verify_cache: check every cached
     array's SHA-256, not only sizes and shapes; non_finite: read_taac's policy)."""
     mm_ids = [str(m) for m in mm_ids]
-    settings = json.dumps([folder_digest(folder), mm_ids, item_feature_ids, user_feature_ids])
+    settings = json.dumps([folder_digest(folder, mm_ids), mm_ids, item_feature_ids, user_feature_ids])
     fingerprint = "sha256:" + hashlib.sha256(settings.encode()).hexdigest()
     cache_file = None
     if cache_dir:
@@ -169,15 +169,33 @@ def from_cache(arrays, meta):
     return data
 
 
-def folder_digest(folder):
-    """Content hash of every file under `folder` (names included)."""
+def folder_digest(folder, mm_ids=()):
+    """Content hash (names included) of the files read_taac reads from `folder` with these multimodal ids:
+    a file it never opens (a README, another feature's vectors, a cache kept inside) changes nothing."""
     h = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(folder)):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            h.update(os.path.relpath(path, folder).encode() + b"\0" + file_digest(path).encode())
+    for path in read_files(folder, mm_ids):
+        h.update(os.path.relpath(path, folder).encode() + b"\0" + file_digest(path).encode())
     return h.hexdigest()
+
+
+def read_files(folder, mm_ids=()):
+    """The files read_taac opens, sorted: the layout's parts and the chosen multimodal vectors (dot-files out)."""
+    if detect_layout(folder) == "jsonl":
+        parts = list(JSONL_PARTS)
+        for mm in mm_ids:
+            name = f"creative_emb/emb_{mm}_{mm_dim(mm)}"
+            parts.append(f"{name}.pkl" if os.path.isfile(os.path.join(folder, f"{name}.pkl")) else name)
+    else:
+        parts = list(PARQUET_PARTS) + [f"mm_emb/emb_{mm}_{mm_dim(mm)}_parquet" for mm in mm_ids]
+    paths = []
+    for part in parts:
+        path = os.path.join(folder, part)
+        if os.path.isfile(path):
+            paths.append(path)
+        for root, dirs, files in os.walk(path):  # a folder part: every file below it
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+    return sorted(paths)
 
 
 def read_indexer(path):

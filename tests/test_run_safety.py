@@ -1,5 +1,6 @@
 """A run owns its folder; a checkpoint knows its data; finished runs, runs without targets and full disks are
 one line. Each case here was a silent wrong result or a lost run before."""
+import dataclasses
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ from eval import infer
 from files import lock_folder, release_locks
 from main import main
 from model import SASRec
+from readers import taac
 from training import checkpoint
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two torch processes on 2 cores: no spin-waiting
@@ -228,6 +230,7 @@ def competition_log():
 
 
 def taac_folder(log, path, exposure_only_users):
+    log = dataclasses.replace(log, actions=log.actions.copy())  # the module's log stays as generated
     for u in exposure_only_users:
         log.actions[log.offsets[u]:log.offsets[u + 1]] = 0
     taac_synthetic.write_jsonl_layout(str(path), log)
@@ -252,3 +255,33 @@ def test_a_log_without_any_target_is_one_line_before_anything_is_written(competi
     run = tmp_path / "run"
     fails_with(capsys, main, TAAC + ["--data", folder, "--run_dir", str(run)], "no training target")
     assert not run.exists()
+
+
+def test_the_folder_fingerprint_covers_only_the_files_read(competition_log, tmp_path, capsys):
+    folder = taac_folder(competition_log, tmp_path / "train", exposure_only_users=[])
+    run = str(tmp_path / "run")
+    cache = str(tmp_path / "train" / ".cache")  # a cache kept inside the folder
+    main(TAAC + ["--data", folder, "--mm_emb_id", "81", "--run_dir", run, "--cache_dir", cache])
+    digest = taac.folder_digest(folder, ["81"])
+    (tmp_path / "train" / "README.txt").write_text("notes")  # files the reader never opens
+    os.makedirs(tmp_path / "train" / "creative_emb" / "emb_82_1024")
+    (tmp_path / "train" / "creative_emb" / "emb_82_1024" / "part-0.json").write_text("{}\n")
+    assert taac.folder_digest(folder, ["81"]) == digest
+    main(["--state_dict_path", os.path.join(run, "ckpt"), "--num_epochs", "2"])  # resumes: the data read is the same
+    with open(os.path.join(folder, "seq.jsonl"), "a") as f:  # a file it reads: another fingerprint
+        f.write("\n")
+    assert taac.folder_digest(folder, ["81"]) != digest
+
+
+def test_finetune_leaves_feature_tables_untrained_where_codes_mean_other_values():
+    spec = {"features": [{"name": "100", "vocab_size": 6, "width": 1}], "vectors": []}
+    config = ModelConfig(num_items=3, maxlen=5, hidden_units=4, num_blocks=1, item_side=spec)
+    old, new = SASRec(config), SASRec(config)
+    initial = new.item_tower.feature_emb[0].weight.clone()
+    _, fresh = checkpoint.transfer_weights(new, {"model": old.state_dict()}, ["a", "b", "c"], ["a", "b", "c"],
+                                           same_feature_codes=False)
+    assert fresh == ["item_tower.feature_emb.0.weight"]
+    torch.testing.assert_close(new.item_tower.feature_emb[0].weight, initial, rtol=0, atol=0)
+    torch.testing.assert_close(new.item_tower.id_emb.weight, old.item_tower.id_emb.weight, rtol=0, atol=0)
+    checkpoint.transfer_weights(new, {"model": old.state_dict()}, ["a", "b", "c"], ["a", "b", "c"])
+    torch.testing.assert_close(new.item_tower.feature_emb[0].weight, old.item_tower.feature_emb[0].weight)

@@ -104,11 +104,17 @@ ITEM_ROWS = re.compile(r"(item|output)_tower\.id_emb\.weight")
 SIDE_BUFFERS = re.compile(r"item_tower\.(feature_values|vectors|has_vector)\d+")
 
 
+# Embeddings of feature codes: they mean the same values only under the same indexer feature-value map.
+FEATURE_TABLES = re.compile(r"(item_tower\.feature_emb|user_tower\.emb)\.\d+\.weight")
+
+
 @torch.no_grad()
-def transfer_weights(model: torch.nn.Module, checkpoint: dict, old_items, new_items) -> tuple[int, list[str]]:
+def transfer_weights(model: torch.nn.Module, checkpoint: dict, old_items, new_items,
+                     same_feature_codes: bool = True) -> tuple[int, list[str]]:
     """Copy a checkpoint's weights into `model`, built for other data (--finetune): item rows matched by raw
-    id (new items keep their initialisation), every other tensor whose shape is unchanged. Returns (items
-    matched, names of the tensors left at their initialisation)."""
+    id (new items keep their initialisation), every other tensor whose shape is unchanged; feature-code
+    embeddings only where the codes mean the same values (`same_feature_codes`). Returns (items matched,
+    names of the tensors left at their initialisation)."""
     old_row = {str(raw): i + 1 for i, raw in enumerate(old_items)}
     rows = torch.tensor([old_row.get(str(raw), 0) for raw in new_items], dtype=torch.long)
     matched = rows > 0
@@ -117,7 +123,9 @@ def transfer_weights(model: torch.nn.Module, checkpoint: dict, old_items, new_it
         old = saved.get(name)
         if SIDE_BUFFERS.fullmatch(name):
             continue
-        if old is not None and ITEM_ROWS.fullmatch(name) and old.shape[1:] == tensor.shape[1:]:
+        if not same_feature_codes and FEATURE_TABLES.fullmatch(name):
+            fresh.append(name)
+        elif old is not None and ITEM_ROWS.fullmatch(name) and old.shape[1:] == tensor.shape[1:]:
             tensor[1:][matched] = old[rows[matched]].to(tensor.dtype)
         elif old is not None and old.shape == tensor.shape:
             tensor.copy_(old)

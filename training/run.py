@@ -12,7 +12,7 @@ import torch
 
 import distributed
 from cli import UsageError, make_writable_folder
-from config import Config, TrainConfig, action_weights, checkpoint_file, with_output_dirs
+from config import Config, DataConfig, TrainConfig, action_weights, checkpoint_file, with_output_dirs
 from dataset import DataError, Interactions, LeaveOneOut
 from eval.metrics import evaluate, popularity_scorer
 from files import FolderBusy, lock_folder, write_json
@@ -43,22 +43,12 @@ def keep_freed_memory() -> bool:
 
 
 def load_data(config: Config) -> tuple[Interactions, LeaveOneOut]:
-    """The log and its leave-one-out split. Under torchrun rank 0 parses and caches first; the others map it."""
+    """The log and its leave-one-out split."""
     d = config.data
     cache_first = bool(d.cache_dir) and d.data != "synthetic" and distributed.world_size() > 1
-    if cache_first and not distributed.is_main():
-        distributed.barrier()
-    try:
-        if d.data_format == "taac" or os.path.isdir(d.data):
-            data = load_taac(d.data, d.cache_dir or None, d.mm_emb_id, d.item_feature_ids, d.user_feature_ids,
-                             verify_cache=d.verify_cache, non_finite=d.non_finite)
-        else:
-            data = load_interactions(d.data, d.data_format, d.cache_dir or None, d.user_col, d.item_col, d.time_col,
-                                     d.id_type, verify_cache=d.verify_cache)
-    except DataError as e:
-        raise UsageError(str(e)) from None
-    if cache_first and distributed.is_main():
-        distributed.barrier()
+    # under torchrun rank 0 parses and caches first; the others wait for its word (an error, or go), then map it
+    data = on_rank0(lambda: read_data(d)) if cache_first else None
+    data = read_data(d) if data is None else data
     single = np.flatnonzero(data.lengths == 1)
     if len(single) and d.single_item_users == "error":
         raise UsageError(f"{d.data}: {len(single)} user(s) with a single interaction, e.g. user "
@@ -72,6 +62,18 @@ def load_data(config: Config) -> tuple[Interactions, LeaveOneOut]:
           f"{len(split.eval_users)} users evaluated"
           + (f", {split.num_short_users} users with < 3 items used for training only" if split.num_short_users else ""))
     return data, split
+
+
+def read_data(d: DataConfig) -> Interactions:
+    """The log or competition folder of --data, through the parse cache; a data error is one UsageError."""
+    try:
+        if d.data_format == "taac" or os.path.isdir(d.data):
+            return load_taac(d.data, d.cache_dir or None, d.mm_emb_id, d.item_feature_ids, d.user_feature_ids,
+                             verify_cache=d.verify_cache, non_finite=d.non_finite)
+        return load_interactions(d.data, d.data_format, d.cache_dir or None, d.user_col, d.item_col, d.time_col,
+                                 d.id_type, verify_cache=d.verify_cache)
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 def complete_config(config: Config, data: Interactions) -> tuple[Config, SideInfo]:
@@ -180,10 +182,13 @@ def finetune_from(path: str, model: SASRec, data: Interactions) -> None:
     checkpoint.check_model_config(ckpt, model.config, path, same_data=False)
     old_items = checkpoint.read_id_map(path, "--state_dict_path")["items"]
     checkpoint.check_id_map(ckpt.get("data"), old_items, "id_map.json", path)
-    matched, fresh = checkpoint.transfer_weights(model, ckpt, old_items, data.item_ids)
+    saved_codes = (ckpt.get("data") or {}).get("feature_codes")
+    same_codes = saved_codes is None or saved_codes == data.feature_codes
+    matched, fresh = checkpoint.transfer_weights(model, ckpt, old_items, data.item_ids, same_codes)
     print(f"fine-tuning from {path}: {matched} of {data.num_items} items matched by raw id, "
           f"{data.num_items - matched} new (untrained)"
-          + (f"; left at their initialisation (shape changed): {', '.join(fresh)}" if fresh else ""))
+          + (f"; left at their initialisation ({'feature codes mean other values, or ' if not same_codes else ''}"
+             f"shape changed): {', '.join(fresh)}" if fresh else ""))
 
 
 def describe_loss(c):
@@ -239,18 +244,19 @@ def final_report(model: SASRec, split: LeaveOneOut, config: Config, device: torc
     return results
 
 
-def on_rank0(check):
-    """Run `check` on rank 0 only; if it raises UsageError, every rank raises it rather than waiting in the
-    next collective for a rank that is gone."""
-    message = None
+def on_rank0(work):
+    """Run `work` on rank 0 only and return its value there (None on the other ranks); if it raises
+    UsageError, every rank raises it rather than waiting in the next collective for a rank that is gone."""
+    message = result = None
     if distributed.is_main():
         try:
-            check()
+            result = work()
         except UsageError as e:
             message = str(e)
     message = distributed.broadcast(message)
     if message is not None:
         raise UsageError(message)
+    return result
 
 
 def check_not_overwriting(config):
