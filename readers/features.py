@@ -75,18 +75,24 @@ def load_side_info(item_ids, feature_files=(), vector_files=(), sep="|", non_fin
     return info
 
 
+def json_object(path, where, expected):
+    """A JSON file holding one object, or a DataError starting with `where` that names `expected`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(table, dict):
+        raise DataError(f"{where}: expected an object {expected}")
+    return table
+
+
 def read_attributes(path, index, sep="|"):
     """Categorical features of each item: a list of Feature, one per column (one for the JSON format)."""
     if not os.path.isfile(path):
         raise DataError(f"--item_features {path}: no such file")
     if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                table = json.load(f)
-        except ValueError as e:
-            raise DataError(f"--item_features {path}: not valid JSON ({e})") from None
-        if not isinstance(table, dict):
-            raise DataError(f"--item_features {path}: expected an object {{\"item_id\": [values]}}")
+        table = json_object(path, f"--item_features {path}", '{"item_id": [values]}')
         cells = {str(k): v if isinstance(v, list) else [v] for k, v in table.items()}
         return [_encode("attributes", cells, index)]
     try:

@@ -37,6 +37,7 @@ from readers.features import (
     SideInfo,
     Vectors,
     first_non_finite,
+    json_object,
     non_finite_rows,
 )
 
@@ -270,13 +271,7 @@ def read_item_table(path, num_items):
     """item_feat_dict.json: {item re-id: {feature id: value}}. A key outside indexer.pkl's item re-ids 1..num_items
     is never looked up (as in the baseline's reader) and is skipped, counted in one line; a row that is not an
     object is an error naming its key."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(table, dict):
-        raise DataError(f"{path}: expected an object {{item re-id: {{feature id: value}}}}")
+    table = json_object(path, path, "{item re-id: {feature id: value}}")
     outside = [key for key in table if not (re.fullmatch(r"\d+", key) and 1 <= int(key) <= num_items)]
     if outside:
         print(f"{path}: {len(outside)} key(s) outside indexer.pkl's item re-ids 1..{num_items} skipped "
