@@ -13,6 +13,7 @@ The runs are single-threaded processes, most of them a torch import and a second
 WORKERS at a time, longest first, from the first test on; each test checks its own script's output.
 """
 import importlib.util
+import json
 import os
 import random
 import re
@@ -68,6 +69,7 @@ SMOKES = {
     "taac_scale": lambda tmp, _: [
         "--out", tmp / "taac", "--users", 100, "--items", 150, "--mm_emb_id", 81, "--steps", 2, "--warmup", 1,
         "--batch_size", 32],
+    "gpu_check": lambda tmp, _: ["--dry_run", "--out", tmp / "gpu_check"],
     "scale_memory": lambda tmp, _: ["--interactions", 3000, "--items", 200, "--steps", 2, "--work", tmp / "work"],
     "baseline_speed": lambda tmp, _: [
         "--baseline", os.environ["BASELINE_2025"], "--users", 50, "--items", 100, "--batch_size", 16, "--batches", 2,
@@ -160,6 +162,17 @@ def test_eval_speed(smoke):
     out, _ = smoke("eval_speed")
     assert re.search(r"log order median \d+\.\d\d s", out) and re.search(r"by length median \d+\.\d\d s", out), out
     assert "same vectors: True" in out
+
+
+def test_gpu_check(smoke):
+    out, tmp = smoke("gpu_check")
+    with open(tmp / "gpu_check" / "gpu_check.json") as f:
+        results = json.load(f)
+    assert list(results["stages"]) == ["beauty", "taac_scale", "retrieval", "pipeline", "tests"], results
+    for name, stage in results["stages"].items():
+        assert stage["status"] == "ok" or (stage["status"] == "skipped" and stage["reason"]), (name, stage)
+        assert re.search(rf"^{name}: (ok|skipped) ", out, re.M), out
+    assert results["env"]["torch"] and (tmp / "gpu_check" / "gpu_check.md").exists()
 
 
 def test_infonce_memory(smoke):
