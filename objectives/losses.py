@@ -369,7 +369,8 @@ class SampledSoftmax(SoftmaxLoss):
         pool, pool_ids = (torch.cat([neg, pos]), torch.cat([neg_ids, pos_ids])) if self.in_batch else (neg, neg_ids)
         pool, pool_ids, pool_bias = self.gathered(pool, pool_ids)
         ranks = distributed.world_size() if self.gather_negatives else 1
-        in_batch_rows = int((pool_ids != 0).sum()) - ranks * self.num_negatives if self.in_batch else 0
+        # a 0-d tensor, not an int: reading the count on the host would stall a GPU every step
+        in_batch_rows = (pool_ids != 0).sum() - ranks * self.num_negatives if self.in_batch else 0
         pool, pool_ids, pool_bias = self.queued(pool, pool_ids, pool_bias)
         if not self.logq:
             return pos, pool, pool_ids, 0.0, pool_bias

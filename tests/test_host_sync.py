@@ -24,8 +24,6 @@ from training import loop, run
 KNOWN_READS = {
     ("objectives/losses.py", "ChunkedSoftmaxCE.forward"):
         "the chunks' bounds in the sorted accidental-hit rows (searchsorted(...).tolist()), to slice each chunk",
-    ("objectives/losses.py", "SampledSoftmax.pool"):
-        "with in-batch negatives: the pool's count of real (non-padding) in-batch rows, for logQ",
     ("objectives/negative_queue.py", "NegativeQueue.__len__"): "the queue's fill level, kept in a buffer",
     ("objectives/negative_queue.py", "NegativeQueue.contents"): "the queue's write position, kept in a buffer",
     ("model.py", "Dropout.forward"): "CPU only: the numpy mask's seed drawn from torch's generator (CUDA: F.dropout)",
