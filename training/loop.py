@@ -351,16 +351,17 @@ def check_trainable(split, config):
                          f"(each needs one a step)")
 
 
-def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState, average=None):
+def fit(model, loss, sampler, optimizer, split, config, device, state: LoopState, average=None, trained_on=None):
     """Epochs until --num_epochs or early stopping. Under torchrun rank 0 alone writes files. `average`: a
-    WeightAverage (--ema_decay), the model validated and saved as best.pt's weights."""
+    WeightAverage (--ema_decay), the model validated and saved as best.pt's weights; `trained_on`: the data's
+    checkpoint.data_identity, if the caller has it already."""
     main_rank, out = distributed.is_main(), config.output
     batches = training_batches(split, config, sampler if loss.per_position_negatives else None)
     if len(batches) == 0:  # every rank computes the same: all stop here
         check_trainable(split, config)
     step = make_step(model, loss, sampler, config, device)
     last_path = os.path.join(out.ckpt_dir, "last.pt")
-    trained_on = checkpoint.data_identity(split.data)
+    trained_on = trained_on or checkpoint.data_identity(split.data)
     save = lambda path: checkpoint.save(path, model, loss, optimizer, state, average, trained_on)  # noqa: E731
     validated = model if average is None else average.model
     if main_rank:

@@ -124,13 +124,13 @@ def prepare(config: Config, device: torch.device) -> tuple:
 
 
 def restore(path: str, model: SASRec, loss: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config,
-            data: Interactions, average: WeightAverage | None = None) -> LoopState:
+            trained_on: dict, average: WeightAverage | None = None) -> LoopState:
     """Load a checkpoint's weights (and loss, optimizer, weight average + loop state when resuming); returns
     the loop state. A resumed run trains on the optimizer's weights, not the averaged ones. Data other than
     the checkpoint's is refused before anything is loaded."""
     t = config.train
     ckpt = checkpoint.load(path)
-    saved, current = ckpt.get("data"), checkpoint.data_identity(data)
+    saved, current = ckpt.get("data"), trained_on
     if t.allow_other_data and saved:  # the item ids must still match; the content may differ
         saved = {**saved, "fingerprint": current["fingerprint"]}
     checkpoint.check_same_data(saved, current, config.data.data, path, other_data_hints(t))
@@ -308,13 +308,14 @@ def run_job(config: Config, device: torch.device) -> None:
     torch.manual_seed(t.seed)
     config, data, split, model, loss, sampler, optimizer = prepare(config, device)
     state, path = LoopState(), None
+    trained_on = checkpoint.data_identity(data)  # once: id digests read every id
     if t.finetune:
         path = checkpoint_file(t.state_dict_path, True)  # the weights it serves (best.pt of a folder)
         finetune_from(path, model, data)
     average = WeightAverage(model, t.ema_decay) if t.ema_decay and not t.inference_only else None
     if t.state_dict_path and not t.finetune:
         path = checkpoint_file(t.state_dict_path, t.inference_only)
-        state = restore(path, model, loss, optimizer, config, data, average)
+        state = restore(path, model, loss, optimizer, config, trained_on, average)
     if not t.inference_only:
         check_trainable(split, config)
     config = dataclasses.replace(config, output=distributed.broadcast(with_output_dirs(config).output))
@@ -333,7 +334,7 @@ def run_job(config: Config, device: torch.device) -> None:
     print(f"training {sum(p.numel() for p in model.parameters())} parameters on {device}{processes}, "
           f"loss {describe_loss(lo)}, run dir {config.output.run_dir}")
     start = time.perf_counter()
-    fit(model, loss, sampler, optimizer, split, config, device, state, average)
+    fit(model, loss, sampler, optimizer, split, config, device, state, average, trained_on)
     train_minutes = (time.perf_counter() - start) / 60
     if main_rank:
         best_path = os.path.join(config.output.ckpt_dir, "best.pt")
