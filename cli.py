@@ -3,6 +3,7 @@ import argparse
 import functools
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -65,3 +66,25 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+BF16_MATRIX_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 instructions that multiply bf16 matrices natively
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_instructions() -> tuple:
+    """Which of BF16_MATRIX_FLAGS this CPU has, from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(flag for flag in BF16_MATRIX_FLAGS if flag in flags)
+
+
+def amp_dtype(device: torch.device, amp: str) -> Optional[torch.dtype]:
+    """--amp: the dtype of the encoder's and the softmax pool's matmuls, None for fp32. On a CPU, bf16 only
+    where it has native bf16 matrix instructions: emulated bf16 is slower than fp32."""
+    if amp != "bf16" or (device.type == "cpu" and not cpu_bf16_instructions()):
+        return None
+    return torch.bfloat16

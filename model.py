@@ -58,7 +58,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, attn_mask):
         B, W, D = x.shape
         q, k, v = self.qkv(x).view(B, W, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if x.device.type == "cpu":  # under --amp bf16 too: CPU's bf16 attention backward took 6x fp32's
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast(x.device.type, enabled=x.device.type != "cpu"):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(B, W, D))
 
 

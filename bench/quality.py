@@ -53,6 +53,7 @@ VARIANTS = {
     "random_batches": ["--bucket_batches", "1"],
     "batch_loss": ["--loss_reduction", "batch"],  # the recipe before position weighting
     "no_ema": ["--ema_decay", "0"],  # the recipe before weight averaging
+    "bf16": ["--amp", "bf16"],  # the encoder and the softmax pool's matmuls in bf16 (CPUs with AMX / AVX512-BF16)
 }
 
 

@@ -67,13 +67,13 @@ def child(argv, epochs, profile_steps=0):
     startup = time.time() - launched
     state, writer, stop = loop.LoopState(), loop.NullWriter(), loop.GracefulStop()
     step = loop.make_step(model, loss, sampler, config, device)
-    if profile_steps:
-        print_profile(step, optimizer, batches, device, profile_steps)
     seconds = []
     for _ in range(epochs + 1):
         _, _, s = loop.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
         state.epoch, state.batch = state.epoch + 1, 0
         seconds.append(s)
+    if profile_steps:  # after the epochs: caches (allocator, oneDNN kernels per shape) are warm, as in training
+        print_profile(step, optimizer, batches, device, profile_steps)
     with FlopCounterMode(display=False) as counter:
         loop.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
     epoch_s = statistics.median(seconds[1:])
@@ -90,7 +90,7 @@ def print_profile(step, optimizer, batches, device, steps):
     from torch.profiler import ProfilerActivity, profile, record_function
     step.train()
     batch_iter = batches.epoch(np.random.default_rng(1))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(os.environ.get("BENCH_SHAPES"))) as prof:
         for _ in range(steps):
             with record_function("## batch (numpy)"):
                 batch = next(batch_iter).to(device)
@@ -101,7 +101,8 @@ def print_profile(step, optimizer, batches, device, steps):
                 loss.backward()
             with record_function("## optimizer"):
                 optimizer.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    print(prof.key_averages(group_by_input_shape=bool(os.environ.get("BENCH_SHAPES"))).table(
+        sort_by="self_cpu_time_total", row_limit=int(os.environ.get("BENCH_ROWS", 25))), file=sys.stderr)
 
 
 def run_child(argv, epochs, profile=0, script=__file__):

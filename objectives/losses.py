@@ -63,12 +63,13 @@ def gbce_beta(num_negatives, num_items, t):
 
 
 def softmax_loss(queries, pos_logits, pool, pool_ids, pos_ids, pool_bias=None, hard_negatives=0,
-                 chunk_elems=None, weights=None):
+                 chunk_elems=None, weights=None, matmul_dtype=None):
     """Mean cross-entropy of each row's positive against the pool (weighted mean with `weights` (R,)).
 
     queries (R, D), pool (P, D): row r's negative logits are queries[r] @ pool.T (+ pool_bias).
     pos_logits (R,): already final (bias included). Pool entries whose id equals the row's positive
-    are masked. hard_negatives K > 0 keeps only each row's K highest negative logits.
+    are masked. hard_negatives K > 0 keeps only each row's K highest negative logits. matmul_dtype
+    (--amp bf16): the pool matmuls' input dtype (not with hard_negatives, which stays fp32).
     """
     rows = max(1, (chunk_elems or SOFTMAX_CHUNK_ELEMS) // max(1, len(pool)))
     total_weight = len(queries) if weights is None else weights.sum()
@@ -79,7 +80,8 @@ def softmax_loss(queries, pos_logits, pool, pool_ids, pos_ids, pool_bias=None, h
                     for i in range(0, len(queries), rows))
         return total / total_weight
     hit_rows, hit_cols = accidental_hits(pos_ids, pool_ids)
-    total = ChunkedSoftmaxCE.apply(queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, rows, weights)
+    total = ChunkedSoftmaxCE.apply(queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, rows, weights,
+                                   matmul_dtype)
     return total / total_weight
 
 
@@ -94,20 +96,27 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # under --amp bf16 too: exp / sums in fp32
-    def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows, weights=None):
-        rows, need_grad = len(queries), any(ctx.needs_input_grad[:3])
+    def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows, weights=None,
+                matmul_dtype=None):
+        """matmul_dtype (--amp bf16): the three matmuls' operands in that dtype, padded to a few sizes (a
+        oneDNN bf16 matmul compiles a kernel per new shape: ~20 ms each, and pools change size every step);
+        the logits, exps and sums stay fp32."""
+        (rows, dim), pool_rows, need_grad = queries.shape, len(pool), any(ctx.needs_input_grad[:3])
+        low = matmul_dtype not in (None, queries.dtype)
+        size = padded_size if low else int
+        pool_mm = padded(pool, size(pool_rows), matmul_dtype)
         # Per row: the shift (max logit), exp(positive - shift), 1 / sum of exps; per-row work is done once,
         # after the loop, so a chunk costs few ops (the step is bound by per-op overhead at small sizes).
         shift, pos_exp, inv = queries.new_empty(rows), queries.new_empty(rows), queries.new_empty(rows)
         grad_q = torch.empty_like(queries)
-        grad_pool_t = pool.new_zeros(pool.shape[1], pool.shape[0])  # (D, P): q.T @ probs beats probs.T @ q
+        grad_pool_t = pool.new_zeros(dim, len(pool_mm))  # (D, P): q.T @ probs beats probs.T @ q
         starts = range(0, rows, chunk_rows)
         hit_bounds = torch.searchsorted(hit_rows, torch.tensor([*starts, rows], device=hit_rows.device)).tolist()
         for i, s in enumerate(starts):
             e = min(s + chunk_rows, rows)
-            q = queries[s:e]
-            logits = q @ pool.T
+            q = padded(queries[s:e], size(e - s), matmul_dtype)
+            padded_logits = (q @ pool_mm.T).float()  # no copy in fp32
+            logits = padded_logits[:e - s, :pool_rows]
             if pool_bias is not None:
                 logits += pool_bias
             a, b = hit_bounds[i], hit_bounds[i + 1]
@@ -117,20 +126,41 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
             torch.exp(pos_logits[s:e] - shift[s:e], out=pos_exp[s:e])
             torch.reciprocal(probs.sum(dim=1) + pos_exp[s:e], out=inv[s:e])
             scale = inv[s:e] if weights is None else inv[s:e] * weights[s:e]
-            if need_grad:  # d loss / d logit = softmax probability = probs * inv (minus 1 for the positive);
-                torch.mm(probs, pool, out=grad_q[s:e])  # inv scales the small (rows x D) factors, not the
-                grad_pool_t.addmm_(q.T * scale, probs)  # (rows x P) matrix
+            if need_grad and not low:  # d loss / d logit = softmax probability = probs * inv (minus 1 for the
+                torch.mm(probs, pool, out=grad_q[s:e])  # positive); inv scales the small (rows x D) factors,
+                grad_pool_t.addmm_(q.T * scale, probs)  # not the (rows x P) matrix
+            elif need_grad:  # the padding's probabilities are 0, so it adds nothing
+                padded_logits[e - s:], padded_logits[:, pool_rows:] = 0, 0
+                probs = padded_logits.to(matmul_dtype)
+                grad_q[s:e] = (probs @ pool_mm)[:e - s]
+                grad_pool_t += (q.T * padded(scale, len(q), matmul_dtype)) @ probs
+        grad_pool = grad_pool_t.T[:pool_rows]
         if weights is None:
-            ctx.save_for_backward(grad_q.mul_(inv[:, None]), pos_exp * inv - 1, grad_pool_t.T)
+            ctx.save_for_backward(grad_q.mul_(inv[:, None]), pos_exp * inv - 1, grad_pool)
             return (shift - pos_logits - inv.log()).sum()
-        ctx.save_for_backward(grad_q.mul_((inv * weights)[:, None]), (pos_exp * inv - 1) * weights, grad_pool_t.T)
+        ctx.save_for_backward(grad_q.mul_((inv * weights)[:, None]), (pos_exp * inv - 1) * weights, grad_pool)
         return ((shift - pos_logits - inv.log()) * weights).sum()
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_total):
         grad_q, grad_pos, grad_pool = ctx.saved_tensors
-        return grad_q * grad_total, grad_pos * grad_total, grad_pool * grad_total, None, None, None, None, None
+        return grad_q * grad_total, grad_pos * grad_total, grad_pool * grad_total, None, None, None, None, None, None
+
+
+def padded_size(n):
+    """n rounded up to a multiple of 1/8 of its power of two: 8 sizes an octave, at most 12.5% padding."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def padded(x, rows, dtype=None):
+    """x in `dtype` with zero rows appended up to `rows`; x itself when nothing changes."""
+    dtype = dtype or x.dtype
+    if rows == len(x) and dtype == x.dtype:
+        return x
+    out = x.new_zeros((rows, *x.shape[1:]), dtype=dtype)
+    out[:len(x)] = x
+    return out
 
 
 def _hardest_rows(queries, pos_logits, pos_ids, pool, pool_ids, pool_bias, hard_negatives, weights):
@@ -187,11 +217,12 @@ def scaled_unit_rows(x, scale=1.0):
 
 class Similarity(nn.Module):
     """How states and item vectors become logits: dot products, or cosines / temperature. A learnt
-    temperature is log-parameterised and clamped to TEMPERATURE_RANGE; a fixed one is a buffer."""
+    temperature is log-parameterised and clamped to TEMPERATURE_RANGE; a fixed one is a buffer.
+    matmul_dtype: the softmax pool's matmul inputs (bf16 under --amp bf16; None: as they come, fp32)."""
 
-    def __init__(self, cosine, temperature=1.0, learn=False):
+    def __init__(self, cosine, temperature=1.0, learn=False, matmul_dtype=None):
         super().__init__()
-        self.cosine, self.learn = cosine, learn
+        self.cosine, self.learn, self.matmul_dtype = cosine, learn, matmul_dtype
         log_t = torch.tensor(math.log(temperature))
         if learn:
             self.log_temperature = nn.Parameter(log_t)
@@ -307,8 +338,9 @@ class SoftmaxLoss(Loss):
         pos, pool, pool_ids, pos_bias, pool_bias = self.pool(pos_ids, tower, negatives, states.device)
         pos_logits = (q * pos).sum(-1)
         out = LossOutput(self.combine(softmax_loss(q, pos_logits + pos_bias, pool, pool_ids, pos_ids, pool_bias,
-                                                   self.hard_negatives, weights=weights), q, pos, pos_logits, pos_ids,
-                                      weights))
+                                                   self.hard_negatives, weights=weights,
+                                                   matmul_dtype=self.similarity.matmul_dtype),
+                                      q, pos, pos_logits, pos_ids, weights))
         if with_logits:  # in the loss's units, before any logQ correction
             with torch.no_grad():
                 sample = q[:STAT_ROWS] @ pool[:STAT_COLUMNS].T
@@ -345,7 +377,8 @@ class InfoNCE(SoftmaxLoss):
         if not self.symmetric:
             return loss
         # pos (unit) against queries (states scaled by 1 / T): the same cos / T logits, read column-wise
-        return (loss + softmax_loss(pos, pos_logits, queries, pos_ids, pos_ids, weights=weights)) / 2
+        return (loss + softmax_loss(pos, pos_logits, queries, pos_ids, pos_ids, weights=weights,
+                                    matmul_dtype=self.similarity.matmul_dtype)) / 2
 
     def pool(self, pos_ids, tower, negatives, device):
         pos, neg = self.targets(tower, torch.cat([pos_ids, negatives.per_position])).split(len(pos_ids))
@@ -479,10 +512,11 @@ class ScheduledLoss(nn.Module):
         return self.stages[self.stage(self.epoch)](*args, **kwargs)
 
 
-def build_loss(config, item_counts, dim=None):
+def build_loss(config, item_counts, dim=None, matmul_dtype=None):
     """The loss module of a LossConfig; item_counts: (N + 1,) training interactions per item; dim: the item
-    vectors' width (needed by --negative_queue)."""
-    similarity = Similarity(config.similarity == "cosine", config.temperature, config.learn_temperature)
+    vectors' width (needed by --negative_queue); matmul_dtype: the softmax pools' (cli.amp_dtype)."""
+    similarity = Similarity(config.similarity == "cosine", config.temperature, config.learn_temperature,
+                            matmul_dtype)
     queue = NegativeQueue(config.negative_queue, dim) if config.negative_queue else None
     if not config.loss_schedule:
         return stage_loss(config.loss, config, similarity, item_counts, queue)

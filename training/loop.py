@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import distributed
-from cli import RunError, UsageError, first_line
+from cli import RunError, UsageError, amp_dtype, first_line
 from config import action_weights
 from dataset import TrainBatches
 from eval.metrics import encode_floats, evaluate, model_scorer
@@ -105,12 +105,13 @@ class NullWriter:
 class TrainStep(nn.Module):
     """Model + loss as one module whose forward(batch) returns the LossOutput: what DDP wraps (DDP
     synchronises the gradients of what its wrapped forward computed). `compiled`: torch.compile it,
-    eager if the first (compiling) call fails."""
+    eager if the first (compiling) call fails. `autocast_dtype` (--amp): the encoder runs under autocast
+    to it; the loss sees fp32 states (its pool matmuls take their dtype from the loss's Similarity)."""
 
     def __init__(self, model, loss, sampler, l2_emb=0.0, compiled=False, augment=0.0, augmentations=(),
-                 align_side_info=0.0):
+                 align_side_info=0.0, autocast_dtype=None):
         super().__init__()
-        self.model, self.loss, self.sampler = model, loss, sampler
+        self.model, self.loss, self.sampler, self.autocast_dtype = model, loss, sampler, autocast_dtype
         # --l2_emb, --augment, --align_side_info: resolved here, once; the step adds only those that are on
         self.extras = auxiliary.extra_losses(l2_emb, augment, augmentations, align_side_info)
         self.compiled = torch.compile(self.eager) if compiled else None
@@ -121,8 +122,10 @@ class TrainStep(nn.Module):
             return self.step(batch, with_logits)
 
     def step(self, batch, with_logits):
+        with torch.autocast(batch.inputs.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            states = self.model.encode(batch)
         # index_select on flat indices, not states[real]: a boolean index's backward (index_put) took 3x on CPU
-        states = self.model.encode(batch).flatten(0, 1).index_select(0, batch.rows)
+        states = states.float().flatten(0, 1).index_select(0, batch.rows)
         pos_ids = batch.positives.view(-1).index_select(0, batch.rows)
         per_position = None if batch.negatives is None else batch.negatives.view(-1).index_select(0, batch.rows)
         negatives = BatchNegatives(self.sampler, batch.rows, tuple(batch.positives.shape), per_position)
@@ -167,7 +170,8 @@ def make_step(model, loss, sampler, config, device):
     """The training step module: TrainStep, DDP-wrapped under torchrun."""
     lo = config.loss
     step = TrainStep(model, loss, sampler, lo.l2_emb, compiled=config.train.compile and device.type == "cuda",
-                     augment=lo.augment, augmentations=lo.augmentations, align_side_info=lo.align_side_info)
+                     augment=lo.augment, augmentations=lo.augmentations, align_side_info=lo.align_side_info,
+                     autocast_dtype=amp_dtype(device, config.train.amp))
     if distributed.world_size() == 1:
         return step
     # The buffers (item side codes, sampler tables) are constants: nothing to broadcast every step.
@@ -252,15 +256,13 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop, a
         for _ in range(state.batch):
             next(batch_iter)
         checkpoint.set_rng_state(state.rng)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and train.amp == "bf16")
     meter, seen, start, window_start = LossMeter(device), 0, time.perf_counter(), state.step + 1
     bar = tqdm(batch_iter, total=len(batches), initial=state.batch, desc=f"epoch {epoch}", leave=False,
                disable=not sys.stderr.isatty() or not distributed.is_main())
     for i, batch in enumerate(bar, start=state.batch + 1):
         batch = batch.to(device)
         log_now = (state.step + 1) % SYNC_EVERY == 0
-        with autocast:
-            out = step(batch, with_logits=log_now)
+        out = step(batch, with_logits=log_now)
         rows = len(batch.rows)
         loss = out.loss
         if train.loss_reduction == "position":  # every position weighs the same, however long its batch

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import distributed
-from cli import UsageError, make_writable_folder
+from cli import BF16_MATRIX_FLAGS, UsageError, amp_dtype, make_writable_folder
 from config import Config, DataConfig, TrainConfig, action_weights, checkpoint_file, with_output_dirs
 from dataset import DataError, Interactions, LeaveOneOut
 from eval.metrics import evaluate, popularity_scorer
@@ -108,7 +108,7 @@ def build(config: Config, side: SideInfo, split: LeaveOneOut, device: torch.devi
     model.item_tower.load_arrays(side)
     model = model.to(device)
     counts = split.item_counts("valid")
-    loss = build_loss(config.loss, counts, config.model.hidden_units).to(device)
+    loss = build_loss(config.loss, counts, config.model.hidden_units, amp_dtype(device, config.train.amp)).to(device)
     popular = config.loss.loss == "sampled_softmax" and config.loss.neg_sampler == "popularity"
     sampler = NegativeSampler(config.model.num_items, popularity(counts).to(device) if popular else None, split)
     optimizer = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=config.train.lr, betas=(0.9, 0.98),
@@ -300,8 +300,11 @@ def prepare_outputs(config):
 def run_job(config: Config, device: torch.device) -> None:
     """Train (or, with --inference_only, evaluate) as `config` says, on `device`; rank 0 writes the outputs."""
     t, lo = config.train, config.loss
-    if device.type != "cuda" and (t.amp != "none" or t.compile):
-        print(f"note: --amp {t.amp} / --compile act on CUDA only; on {device} they do nothing")
+    if t.compile and device.type != "cuda":
+        print(f"note: --compile acts on CUDA only; on {device} it does nothing")
+    if t.amp != "none" and amp_dtype(device, t.amp) is None:
+        print(f"note: --amp {t.amp}: this CPU has no native bf16 matrix instructions ({' / '.join(BF16_MATRIX_FLAGS)} "
+              f"in /proc/cpuinfo), where bf16 is slower than fp32; training in fp32")
     if lo.gather_negatives and (distributed.world_size() == 1 or lo.loss not in ("infonce", "sampled_softmax")):
         print("note: --gather_negatives acts on infonce / sampled_softmax under torchrun with 2+ processes; "
               "here it does nothing")
