@@ -22,6 +22,7 @@ FORMATS = ("lines", "pairs", "delimited")  # log layouts readers/logs.py reads
 ID_TYPES = ("auto", "int", "str")
 LOSSES = ("bce", "gbce", "infonce", "sampled_softmax", "ce")
 TEMPERATURE_RANGE = (0.01, 1.0)  # a learnable temperature is clamped here (CLIP's bound on 1/T is 100)
+BIAS_KINDS = ("position", "time")  # --attn_bias: relative attention biases (encoders/bias.py)
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 # Fields that fix the network's shape: a checkpoint loads only into a model built with the same values.
 STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "emb_scale", "output_emb",
@@ -86,6 +87,11 @@ class ModelConfig:
     action_emb: bool = flag(True, "logs with action types: each input event's action embedded into its token")
     time_features: bool = flag(False, "logs with timestamps: log-bucketed gaps to the previous event and to the "
                                "prediction time, hour and weekday, embedded into each token")
+    encoder: str = flag("sasrec", "sasrec: softmax attention + feed-forward blocks; hstu: HSTU layers (pointwise "
+                        "SiLU attention gated by U, no feed-forward; Zhai et al. 2024)", choices=("sasrec", "hstu"))
+    attn_bias: str = flag("", "relative attention bias in every layer, comma-separated: position (a weight per "
+                          "relative offset), time (per log-bucketed gap from the query's prediction time to the "
+                          "key's time; logs with timestamps), e.g. position,time")
     # From the data, not flags: catalogue size, side-information shapes (features.SideInfo.spec), action types.
     num_items: int = 0
     item_side: Optional[dict] = None
@@ -169,7 +175,8 @@ class TrainConfig:
                           "items are matched by raw id, new items start untrained", action="store_true")
     allow_other_data: bool = flag(False, "with --inference_only: evaluate on a log whose content differs from the "
                                   "checkpoint's (its item ids must be the same)", action="store_true")
-    amp: str = flag("none", "CUDA only. bf16: autocast the forward pass to bfloat16 (losses stay fp32)",
+    amp: str = flag("none", "bf16: the encoder under bfloat16 autocast and the softmax pool's matmuls in bf16 "
+                    "(logits, losses, weights and optimizer in fp32); on CUDA, or a CPU with AMX / AVX512-BF16",
                     choices=("none", "bf16"))
     compile: bool = flag(False, "CUDA only. torch.compile the training step; eager if compilation fails")
     hist_every: int = flag(200, "log logit histograms every N steps (0: never)")
@@ -439,9 +446,20 @@ def build_config(argv=None):
     return config
 
 
+def attention_bias_kinds(text: str) -> tuple:
+    """--attn_bias 'position,time' -> ('position', 'time'), in BIAS_KINDS order; '' -> ()."""
+    kinds = {k.strip() for k in text.split(",") if k.strip()}
+    unknown = sorted(kinds - set(BIAS_KINDS))
+    if unknown:
+        raise UsageError(f"--attn_bias {text!r}: unknown kind {unknown[0]!r}; expected a comma-separated subset of "
+                         f"{', '.join(BIAS_KINDS)}")
+    return tuple(k for k in BIAS_KINDS if k in kinds)
+
+
 def validate(c):
     """Every check of flag values, in one place."""
     m, lo, t = c.model, c.loss, c.train
+    attention_bias_kinds(m.attn_bias)
     for name, value in (("maxlen", m.maxlen), ("hidden_units", m.hidden_units), ("num_blocks", m.num_blocks),
                         ("num_heads", m.num_heads), ("batch_size", t.batch_size), ("num_epochs", t.num_epochs),
                         ("eval_every", t.eval_every), ("bucket_batches", t.bucket_batches)):

@@ -157,6 +157,8 @@ class Batch:
     negatives: Optional[torch.Tensor] = None  # (B, W) one sampled negative per real position, if the loss asks
     actions: Optional[torch.Tensor] = None    # (B, W) action type + 1 of each input event (0: padding)
     times: Optional[torch.Tensor] = None      # (B, W, 4) time codes of each input event (see time_codes)
+    event_times: Optional[torch.Tensor] = None  # (B, W) int64 seconds of each input event (0: padding)
+    next_times: Optional[torch.Tensor] = None   # (B, W) its prediction time: the next event's, its own if unknown
     user_features: Optional[torch.Tensor] = None  # (B, F) the users' feature codes, features side by side
     weights: Optional[torch.Tensor] = None    # (R,) loss weight of each row (by its target's action), None: all 1
 
@@ -191,6 +193,14 @@ def time_codes(times, idx, valid, starts, known_end):
     nxt = np.where(has_next, gap_codes(times[np.minimum(idx + 1, len(times) - 1)] - t), 1)
     hour, weekday = (t // 3600) % 24 + 1, (t // 86400 + 3) % 7 + 1  # 1970-01-01 was a Thursday (Monday = 1)
     return np.where(valid[..., None], np.stack([prev, nxt, hour, weekday], -1), 0)
+
+
+def event_times(times, idx, valid, known_end):
+    """((B, W) seconds of each input event, (B, W) its prediction time: the next event's where known (idx + 1 <
+    known_end), else its own); 0 at padding."""
+    t = np.where(valid, times[idx], 0).astype(np.int64)
+    known = valid & (idx + 1 < known_end[:, None])
+    return t, np.where(known, times[np.minimum(idx + 1, len(times) - 1)], t).astype(np.int64)
 
 
 def user_feature_codes(data, users):
@@ -237,6 +247,8 @@ def add_context(batch, data, users, idx, valid, known_end):
     if data.times is not None:
         starts = data.offsets[:-1][users]
         batch.times = torch.from_numpy(time_codes(data.times, idx, valid, starts, known_end))
+        batch.event_times, batch.next_times = (torch.from_numpy(t) for t in event_times(data.times, idx, valid,
+                                                                                          known_end))
     batch.user_features = user_feature_codes(data, users)
 
 
@@ -320,4 +332,5 @@ class TrainBatches:
         if batch.times is not None:  # inference may not know the prediction time: "none" must be a code it learnt
             unknown = torch.from_numpy(rng.random(seq.shape) < UNKNOWN_PREDICTION_TIME) & (batch.inputs != 0)
             batch.times[..., 1].masked_fill_(unknown, 1)
+            batch.next_times = torch.where(unknown, batch.event_times, batch.next_times)
         return batch

@@ -19,71 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig, model_config_from_dict
-
-
-class Dropout(nn.Module):
-    """Inverted dropout; on CPU the mask comes from numpy's PCG64 bytes (seeded from torch's generator, so
-    runs stay reproducible): one byte per element, so p is rounded to a multiple of 1/256 there.
-
-    Why not nn.Dropout on CPU: its bernoulli_ mask was a large share of an epoch (figures in
-    docs/performance.md, "Standard calls, and the three tricks that stay"). On CUDA it is F.dropout (no
-    measured need there), which is also what torch.compile traces, as --compile acts on CUDA only."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, True)
-        drop = round(256 * self.p)  # the scale uses the exact keep rate
-        bits = np.random.PCG64(int(torch.randint(0, 2 ** 62, (1,)))).random_raw(-(-x.numel() // 8))
-        keep = bits.view(np.uint8)[:x.numel()].reshape(x.shape) >= drop
-        return x * torch.from_numpy(np.multiply(keep, np.float32(256 / (256 - drop)), dtype=np.float32)).to(x.dtype)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention through SDPA (fused kernels). Dropout is applied to the block's
-    output rather than to attention weights: weight dropout forces SDPA onto its slow math path."""
-
-    def __init__(self, hidden_units, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_units, 3 * hidden_units)
-        self.proj = nn.Linear(hidden_units, hidden_units)
-
-    def forward(self, x, attn_mask):
-        B, W, D = x.shape
-        q, k, v = self.qkv(x).view(B, W, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if x.device.type == "cpu":  # under --amp bf16 too: CPU's bf16 attention backward took 6x fp32's
-            q, k, v = q.float(), k.float(), v.float()
-        with torch.autocast(x.device.type, enabled=x.device.type != "cpu"):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(y.transpose(1, 2).reshape(B, W, D))
-
-
-class Block(nn.Module):
-    """Self-attention + point-wise feed-forward, pre-norm or post-norm."""
-
-    def __init__(self, hidden_units, num_heads, dropout_rate, norm_first):
-        super().__init__()
-        self.norm_first = norm_first
-        self.attn_norm = nn.LayerNorm(hidden_units, eps=1e-8)
-        self.attn = CausalSelfAttention(hidden_units, num_heads)
-        self.ffn_norm = nn.LayerNorm(hidden_units, eps=1e-8)
-        self.ffn = nn.Sequential(nn.Linear(hidden_units, hidden_units), nn.ReLU(), Dropout(dropout_rate),
-                                 nn.Linear(hidden_units, hidden_units))
-        self.dropout = Dropout(dropout_rate)
-
-    def forward(self, x, attn_mask):
-        if self.norm_first:
-            x = x + self.dropout(self.attn(self.attn_norm(x), attn_mask))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+from config import ModelConfig, attention_bias_kinds, model_config_from_dict
+from encoders import build_layers
+from encoders.bias import attention_context
+from encoders.dropout import Dropout
 
 
 class ItemTower(nn.Module):
@@ -278,8 +217,9 @@ class SASRec(nn.Module):
         actions = c.num_actions if c.action_emb else 0
         self.context = EventContext(c.hidden_units, actions, c.time_features) if actions or c.time_features else None
         self.emb_dropout = Dropout(c.dropout_rate)
-        self.blocks = nn.ModuleList(Block(c.hidden_units, c.num_heads, c.dropout_rate, c.norm_first)
-                                    for _ in range(c.num_blocks))
+        self.blocks = build_layers(c, c.maxlen + 1)  # + 1: room for a user token
+        bias_kinds = attention_bias_kinds(c.attn_bias)
+        self.position_bias, self.time_bias = "position" in bias_kinds, "time" in bias_kinds
         self.last_norm = nn.LayerNorm(c.hidden_units, eps=1e-8)
         for p in self.parameters():
             if p.dim() > 1:
@@ -288,6 +228,9 @@ class SASRec(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
+        for block in self.blocks:  # an encoder's own init (HSTU's), over the Xavier pass above
+            if hasattr(block, "reset_parameters"):
+                block.reset_parameters()
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:
@@ -321,13 +264,19 @@ class SASRec(nn.Module):
         user = None
         if self.user_tower is not None and batch.user_features is not None:
             user = self.user_tower(batch.user_features)
-        return self.sequence_states(batch.inputs, extra, user, item_table)
+        times = None
+        if self.time_bias:
+            if batch.event_times is None:
+                raise ValueError("--attn_bias time needs event times, and this batch has none")
+            times = (batch.next_times, batch.event_times)
+        return self.sequence_states(batch.inputs, extra, user, item_table, times)
 
-    def sequence_states(self, seqs, token_extra=None, user=None, item_table=None):
+    def sequence_states(self, seqs, token_extra=None, user=None, item_table=None, times=None):
         """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero.
         token_extra (B, W, D): added to the item tokens; user (B, D): the user's vector, as a first token
         every real position attends to (user_features 'token') or added to every state ('add');
-        item_table (N + 1, D): item_table()'s, read instead of the item tower."""
+        item_table (N + 1, D): item_table()'s, read instead of the item tower; times: ((B, W) prediction time of
+        each position, (B, W) its event's time) in seconds, for the time attention bias."""
         B, W = seqs.shape
         maxlen, hidden = self.config.maxlen, self.config.hidden_units
         if W > maxlen:
@@ -346,13 +295,12 @@ class SASRec(nn.Module):
         else:
             real_keys = real
         x = self.emb_dropout(x)
-        L = x.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=seqs.device).tril()
-        # Real queries see earlier real keys; each padding query sees only itself (no all-masked rows -> no NaN).
-        # So padding never reaches a real position and is zeroed once, at the end, not in every block.
-        attn_mask = (causal & real_keys[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=seqs.device)
+        if times is not None and prefix:  # the user token's time: 0, a constant (the longest gaps' bucket)
+            times = tuple(F.pad(t, (1, 0)) for t in times)
+        # padding never reaches a real position (the mask), so it is zeroed once, at the end, not in every block
+        context = attention_context(real_keys, *(times or ()), with_offsets=self.position_bias)
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = block(x, context)
         states = self.last_norm(x[:, 1:] if prefix else x)
         if user is not None and not prefix:
             states = states + user[:, None]

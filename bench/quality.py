@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-DATASETS = {"beauty": "Beauty", "toys": "Toys_and_Games", "lastfm": "LastFM", "games": "Games"}  # file stems
-NAMES = {"beauty": "Beauty", "toys": "Toys", "lastfm": "LastFM", "games": "Games"}
+DATASETS = {"beauty": "Beauty.txt", "toys": "Toys_and_Games.txt", "lastfm": "LastFM.txt", "games": "Games.txt",
+            "ml100k": "ml-100k.inter"}  # file names
+NAMES = {"beauty": "Beauty", "toys": "Toys", "lastfm": "LastFM", "games": "Games", "ml100k": "ml-100k"}
 # Best published full-ranking (leave-one-out, all items ranked) results for a plain SASRec on the same
 # files: eSASRec (Tikhonovich et al., RecSys 2025), README table of blondered/transformer_benchmark,
 # column SASRec+SS (sampled softmax, 256 negatives). LastFM has no such figure that we could cite; Games'
@@ -34,6 +35,7 @@ PUBLISHED = {
     "toys": ("0.0970", "0.0580", "eSASRec table, SASRec+SS"),
     "lastfm": ("", "", "no full-ranking SASRec figure found"),
     "games": ("0.7410*", "0.5360*", "SASRec paper (Kang & McAuley 2018), *100 sampled negatives"),
+    "ml100k": ("", "", "timestamps: the time attention bias applies"),
 }
 # The variants: flags added to the recipe. {attributes}: the dataset's item attribute file.
 VARIANTS = {
@@ -54,16 +56,21 @@ VARIANTS = {
     "batch_loss": ["--loss_reduction", "batch"],  # the recipe before position weighting
     "no_ema": ["--ema_decay", "0"],  # the recipe before weight averaging
     "bf16": ["--amp", "bf16"],  # the encoder and the softmax pool's matmuls in bf16 (CPUs with AMX / AVX512-BF16)
+    "position": ["--attn_bias", "position"],  # relative position bias in every SASRec block
+    "time": ["--attn_bias", "position,time"],  # + the time bias (logs with timestamps)
+    "hstu": ["--encoder", "hstu"],
+    "hstu_position": ["--encoder", "hstu", "--attn_bias", "position"],
+    "hstu_time": ["--encoder", "hstu", "--attn_bias", "position,time"],
 }
 
 
 def data_flags(dataset, data_dir=DATA):
-    path = os.path.join(data_dir, f"{DATASETS[dataset]}.txt")
+    path = os.path.join(data_dir, DATASETS[dataset])
     return ["--data", path] + (["--data_format", "pairs", "--sampled_metrics"] if dataset == "games" else [])
 
 
 def variant_flags(variant, dataset, data_dir=DATA):
-    attributes = os.path.join(data_dir, f"{DATASETS[dataset]}_item2attributes.json")
+    attributes = os.path.join(data_dir, f"{DATASETS[dataset].split('.')[0]}_item2attributes.json")
     return [a.format(attributes=attributes) for a in VARIANTS[variant]]
 
 

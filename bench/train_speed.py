@@ -5,12 +5,13 @@
     python bench/train_speed.py --pmixer ~/SASRec.pytorch/python --rounds 3   # in turn, 3 times: steadier ratios
     python bench/train_speed.py --losses infonce -- --hidden_units 256   # anything after -- goes to main.py
     git worktree add ../before HEAD~1 && python bench/train_speed.py --compare ../before --rounds 3   # A/B
+    python bench/train_speed.py --ab "--amp bf16" --rounds 3 -- --hidden_units 256   # fp32 against bf16, in turn
 
 Settings default to the reference PyTorch SASRec's (pmixer/SASRec.pytorch): maxlen 50, hidden 50,
 2 blocks, 1 head, batch 128, on CPU. Each configuration runs in its own process, so start-up and peak
 RSS are its own. Seconds per epoch is the median over --epochs epochs after one warm-up epoch.
 Achieved GFLOP/s = the FLOPs torch executes in an epoch (forward + backward, counted by
-torch.utils.flop_counter over one extra epoch) / the median epoch time, next to the fp32 matmul rate
+torch.utils.flop_counter over one extra epoch) / the median epoch time, next to the fp32 and bf16 matmul rates
 measured in the same process. pmixer is timed from its per-step log lines (first step of each epoch);
 its code is run where it lies and never copied here.
 """
@@ -31,9 +32,9 @@ PMIXER_SETTINGS = ["--maxlen", "50", "--hidden_units", "50", "--num_blocks", "2"
                    "--batch_size", "128"]
 
 
-def matmul_gflops(size=2048, reps=10):
+def matmul_gflops(size=2048, reps=10, dtype=None):
     import torch
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(reps):
@@ -78,11 +79,12 @@ def child(argv, epochs, profile_steps=0):
         loop.train_epoch(step, optimizer, batches, config, device, state, writer, stop)
     epoch_s = statistics.median(seconds[1:])
     flops = counter.get_total_flops()
-    rate = matmul_gflops()
+    rate, bf16_rate = matmul_gflops(), matmul_gflops(dtype=torch.bfloat16)
     print(json.dumps({"loss": config.loss.loss, "epoch_s": epoch_s, "epochs_s": seconds, "users_per_s":
                       len(batches.users) / epoch_s, "startup_s": startup, "import_s": imported - launched,
                       "data_s": data_seconds, "gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / 1e9 / epoch_s,
-                      "matmul_gflops": rate, "threads": torch.get_num_threads()}))
+                      "matmul_gflops": rate, "bf16_matmul_gflops": bf16_rate, "threads": torch.get_num_threads(),
+                      "amp": config.train.amp}))
 
 
 def print_profile(step, optimizer, batches, device, steps):
@@ -161,6 +163,8 @@ def main():
                    "report medians; the ratio to pmixer is taken within each round, so the machine's drift "
                    "between runs largely cancels")
     p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N steps per run")
+    p.add_argument("--ab", metavar="FLAGS", help="each loss also with these main.py flags, in turn (quoted, e.g. "
+                   "'--amp bf16' or '--encoder hstu')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
@@ -168,6 +172,10 @@ def main():
         return child(extra, args.epochs, args.profile)
     base = ["--data", args.data, "--device", "cpu", "--dropout_rate", "0.2", *PMIXER_SETTINGS, *extra]
     runs = {f"this repo, {loss}": (base + ["--loss", loss], __file__) for loss in args.losses}
+    if args.ab:
+        runs = {name: run for loss in args.losses for name, run in (
+            (f"this repo, {loss}", runs[f"this repo, {loss}"]),
+            (f"this repo, {loss}, {args.ab}", (base + ["--loss", loss, *args.ab.split()], __file__)))}
     if args.compare:
         other = os.path.join(os.path.abspath(args.compare), "bench", "train_speed.py")
         runs = {name: run for loss in args.losses for name, run in (
@@ -194,7 +202,7 @@ def print_table(results, compare=None):
     """One row per configuration: medians over rounds; a ratio is the median of the rounds' ratios."""
     reference = results.get(PMIXER)
     print("\n| run | s / epoch | users / s | start-up s | data load + split s | peak RSS MB | GFLOP / epoch | "
-          "achieved GFLOP/s | matmul GFLOP/s | pmixer s / epoch over this | s / epoch over --compare's |")
+          "achieved GFLOP/s | matmul GFLOP/s fp32 / bf16 | pmixer s / epoch over this | s / epoch over --compare's |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, rounds in results.items():
         def cell(key, fmt, rounds=rounds):
@@ -205,7 +213,8 @@ def print_table(results, compare=None):
         versus = round_ratios(rounds, other) if other else ""
         print(f"| {name} | {cell('epoch_s', '.2f')} | {cell('users_per_s', ',.0f')} | {cell('startup_s', '.1f')} "
               f"| {cell('data_s', '.3f')} | {cell('peak_rss_mb', ',.0f')} | {cell('gflop_per_epoch', '.1f')} "
-              f"| {cell('achieved_gflops', '.1f')} | {cell('matmul_gflops', '.0f')} | {ratio} | {versus} |")
+              f"| {cell('achieved_gflops', '.1f')} | {cell('matmul_gflops', '.0f')} / "
+              f"{cell('bf16_matmul_gflops', '.0f')} | {ratio} | {versus} |")
 
 
 if __name__ == "__main__":

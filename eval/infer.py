@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from cli import ArgumentParser, RunError, UsageError, exits, first_line, make_writable_folder, resolve_device  # noqa: E402
 from config import model_config_from_dict  # noqa: E402
-from dataset import DataError, LeaveOneOut, left_padded, ragged_positions  # noqa: E402
+from dataset import DataError, LeaveOneOut, history_batch, left_padded, ragged_positions  # noqa: E402
 from eval.metrics import embed_users, metrics_at_k  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
 from model import SASRec  # noqa: E402
@@ -117,9 +117,10 @@ def load_run(args: argparse.Namespace) -> tuple:
 
 def training_histories(config: dict, id_map: dict, args: argparse.Namespace,
                        trained_on: Optional[dict] = None) -> tuple:
-    """(user raw ids, flat item array, history ends, history lengths, targets or None) from the training log,
-    which must be the one the checkpoint was trained on (`trained_on`: its data identity), or, with
-    --allow_other_data, a log with the same item ids."""
+    """(user raw ids, flat item array, history ends, history lengths, targets or None, eval.metrics' histories
+    function) from the training log, which must be the one the checkpoint was trained on (`trained_on`: its
+    data identity), or, with --allow_other_data, a log with the same item ids. The histories carry the log's
+    context (event times, actions), as in training's evaluation."""
     path = args.data or config["data"]
     if os.path.isdir(path) or config.get("data_format") == "taac":
         raise UsageError(f"--ckpt {args.ckpt}: trained on the competition folder {path}; its inference is "
@@ -133,12 +134,15 @@ def training_histories(config: dict, id_map: dict, args: argparse.Namespace,
     if trained_on and not args.allow_other_data:
         checkpoint.check_same_data(trained_on, checkpoint.data_identity(data), path, args.ckpt,
                                    {"items": "", "content": "--allow_other_data evaluates on it anyway"})
-    if args.split == "next":
-        lengths = data.lengths
-        return data.user_ids, data.items, data.offsets[1:], lengths, None
-    split = LeaveOneOut(data)
-    users, ends, lengths, targets = split.eval_arrays(args.split)
-    return data.user_ids[users], data.items, ends, lengths, targets
+    if args.split == "next":  # the next event's time is unknown: each history's last event is the prediction time
+        users, ends, lengths, targets, known_end = np.arange(len(data.lengths)), data.offsets[1:], data.lengths, None, 0
+    else:
+        users, ends, lengths, targets = LeaveOneOut(data).eval_arrays(args.split)
+        known_end = 1
+
+    def histories(rows, clipped, width):
+        return history_batch(data, users[rows], ends[rows], clipped, width, known_end=ends[rows] + known_end)
+    return data.user_ids[users], data.items, ends, lengths, targets, histories
 
 
 def query_histories(id_map: dict, args: argparse.Namespace) -> tuple:
@@ -352,16 +356,21 @@ def main(argv: Optional[list] = None) -> None:
     normalize = (config.get("similarity") if args.similarity == "auto" else args.similarity) == "cosine"
     try:
         if args.queries:
+            if model.time_bias:
+                raise UsageError(f"--queries: the model of {args.ckpt} has a time attention bias (attn_bias "
+                                 f"{config['attn_bias']}), and a query file has no event times; embed the log's "
+                                 f"users instead (no --queries)")
             user_ids, items, ends, lengths, targets = query_histories(id_map, args)
+            histories = padded_histories(items, ends)
         else:
-            user_ids, items, ends, lengths, targets = training_histories(config, id_map, args, trained_on)
+            user_ids, items, ends, lengths, targets, histories = training_histories(config, id_map, args, trained_on)
     except DataError as e:
         raise UsageError(str(e)) from None
     cands = candidate_items(id_map, args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "infer")
     make_writable_folder(out, "--out")
 
-    user_vecs = embed_users(model, padded_histories(items, ends), lengths, device, normalize, args.batch_size)
+    user_vecs = embed_users(model, histories, lengths, device, normalize, args.batch_size)
     item_vecs = embed_items(model.cpu(), cands, normalize)
     check_finite(user_vecs, user_ids, "user")
     check_finite(item_vecs, np.array([""] + id_map["items"], dtype=object)[cands], "item")

@@ -115,7 +115,7 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
         for i, s in enumerate(starts):
             e = min(s + chunk_rows, rows)
             q = padded(queries[s:e], size(e - s), matmul_dtype)
-            padded_logits = (q @ pool_mm.T).float()  # no copy in fp32
+            padded_logits = (q @ pool_mm.T).to(queries.dtype)  # no copy without --amp
             logits = padded_logits[:e - s, :pool_rows]
             if pool_bias is not None:
                 logits += pool_bias

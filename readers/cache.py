@@ -11,8 +11,9 @@ import numpy as np
 from dataset import SPLITS, Interactions, LeaveOneOut
 from files import remove_stale_temp_files
 
-CACHE_VERSION = 5  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
+CACHE_VERSION = 6  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
 # 5: the manifest records each array's dtype, shape, size and SHA-256, and its own checksum
+# 6: delimited logs keep their time column (int64 seconds) as `times`
 CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "split_counts")
 
 

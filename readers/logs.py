@@ -71,8 +71,9 @@ class _IdColumn:
         return codes, uniques.astype(str)
 
 
-def _group(users, items, order_key=None):
-    """Group interactions by user (stable, so file order or `order_key` is chronology)."""
+def _group(users, items, order_key=None, seconds=None):
+    """Group interactions by user (stable, so file order or `order_key` is chronology); `seconds`: each row's
+    time, kept in that order as Interactions.times."""
     user_codes, user_ids = users.codes()
     item_codes, item_ids = items.codes()
     if order_key is None:
@@ -83,7 +84,7 @@ def _group(users, items, order_key=None):
     offsets = np.zeros(len(user_ids) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     items = (item_codes[order] + 1).astype(np.int32)
-    return Interactions(offsets, items, user_ids, item_ids)
+    return Interactions(offsets, items, user_ids, item_ids, times=None if seconds is None else seconds[order])
 
 
 def read_lines(path, id_type="auto"):
@@ -141,7 +142,7 @@ def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="a
         items.add(frame[item].to_numpy(), lines)
         if times:
             times.add(frame[time], lines)
-    return _group(users, items, times.keys() if times else None)
+    return _group(users, items, times.keys() if times else None, times.seconds() if times else None)
 
 
 class _TimeColumn:
@@ -172,6 +173,11 @@ class _TimeColumn:
 
     def keys(self):
         return np.concatenate(self.parts)
+
+    def seconds(self):
+        """int64 seconds: a numeric column is read as seconds (rounded), dates from their nanoseconds."""
+        keys = self.keys()
+        return keys // 1_000_000_000 if self.dates else np.round(keys).astype(np.int64)
 
 
 def _read_chunks(path, expected, first_line, keep=None, described=None, **kwargs):
@@ -302,7 +308,7 @@ def load_interactions(path: str, data_format: str | None = None, cache_dir: str 
         where = f"{path}:{line}" if line else path
         raise DataError(f"{where}: not a UTF-8 text file (byte {offset}: {reason})") from None
     if cache_file:
-        write_cache(cache_file, cache_arrays(data))
+        write_cache(cache_file, {**cache_arrays(data), **({"times": data.times} if data.times is not None else {})})
     data.fingerprint = fingerprint
     return data
 

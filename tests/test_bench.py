@@ -75,7 +75,8 @@ SMOKES = {
         "--baseline", os.environ["BASELINE_2025"], "--users", 50, "--items", 100, "--batch_size", 16, "--batches", 2,
         "--steps", 2, "--warmup_steps", 1, "--rounds", 1, "--maxlen", 10, "--hidden_units", 16],
     "train_speed": lambda tmp, _: [
-        "--data", write_pairs(tmp / "log.txt"), "--losses", "bce", "--epochs", 1, "--", *MODEL],
+        "--data", write_pairs(tmp / "log.txt"), "--losses", "bce", "--epochs", 1, "--ab", "--encoder hstu", "--",
+        *MODEL],
     "quality": lambda tmp, _: [  # one dataset (a small LastFM.txt), one variant, one seed, one epoch
         "--data_dir", os.path.dirname(write_lines(tmp / "LastFM.txt", users=200, items=80)), "--datasets", "lastfm",
         "--variants", "default", "--seeds", 42, "--runs", tmp / "runs", "--", "--num_epochs", 1, *MODEL],
@@ -235,7 +236,9 @@ def test_taac_scale(smoke):
 def test_train_speed(smoke):
     out, _ = smoke("train_speed")
     assert "| run | s / epoch | users / s |" in out
-    assert re.search(rf"\| this repo, bce \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|", out), out
+    for run in ("bce", "bce, --encoder hstu"):
+        cells = rf"\| this repo, {run} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|"
+        assert re.search(cells, out), out
 
 
 def test_every_script_has_a_smoke_test():

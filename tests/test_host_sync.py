@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 from config import build_config
 from conftest import ROOT
 from dataset import LeaveOneOut, TrainBatches
@@ -26,7 +27,8 @@ KNOWN_READS = {
         "the chunks' bounds in the sorted accidental-hit rows (searchsorted(...).tolist()), to slice each chunk",
     ("objectives/negative_queue.py", "NegativeQueue.__len__"): "the queue's fill level, kept in a buffer",
     ("objectives/negative_queue.py", "NegativeQueue.contents"): "the queue's write position, kept in a buffer",
-    ("model.py", "Dropout.forward"): "CPU only: the numpy mask's seed drawn from torch's generator (CUDA: F.dropout)",
+    ("encoders/dropout.py", "Dropout.forward"):
+        "CPU only: the numpy mask's seed drawn from torch's generator (CUDA: F.dropout)",
 }
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 FLAGS = ["--data", "synthetic", "--device", "cpu", "--maxlen", "12", "--hidden_units", "16", "--num_blocks", "1",
@@ -44,6 +46,9 @@ OPTIONS = {
     "ce": ["--loss", "ce"],
     "schedule": ["--loss_schedule", "bce:1,infonce"],
     "augment_l2_dropout": ["--loss", "infonce", "--augment", "0.1", "--l2_emb", "0.01", "--item_emb_dropout", "0.2"],
+    "infonce_amp_bf16": ["--loss", "infonce", "--amp", "bf16"],
+    "hstu_position_bias": ["--loss", "infonce", "--encoder", "hstu", "--attn_bias", "position"],
+    "sasrec_position_bias": ["--loss", "bce", "--attn_bias", "position"],
 }
 
 
@@ -80,7 +85,8 @@ def host_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=list(OPTIONS))
-def test_a_training_step_reads_no_tensor_on_the_host_but_the_known_sites(data, option, host_reads):
+def test_a_training_step_reads_no_tensor_on_the_host_but_the_known_sites(data, option, host_reads, monkeypatch):
+    monkeypatch.setattr(cli, "cpu_bf16_instructions", lambda: ("amx_bf16",))  # --amp bf16 acts on any CPU here
     config, side = run.complete_config(build_config(FLAGS + OPTIONS[option]), data)
     split = LeaveOneOut(data)
     model, loss, sampler, optimizer = run.build(config, side, split, torch.device("cpu"))

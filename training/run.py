@@ -12,7 +12,15 @@ import torch
 
 import distributed
 from cli import BF16_MATRIX_FLAGS, UsageError, amp_dtype, make_writable_folder
-from config import Config, DataConfig, TrainConfig, action_weights, checkpoint_file, with_output_dirs
+from config import (
+    Config,
+    DataConfig,
+    TrainConfig,
+    action_weights,
+    attention_bias_kinds,
+    checkpoint_file,
+    with_output_dirs,
+)
 from dataset import DataError, Interactions, LeaveOneOut
 from eval.metrics import evaluate, popularity_scorer
 from files import FolderBusy, lock_folder, write_json
@@ -94,6 +102,9 @@ def complete_config(config: Config, data: Interactions) -> tuple[Config, SideInf
     if config.loss.align_side_info and not (side.features or side.vectors):
         raise UsageError(f"--align_side_info: {d.data} gives the items no side information (add --item_features, "
                          f"--item_emb or --mm_emb_id)")
+    if "time" in attention_bias_kinds(config.model.attn_bias) and data.times is None:
+        raise UsageError(f"--attn_bias time: {d.data} has no timestamps (a time column, or a competition folder); "
+                         f"use --attn_bias position")
     num_actions = int(data.actions.max()) + 1 if data.actions is not None else 0
     model_config = dataclasses.replace(config.model, num_items=data.num_items, item_side=side.spec(),
                                        user_side=data.user_side.spec() if data.user_side is not None else None,
