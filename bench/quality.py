@@ -55,7 +55,8 @@ VARIANTS = {
     "random_batches": ["--bucket_batches", "1"],
     "batch_loss": ["--loss_reduction", "batch"],  # the recipe before position weighting
     "no_ema": ["--ema_decay", "0"],  # the recipe before weight averaging
-    "bf16": ["--amp", "bf16"],  # the encoder and the softmax pool's matmuls in bf16 (CPUs with AMX / AVX512-BF16)
+    "bf16": ["--amp", "bf16"],  # the encoder and the softmax pool's matmuls in bf16 (the recipe's default)
+    "fp32": ["--amp", "none"],  # the recipe before bf16
     "position": ["--attn_bias", "position"],  # relative position bias in every SASRec block
     "time": ["--attn_bias", "position,time"],  # + the time bias (logs with timestamps)
     "hstu": ["--encoder", "hstu"],

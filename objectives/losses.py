@@ -98,12 +98,12 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, pos_logits, pool, pool_bias, hit_rows, hit_cols, chunk_rows, weights=None,
                 matmul_dtype=None):
-        """matmul_dtype (--amp bf16): the three matmuls' operands in that dtype, padded to a few sizes (a
-        oneDNN bf16 matmul compiles a kernel per new shape: ~20 ms each, and pools change size every step);
+        """matmul_dtype (--amp bf16): the three matmuls' operands in that dtype, on a CPU padded to a few sizes
+        (oneDNN compiles a bf16 matmul kernel per new shape, ~20 ms each, and pools change size every step);
         the logits, exps and sums stay fp32."""
         (rows, dim), pool_rows, need_grad = queries.shape, len(pool), any(ctx.needs_input_grad[:3])
         low = matmul_dtype not in (None, queries.dtype)
-        size = padded_size if low else int
+        size = padded_size if low and queries.device.type == "cpu" else int
         pool_mm = padded(pool, size(pool_rows), matmul_dtype)
         # Per row: the shift (max logit), exp(positive - shift), 1 / sum of exps; per-row work is done once,
         # after the loop, so a chunk costs few ops (the step is bound by per-op overhead at small sizes).
