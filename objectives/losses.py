@@ -110,17 +110,14 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
         shift, pos_exp, inv = queries.new_empty(rows), queries.new_empty(rows), queries.new_empty(rows)
         grad_q = torch.empty_like(queries)
         grad_pool_t = pool.new_zeros(dim, len(pool_mm))  # (D, P): q.T @ probs beats probs.T @ q
-        starts = range(0, rows, chunk_rows)
-        hit_bounds = torch.searchsorted(hit_rows, torch.tensor([*starts, rows], device=hit_rows.device)).tolist()
-        for i, s in enumerate(starts):
+        for s in range(0, rows, chunk_rows):
             e = min(s + chunk_rows, rows)
             q = padded(queries[s:e], size(e - s), matmul_dtype)
             padded_logits = (q @ pool_mm.T).to(queries.dtype)  # no copy without --amp
             logits = padded_logits[:e - s, :pool_rows]
             if pool_bias is not None:
                 logits += pool_bias
-            a, b = hit_bounds[i], hit_bounds[i + 1]
-            logits[hit_rows[a:b] - s, hit_cols[a:b]] = float("-inf")
+            mask_hits(logits, hit_rows - s, hit_cols)
             torch.maximum(logits.amax(dim=1), pos_logits[s:e], out=shift[s:e])
             probs = logits.sub_(shift[s:e, None]).exp_()  # in place: the chunk's logits become exp(logit - shift)
             torch.exp(pos_logits[s:e] - shift[s:e], out=pos_exp[s:e])
@@ -145,6 +142,14 @@ class ChunkedSoftmaxCE(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_q, grad_pos, grad_pool = ctx.saved_tensors
         return grad_q * grad_total, grad_pos * grad_total, grad_pool * grad_total, None, None, None, None, None, None
+
+
+def mask_hits(logits, rows, cols):
+    """logits[rows, cols] = -inf for the hits whose row falls in 0..len(logits) - 1, without asking the host which
+    those are (that read would stall a GPU every step): the others add 0 at a clamped row instead."""
+    inside = (rows >= 0) & (rows < len(logits))
+    logits.index_put_((rows.clamp(0, len(logits) - 1), cols),
+                      torch.where(inside, float("-inf"), 0.0).to(logits.dtype), accumulate=True)
 
 
 def padded_size(n):

@@ -19,12 +19,10 @@ from dataset import LeaveOneOut, TrainBatches
 from readers.logs import make_synthetic
 from training import loop, run
 
-# (file, function) -> why the host reads a value there. The softmax ones are to go (the speed issue); the
+# (file, function) -> why the host reads a value there. The queue's are to go (the GPU issue); the
 # operator-level read of accidental_hits (repeat_interleave sized by the hit counts) is not seen here, only
 # by torch.cuda.set_sync_debug_mode on a GPU.
 KNOWN_READS = {
-    ("objectives/losses.py", "ChunkedSoftmaxCE.forward"):
-        "the chunks' bounds in the sorted accidental-hit rows (searchsorted(...).tolist()), to slice each chunk",
     ("objectives/negative_queue.py", "NegativeQueue.__len__"): "the queue's fill level, kept in a buffer",
     ("objectives/negative_queue.py", "NegativeQueue.contents"): "the queue's write position, kept in a buffer",
     ("encoders/dropout.py", "Dropout.forward"):
