@@ -2,6 +2,8 @@
 
     python bench/infonce_memory.py                       # B=256, L=200, chunked (default)
     python bench/infonce_memory.py --chunk_elems 0       # one unchunked (R x R) logits matrix
+    python bench/infonce_memory.py --encoder hstu --num_blocks 8 --hidden_units 512 --num_heads 4 --maxlen 101 \
+        --batch_size 128 --attn_bias position             # HSTU at the TAAC finalists' shape
 
 Each setting runs in a fresh subprocess so ru_maxrss is that step's own peak resident memory.
 """
@@ -28,7 +30,8 @@ def one_step(args):
 
     torch.manual_seed(0)
     model = SASRec(ModelConfig(num_items=args.num_items, maxlen=args.maxlen, hidden_units=args.hidden_units,
-                               num_blocks=args.num_blocks))
+                               num_blocks=args.num_blocks, num_heads=args.num_heads, encoder=args.encoder,
+                               attn_bias=args.attn_bias))
     seq, pos, neg = (torch.randint(1, args.num_items + 1, (args.batch_size, args.maxlen)) for _ in range(3))
     rows = args.batch_size * args.maxlen
     losses.SOFTMAX_CHUNK_ELEMS = args.chunk_elems or rows * rows
@@ -42,7 +45,9 @@ def one_step(args):
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"B={args.batch_size} L={args.maxlen} R={rows} rows, chunk_elems={losses.SOFTMAX_CHUNK_ELEMS}: "
+    print(f"{args.encoder} x {args.num_blocks}, d {args.hidden_units}, {args.num_heads} heads, bias "
+          f"{args.attn_bias or 'none'}; B={args.batch_size} L={args.maxlen} R={rows} rows, "
+          f"chunk_elems={losses.SOFTMAX_CHUNK_ELEMS}: "
           f"peak RSS {peak / 1024:.0f} MB (model and inputs before the step {base / 1024:.0f} MB), "
           f"step {seconds:.1f}s, loss {loss.item():.4f}")
 
@@ -53,6 +58,9 @@ def main():
     p.add_argument("--maxlen", type=int, default=200)
     p.add_argument("--hidden_units", type=int, default=64)
     p.add_argument("--num_blocks", type=int, default=2)
+    p.add_argument("--num_heads", type=int, default=1)
+    p.add_argument("--encoder", default="sasrec", choices=("sasrec", "hstu"))
+    p.add_argument("--attn_bias", default="", help="position (time needs timestamps, which this batch has not)")
     p.add_argument("--num_items", type=int, default=50000)
     p.add_argument("--chunk_elems", type=int, default=None,
                    help="logits per chunk; 0 = unchunked (default: objectives/losses.py's)")

@@ -11,7 +11,7 @@ separated by " / " (`on / off`). A default cell is read as:
   (env `NAME`), env `NAME`, ...       the field's environment variable(s), in the flags' order; the value
                                       before it is the field's fallback (`.cache`), relative to the repository
   on / off                            True / False
-  empty, none                         no value: None or an empty list
+  empty, none                         no value: None, an empty list or an empty string
   a word of WORDS                     a default decided at run time: compared with what WORDS says it is
 Anything else fails, so a new way of writing a default must be added here, with what it is compared with.
 """
@@ -109,7 +109,7 @@ def check_default(dest, text, parser_flags, resolved, env=False):
     if env and "fallback" in meta:
         default = os.path.relpath(meta["fallback"], config.ROOT)
     if text in NOTHING:
-        return None if default in (None, ()) else f"no default given, config.py has {default!r}"
+        return None if default in (None, (), "") else f"no default given, config.py has {default!r}"
     if text in ("on", "off"):
         return None if default is (text == "on") else f"{text}, config.py has {default!r}"
     if text in WORDS:
