@@ -19,6 +19,7 @@ from eval.competition import main as competition_main
 from eval.competition import read_bin, write_bin
 from eval.metrics import metrics_from_ranks, weighted_score
 from main import main as train_main
+from model import SASRec
 from objectives.losses import bce_loss, softmax_loss
 from readers import taac
 
@@ -195,6 +196,26 @@ def test_competition_inference_writes_the_baseline_outputs(folders, tmp_path):
         creatives = [json.loads(line)["creative_id"] for line in f]
     assert [[creatives[i] for i in row] for row in top][:5] == result["top10s"][:5]
     assert os.path.isfile(os.path.join(out, "score.json"))
+
+
+def test_competition_inference_rebuilds_an_hstu_model_with_a_time_bias(folders, tmp_path):
+    """No encoder flag at inference: the checkpoint's config rebuilds HSTU layers and their biases, and the
+    users' event times reach them (the prediction time unknown: each last event's own time)."""
+    from encoders.hstu import HSTULayer
+    from training import checkpoint
+    run_dir = str(tmp_path / "run")
+    run_quiet(train_main, ["--data", str(folders / "jsonl"), "--mm_emb_id", "81", "--device", "cpu", "--maxlen", "20",
+                           "--hidden_units", "16", "--num_blocks", "2", "--num_epochs", "1", "--cache_dir", "",
+                           "--encoder", "hstu", "--attn_bias", "position,time", "--run_dir", run_dir])
+    model = SASRec.from_checkpoint(checkpoint.load(os.path.join(run_dir, "ckpt", "best.pt")))
+    assert all(isinstance(layer, HSTULayer) and layer.rel_bias.time is not None for layer in model.blocks)
+    out = str(tmp_path / "out")
+    run_quiet(competition_main, ["--ckpt", os.path.join(run_dir, "ckpt"), "--eval_data", str(folders / "jsonl_eval"),
+                                 "--out", out])
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    assert len(result["top10s"]) == 30 and all(len(set(row)) == 10 for row in result["top10s"])
+    assert np.isfinite(read_bin(os.path.join(out, "query.fbin"), np.float32)).all()
 
 
 def cli(*args):
