@@ -162,7 +162,8 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn, and "
                    "report medians; the ratio to pmixer is taken within each round, so the machine's drift "
                    "between runs largely cancels")
-    p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N steps per run")
+    p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N steps per run (after "
+                   "the timed epochs; env BENCH_SHAPES=1 groups it by input shape, BENCH_ROWS=N sets its rows)")
     p.add_argument("--ab", metavar="FLAGS", help="each loss also with these main.py flags, in turn (quoted, e.g. "
                    "'--amp bf16' or '--encoder hstu')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
