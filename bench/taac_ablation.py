@@ -5,8 +5,10 @@
 Writes one synthetic folder per seed (taac_synthetic.py), trains the full model and one model without each
 family (user features, item features, multimodal vectors, action types, time features) plus the user
 features added to the states instead of a token, and prints the mean validation and test competition
-score per variant beside the full model's. --jobs N runs N trainings at a time, each with one thread
-(OMP_NUM_THREADS=1): two default-threaded runs on 2 cores slow each other by up to 30x.
+score per variant beside the full model's. `--variants` also takes the encoder variants (ENCODERS: HSTU and
+`--attn_bias position,time` on the full model, and the biases without `--time_features`). --jobs N runs N
+trainings at a time, each with one thread (OMP_NUM_THREADS=1): two default-threaded runs on 2 cores slow each
+other by up to 30x.
 """
 import argparse
 import itertools
@@ -32,6 +34,13 @@ VARIANTS = {  # each removes one family from the full model (user features: the 
     "without action types": ["--mm_emb_id", "81", "--time_features", "--user_feature_ids", "103", "106",
                              "--no-action_emb"],
     "without time features": [f for f in FULL if f != "--time_features"],
+}
+BIASES = ["--attn_bias", "position,time"]
+ENCODERS = {  # the encoder issue's grid on the full model (SASRec), and the biases with and without time features
+    "HSTU": FULL + ["--encoder", "hstu"],
+    "SASRec + biases": FULL + BIASES,
+    "HSTU + biases": FULL + ["--encoder", "hstu"] + BIASES,
+    "SASRec + biases, without time features": VARIANTS["without time features"] + BIASES,
 }
 
 
@@ -59,7 +68,7 @@ def main(argv=None):
     p.add_argument("--items", type=int, default=10000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=sorted({**VARIANTS, **ENCODERS}), default=list(VARIANTS))
     p.add_argument("flags", nargs="*", default=["--maxlen", "50", "--hidden_units", "48", "--num_blocks", "2",
                                                 "--batch_size", "128", "--num_epochs", "40", "--eval_every", "2",
                                                 "--patience", "6"],
@@ -72,7 +81,7 @@ def main(argv=None):
                                  predict_users=10)
     jobs = list(itertools.product(args.seeds, args.variants))
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda job: train(args, job[0], job[1], VARIANTS[job[1]]), jobs))
+        rows = list(pool.map(lambda job: train(args, job[0], job[1], {**VARIANTS, **ENCODERS}[job[1]]), jobs))
     by_name = {name: [r for r in rows if r[0] == name] for name in args.variants}
     full_test = statistics.mean(r[3] for r in by_name.get("full", rows))
     print(f"\n{args.users} users, {args.items} items, seeds {args.seeds}; flags {' '.join(args.flags)}\n")
