@@ -8,6 +8,7 @@ never repeat training flags; the model's part is also saved inside every checkpo
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -43,6 +44,11 @@ class DataConfig:
     user_col: Optional[str] = flag(None, "delimited format: user column name (default: detect)")
     item_col: Optional[str] = flag(None, "delimited format: item column name (default: detect)")
     time_col: Optional[str] = flag(None, "delimited format: timestamp column name (default: detect, optional)")
+    action_col: Optional[str] = flag(None, "delimited format: a column of action types (integers 0..127: 0 exposure, "
+                                     "1 click, 2 conversion as in competition logs), or a numeric column split at "
+                                     "--action_threshold")
+    action_threshold: Optional[float] = flag(None, "--action_col: values >= this are clicks (action 1), the rest "
+                                             "exposures (action 0), e.g. 4 for ratings 4-5", type=float)
     id_type: str = flag("auto", "raw ids: int, str, or auto (a column of mostly integers is an integer column, "
                         "and a non-integer in it is an error)", choices=ID_TYPES)
     single_item_users: str = flag("error", "users with one interaction give nothing to train or evaluate on: "
@@ -85,6 +91,9 @@ class ModelConfig:
     user_features: str = flag("token", "logs with user features: a first token every position attends to (as "
                               "the basemodel), added to every state, or unused", choices=("token", "add", "none"))
     action_emb: bool = flag(True, "logs with action types: each input event's action embedded into its token")
+    next_action: bool = flag(False, "logs with action types: each position is also told the action type of the "
+                             "event it predicts (never its item); evaluation and inference ask for "
+                             "--predict_action")
     time_features: bool = flag(False, "logs with timestamps: log-bucketed gaps to the previous event and to the "
                                "prediction time, hour and weekday, embedded into each token")
     encoder: str = flag("sasrec", "sasrec: softmax attention + feed-forward blocks; hstu: HSTU layers (pointwise "
@@ -110,11 +119,17 @@ class LossConfig:
     num_negatives: int = flag(256, "negatives per batch (sampled_softmax) or per sequence (gbce)")
     neg_sampler: str = flag("uniform", "sampled_softmax: how negatives are drawn (gbce is always uniform)",
                             choices=("uniform", "popularity"))
+    popularity_alpha: float = flag(1.0, "--neg_sampler popularity: draw an item with probability proportional to "
+                                   "(its training count + 1) ^ alpha (0.75: word2vec's; 0: uniform)")
     logq_correction: bool = flag(True, "sampled_softmax: subtract log(expected count in the pool) from every logit")
     in_batch_negatives: bool = flag(False, "sampled_softmax: the batch's positives join the pool (accidental "
                                     "hits masked)")
     gbce_t: float = flag(0.75, "gbce: calibration t in [0, 1] (0 = plain BCE)")
     hard_negatives: int = flag(0, "softmax losses: keep each row's K highest-scoring negatives (0: all)")
+    hard_negatives_to: Optional[int] = flag(None, "softmax losses: a curriculum, K moving linearly from "
+                                            "--hard_negatives to this over --hard_negatives_steps optimizer steps, "
+                                            "then staying there (e.g. 512 to 64)", type=int)
+    hard_negatives_steps: int = flag(0, "--hard_negatives_to: the optimizer steps the curriculum lasts")
     negatives_per_position: bool = flag(False, "sampled_softmax: --num_negatives uniform negatives drawn for "
                                         "every real position (as RecTools / eSASRec) instead of one pool shared "
                                         "by the batch", action="store_true")
@@ -149,7 +164,10 @@ class TrainConfig:
                                "batch of short histories weighs as much as one of long ones); position: the sum "
                                "over positions / the epoch's mean per batch (every position weighs the same)",
                                choices=("batch", "position"))
-    lr: float = flag(0.001, "Adam learning rate")
+    lr: float = flag(0.001, "learning rate (of every optimizer: Muon's update is scaled to AdamW's RMS)")
+    optimizer: str = flag("adam", "adam; adamw: decoupled --weight_decay; muon: Muon on the encoder layers' weight "
+                          "matrices, AdamW on the rest", choices=("adam", "adamw", "muon"))
+    weight_decay: float = flag(0.0, "decoupled weight decay of adamw / muon (0: none)")
     lr_schedule: str = flag("constant", "cosine: decay from --lr to 0 over --num_epochs; plateau: constant --lr "
                             "until --patience validations bring no better NDCG@10, then a cosine decay to 0 over "
                             "--decay_fraction x the epochs so far, then stop (a function of the step: resumable)",
@@ -190,6 +208,8 @@ class EvalConfig:
     eval_actions: Optional[tuple] = flag(None, "logs with action types: evaluate only users whose held-out "
                                          "target has one of these actions, e.g. 1 2 (default: all)", nargs="+",
                                          type=int, metavar="ACTION")
+    predict_action: int = flag(1, "--next_action: the action type the last position is asked for at validation, "
+                               "test and inference (1: a click)")
     score_weights: tuple = flag(("0=0", "1=1", "2=2.5"), "action weights of the action-weighted competition "
                                 "score (weighted_score), ACTION=WEIGHT", nargs="+", metavar="A=W")
 
@@ -477,6 +497,13 @@ def validate(c):
     if lo.num_negatives < 1 or lo.hard_negatives < 0:
         raise UsageError(f"--num_negatives must be >= 1 and --hard_negatives >= 0, got {lo.num_negatives} and "
                          f"{lo.hard_negatives}")
+    if lo.popularity_alpha < 0:
+        raise UsageError(f"--popularity_alpha must be >= 0, got {lo.popularity_alpha}")
+    if lo.hard_negatives_to is not None and (lo.hard_negatives < 1 or lo.hard_negatives_to < 1
+                                              or lo.hard_negatives_steps < 1):
+        raise UsageError(f"--hard_negatives_to {lo.hard_negatives_to}: a curriculum from --hard_negatives K >= 1 to "
+                         f"K' >= 1 over --hard_negatives_steps >= 1 steps (got K {lo.hard_negatives}, steps "
+                         f"{lo.hard_negatives_steps})")
     if lo.negatives_per_position and (lo.loss != "sampled_softmax" or lo.neg_sampler != "uniform"
                                       or lo.in_batch_negatives or lo.hard_negatives or lo.gather_negatives):
         raise UsageError("--negatives_per_position is for --loss sampled_softmax with uniform negatives (not with "
@@ -495,6 +522,9 @@ def validate(c):
         raise UsageError(f"--min_delta and --min_steps must be >= 0, got {t.min_delta} and {t.min_steps}")
     if not 0 <= t.ema_decay < 1:
         raise UsageError(f"--ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.weight_decay < 0 or (t.weight_decay and t.optimizer == "adam"):
+        raise UsageError(f"--weight_decay must be >= 0 and is for --optimizer adamw / muon, got {t.weight_decay} "
+                         f"with --optimizer {t.optimizer}")
     if not t.decay_fraction > 0:
         raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
     if not 0 <= lo.gbce_t <= 1:
@@ -514,6 +544,10 @@ def validate(c):
                          "item tower scores the outputs")
     for flag_name, pairs in (("action_weights", lo.action_weights), ("score_weights", c.eval.score_weights)):
         action_weights(pairs, flag_name)
+    if c.data.action_threshold is not None and not c.data.action_col:
+        raise UsageError("--action_threshold splits the column of --action_col: give --action_col too")
+    if c.data.action_threshold is not None and not math.isfinite(c.data.action_threshold):
+        raise UsageError(f"--action_threshold must be a finite number, got {c.data.action_threshold}")
     if (t.inference_only or t.finetune) and not t.state_dict_path:
         raise UsageError(f"--{'inference_only' if t.inference_only else 'finetune'} needs --state_dict_path")
     if t.inference_only and t.finetune:

@@ -156,6 +156,7 @@ class Batch:
     rows: torch.Tensor       # (R,) flat index of each trained position in the (B x W) grid (found on the host)
     negatives: Optional[torch.Tensor] = None  # (B, W) one sampled negative per real position, if the loss asks
     actions: Optional[torch.Tensor] = None    # (B, W) action type + 1 of each input event (0: padding)
+    next_actions: Optional[torch.Tensor] = None  # (B, W) action type + 1 of the event each position predicts
     times: Optional[torch.Tensor] = None      # (B, W, 4) time codes of each input event (see time_codes)
     event_times: Optional[torch.Tensor] = None  # (B, W) int64 seconds of each input event (0: padding)
     next_times: Optional[torch.Tensor] = None   # (B, W) its prediction time: the next event's, its own if unknown
@@ -211,17 +212,26 @@ def user_feature_codes(data, users):
     return torch.from_numpy(np.concatenate([np.asarray(f.values[users]) for f in side.features], 1).astype(np.int64))
 
 
+def next_action_codes(actions, idx, valid, action_end, ask):
+    """(B, W) action type + 1 of the event each position predicts (0 at padding): the log's where that event is
+    an input of the batch (idx + 1 < action_end), else `ask` (--predict_action: the action the model is asked
+    for; the held-out target's own action is never read)."""
+    known = valid & (idx + 1 < action_end[:, None])
+    logged = actions[np.minimum(idx + 1, len(actions) - 1)].astype(np.int64) + 1
+    return np.where(known, logged, np.where(valid, ask + 1, 0))
+
+
 def history_batch(data: Interactions, users: np.ndarray, ends: np.ndarray, lengths: np.ndarray, width: int,
-                  known_end: np.ndarray | None = None) -> Batch:
+                  known_end: np.ndarray | None = None, predict_action: int = 1) -> Batch:
     """The Batch of users whose histories are items[ends - lengths:ends] (no positives: evaluation and
     inference). known_end: events before it have known timestamps (default ends + 1: the target's time,
-    the prediction time, is known)."""
+    the prediction time, is known); predict_action: the action the last position is asked to predict."""
     idx, valid = event_index(ends, lengths, width)
     inputs = np.where(valid, data.items[idx], 0).astype(np.int64)
     empty = torch.zeros(0, dtype=torch.long)
     batch = Batch(torch.from_numpy(inputs), torch.zeros_like(torch.from_numpy(inputs)), torch.from_numpy(users),
                   empty)
-    add_context(batch, data, users, idx, valid, ends + 1 if known_end is None else known_end)
+    add_context(batch, data, users, idx, valid, ends + 1 if known_end is None else known_end, ends, predict_action)
     return batch
 
 
@@ -240,10 +250,14 @@ def event_index(ends, lengths, width):
     return np.where(valid, ends[:, None] - width + cols[None, :], 0), valid
 
 
-def add_context(batch, data, users, idx, valid, known_end):
-    """Fill a batch's per-event and per-user fields from the log's arrays, where the log has them."""
+def add_context(batch, data, users, idx, valid, known_end, action_end, predict_action=1):
+    """Fill a batch's per-event and per-user fields from the log's arrays, where the log has them. Timestamps
+    before known_end and actions before action_end are known; a position predicting a later event is asked for
+    `predict_action`."""
     if data.actions is not None:
         batch.actions = torch.from_numpy(np.where(valid, data.actions[idx].astype(np.int64) + 1, 0))
+        batch.next_actions = torch.from_numpy(next_action_codes(data.actions, idx, valid, action_end,
+                                                                predict_action))
     if data.times is not None:
         starts = data.offsets[:-1][users]
         batch.times = torch.from_numpy(time_codes(data.times, idx, valid, starts, known_end))
@@ -328,7 +342,7 @@ class TrainBatches:
             rows = np.flatnonzero(pos != 0)
         batch = Batch(torch.from_numpy(seq), torch.from_numpy(pos), torch.from_numpy(users), torch.from_numpy(rows),
                       neg, weights=weights)
-        add_context(batch, data, users, idx, valid, ends + 1)
+        add_context(batch, data, users, idx, valid, ends + 1, ends)
         if batch.times is not None:  # inference may not know the prediction time: "none" must be a code it learnt
             unknown = torch.from_numpy(rng.random(seq.shape) < UNKNOWN_PREDICTION_TIME) & (batch.inputs != 0)
             batch.times[..., 1].masked_fill_(unknown, 1)

@@ -175,12 +175,14 @@ class UserTower(nn.Module):
 
 class EventContext(nn.Module):
     """What the log says of each input event besides its item: action type and time codes, embedded and
-    summed into its token (dataset.time_codes: gap to previous, gap to prediction time, hour, weekday)."""
+    summed into its token (dataset.time_codes: gap to previous, gap to prediction time, hour, weekday); with
+    `next_actions` also the action type of the event the position predicts (never that event's item)."""
     TIME_VOCABS = (33, 33, 25, 8)
 
-    def __init__(self, hidden_units, num_actions, time_features):
+    def __init__(self, hidden_units, num_actions, time_features, next_actions=0):
         super().__init__()
         self.action_emb = nn.Embedding(num_actions + 1, hidden_units, padding_idx=0) if num_actions else None
+        self.next_action_emb = nn.Embedding(next_actions + 1, hidden_units, padding_idx=0) if next_actions else None
         self.time_emb = nn.ModuleList(nn.Embedding(v, hidden_units, padding_idx=0) for v in self.TIME_VOCABS) \
             if time_features else None
 
@@ -189,6 +191,11 @@ class EventContext(nn.Module):
         out = None
         if self.action_emb is not None and batch.actions is not None:
             out = self.action_emb(batch.actions)
+        if self.next_action_emb is not None:
+            if batch.next_actions is None:
+                raise ValueError("--next_action needs each position's next action, and this batch has none")
+            nxt = self.next_action_emb(batch.next_actions)
+            out = nxt if out is None else out + nxt
         if self.time_emb is not None and batch.times is not None:
             for k, emb in enumerate(self.time_emb):
                 out = emb(batch.times[..., k]) if out is None else out + emb(batch.times[..., k])
@@ -214,8 +221,9 @@ class SASRec(nn.Module):
         self.pos_emb = nn.Embedding(c.maxlen, c.hidden_units)
         has_users = bool(c.user_side and c.user_side["features"]) and c.user_features != "none"
         self.user_tower = UserTower(c.user_side, c.hidden_units) if has_users else None
-        actions = c.num_actions if c.action_emb else 0
-        self.context = EventContext(c.hidden_units, actions, c.time_features) if actions or c.time_features else None
+        actions, next_actions = (c.num_actions if c.action_emb else 0), (c.num_actions if c.next_action else 0)
+        self.context = EventContext(c.hidden_units, actions, c.time_features, next_actions) \
+            if actions or next_actions or c.time_features else None
         self.emb_dropout = Dropout(c.dropout_rate)
         self.blocks = build_layers(c, c.maxlen + 1)  # + 1: room for a user token
         bias_kinds = attention_bias_kinds(c.attn_bias)

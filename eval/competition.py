@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 from cli import ArgumentParser, UsageError, exits, make_writable_folder, resolve_device  # noqa: E402
 from dataset import DataError, history_batch  # noqa: E402
-from eval.infer import build_index, check_finite, choose_blas_kernel, load_run  # noqa: E402
+from eval.infer import PREDICT_ACTION_HELP, asked_action, build_index, check_finite, choose_blas_kernel, load_run  # noqa: E402
 from eval.metrics import SCORE_HR, SCORE_NDCG, embed_users, metrics_at_k  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
 from readers import taac  # noqa: E402
@@ -53,6 +53,7 @@ def build_parser():
                    "1280, efSearch 640) instead of the exact index")
     p.add_argument("--batch_size", type=int, default=1024, help="users embedded at once")
     p.add_argument("--device", default="auto", help="torch device for the model")
+    p.add_argument("--predict_action", type=int, help=PREDICT_ACTION_HELP)
     p.add_argument("--non_finite", choices=("error", "zero"), help="a NaN / infinite vector or value in the "
                    "evaluation folder: an error, or zero (absent) (default: as the checkpoint was trained)")
     return p
@@ -204,11 +205,13 @@ def new_item_side(model, data, new, eval_creatives, creatives, candidate_feature
 
 # ----------------------------------------------------------------------------- embedding, search, files
 
-def whole_histories(data):
+def whole_histories(data, predict_action=1):
     """eval.metrics' histories(rows, lengths, width): each user's Batch after their whole sequence (the most
-    recent event included; the prediction time unknown, so no event's gap-to-prediction code is known)."""
+    recent event included; the prediction time unknown, so no event's gap-to-prediction code is known), the
+    last position asked for `predict_action` (models with --next_action)."""
     ends = data.offsets[1:]
-    return lambda rows, lengths, width: history_batch(data, rows, ends[rows], lengths, width, known_end=ends[rows])
+    return lambda rows, lengths, width: history_batch(data, rows, ends[rows], lengths, width, known_end=ends[rows],
+                                                      predict_action=predict_action)
 
 
 def write_bin(path: str, array: np.ndarray) -> None:
@@ -257,7 +260,8 @@ def main(argv: Optional[list] = None) -> None:
     eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
     data.items = eval_rows[data.items]  # evaluation re-ids -> tower rows
     model.to(device)
-    user_vecs = embed_users(model, whole_histories(data), data.lengths, device, normalize, args.batch_size)
+    ask = asked_action(config, args)
+    user_vecs = embed_users(model, whole_histories(data, ask), data.lengths, device, normalize, args.batch_size)
     with torch.no_grad():
         item_vecs = model.item_embeddings(torch.from_numpy(cand_rows).to(device), normalize).float().cpu().numpy()
     check_finite(user_vecs, data.user_ids, "user")

@@ -46,6 +46,19 @@ def choose_blas_kernel(cpuinfo="/proc/cpuinfo"):
         os.environ["OPENBLAS_CORETYPE"] = kernel
 
 
+PREDICT_ACTION_HELP = "models trained with --next_action: the action type asked for (default: the saved config's)"
+
+
+def asked_action(config: dict, args: argparse.Namespace) -> int:
+    """The action type the last position is asked for: --predict_action, else the saved config's; one line
+    (UsageError) when the model was trained on no such action."""
+    ask = config.get("predict_action", 1) if args.predict_action is None else args.predict_action
+    if config.get("next_action") and not 0 <= ask < config["num_actions"]:
+        raise UsageError(f"--predict_action {ask}: the model of {args.ckpt} knows action types "
+                         f"0..{config['num_actions'] - 1}")
+    return ask
+
+
 def build_parser():
     p = ArgumentParser(description="Top-k retrieval with a trained SASRec checkpoint.", allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -74,6 +87,7 @@ def build_parser():
     p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="top-k file format")
     p.add_argument("--batch_size", type=int, default=1024, help="users embedded at once")
     p.add_argument("--device", default="auto", help="torch device for the model")
+    p.add_argument("--predict_action", type=int, help=PREDICT_ACTION_HELP)
     p.add_argument("--data", help="training log, if it moved since training (default: the saved config's)")
     p.add_argument("--allow_other_data", action="store_true",
                    help="accept a --data log whose content differs from the checkpoint's (its item ids must match)")
@@ -127,7 +141,8 @@ def training_histories(config: dict, id_map: dict, args: argparse.Namespace,
                          f"eval/competition.py --ckpt {args.ckpt} --eval_data <evaluation folder>")
     data = load_interactions(path, config.get("data_format"), config.get("cache_dir") or None,
                              config.get("user_col"), config.get("item_col"), config.get("time_col"),
-                             config.get("id_type", "auto"))
+                             config.get("id_type", "auto"), action_col=config.get("action_col"),
+                             action_threshold=config.get("action_threshold"))
     if data.item_ids.tolist() != id_map["items"]:
         raise UsageError(f"--data {path}: its item ids differ from the checkpoint's id_map.json (was the log "
                          f"changed?); --queries scores other sequences by raw item id")
@@ -140,8 +155,11 @@ def training_histories(config: dict, id_map: dict, args: argparse.Namespace,
         users, ends, lengths, targets = LeaveOneOut(data).eval_arrays(args.split)
         known_end = 1
 
+    ask = asked_action(config, args)
+
     def histories(rows, clipped, width):
-        return history_batch(data, users[rows], ends[rows], clipped, width, known_end=ends[rows] + known_end)
+        return history_batch(data, users[rows], ends[rows], clipped, width, known_end=ends[rows] + known_end,
+                             predict_action=ask)
     return data.user_ids[users], data.items, ends, lengths, targets, histories
 
 
@@ -360,6 +378,10 @@ def main(argv: Optional[list] = None) -> None:
                 raise UsageError(f"--queries: the model of {args.ckpt} has a time attention bias (attn_bias "
                                  f"{config['attn_bias']}), and a query file has no event times; embed the log's "
                                  f"users instead (no --queries)")
+            if config.get("next_action"):
+                raise UsageError(f"--queries: the model of {args.ckpt} is conditioned on the next action "
+                                 f"(next_action), and a query file has no action types; embed the log's users instead "
+                                 f"(no --queries)")
             user_ids, items, ends, lengths, targets = query_histories(id_map, args)
             histories = padded_histories(items, ends)
         else:

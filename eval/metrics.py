@@ -111,9 +111,10 @@ def full_ranks(scores, targets, exclude_rows=None, exclude_items=None):
     return ranks.masked_fill(torch.isneginf(target_scores), MISS)
 
 
-def model_scorer(model, data, device, cosine=False):
+def model_scorer(model, data, device, cosine=False, predict_action=1):
     """score(users, ends, lengths) -> (B, N + 1) scores of users whose history is items[ends - lengths:ends]
-    (with the log's user and event context, the target's timestamp as the prediction time), on the CPU; the
+    (with the log's user and event context, the target's timestamp as the prediction time, `predict_action` as
+    the action asked for), on the CPU; the
     histories are clipped to model.config.maxlen. The item table is computed once per scorer (one evaluation),
     not once per user batch."""
     table = model.item_table()
@@ -122,7 +123,7 @@ def model_scorer(model, data, device, cosine=False):
 
     def score(users, ends, lengths):
         def histories(rows, clipped, width):
-            return history_batch(data, users[rows], ends[rows], clipped, width)
+            return history_batch(data, users[rows], ends[rows], clipped, width, predict_action=predict_action)
         queries = items.new_empty(len(users), items.shape[1])
         for rows, vectors in user_batches(model, histories, lengths, device, cosine, len(users), table):
             queries[torch.from_numpy(rows).to(queries.device)] = vectors

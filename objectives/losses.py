@@ -418,7 +418,8 @@ class SampledSoftmax(SoftmaxLoss):
 
     def log_expected_count(self, sampler, batch_rows, ranks=1):
         """log of how often each item is expected in the pool: N q_sampler per rank whose negatives the
-        pool holds (+ R q_popularity for R in-batch positives)."""
+        pool holds (q_sampler: uniform, or (count + 1) ^ alpha normalised), + R q_popularity for R in-batch
+        positives (their empirical share, alpha 1, whatever the sampler's alpha)."""
         expected = sampler.expected_counts(ranks * self.num_negatives, self.popularity.device)
         if self.in_batch:
             expected = expected + batch_rows * self.popularity
@@ -549,8 +550,18 @@ def stage_loss(name, config, similarity, item_counts, queue=None):
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
 
 
-def popularity(item_counts):
-    """(N + 1,) add-one smoothed share of the positives per item (padding 0): every log-probability finite."""
-    counts = torch.as_tensor(item_counts, dtype=torch.float64) + 1
+def hard_negatives_at(config, step: int) -> int:
+    """The K of --hard_negatives at the optimizer step `step` (0: the first): with --hard_negatives_to, linear
+    from --hard_negatives to it over --hard_negatives_steps steps (rounded), then constant."""
+    if config.hard_negatives_to is None:
+        return config.hard_negatives
+    done = min(1.0, step / config.hard_negatives_steps)
+    return round(config.hard_negatives + (config.hard_negatives_to - config.hard_negatives) * done)
+
+
+def popularity(item_counts, alpha=1.0):
+    """(N + 1,) add-one smoothed share of the positives per item (padding 0): every log-probability finite;
+    with `alpha`, proportional to (count + 1) ^ alpha (--popularity_alpha: the negative sampler's)."""
+    counts = (torch.as_tensor(item_counts, dtype=torch.float64) + 1) ** alpha
     counts[0] = 0
     return (counts / counts.sum()).float()

@@ -71,9 +71,9 @@ class _IdColumn:
         return codes, uniques.astype(str)
 
 
-def _group(users, items, order_key=None, seconds=None):
+def _group(users, items, order_key=None, seconds=None, actions=None):
     """Group interactions by user (stable, so file order or `order_key` is chronology); `seconds`: each row's
-    time, kept in that order as Interactions.times."""
+    time, kept in that order as Interactions.times; `actions`: each row's action type, as Interactions.actions."""
     user_codes, user_ids = users.codes()
     item_codes, item_ids = items.codes()
     if order_key is None:
@@ -84,7 +84,8 @@ def _group(users, items, order_key=None, seconds=None):
     offsets = np.zeros(len(user_ids) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     items = (item_codes[order] + 1).astype(np.int32)
-    return Interactions(offsets, items, user_ids, item_ids, times=None if seconds is None else seconds[order])
+    return Interactions(offsets, items, user_ids, item_ids, times=None if seconds is None else seconds[order],
+                        actions=None if actions is None else actions[order])
 
 
 def read_lines(path, id_type="auto"):
@@ -121,8 +122,10 @@ def read_pairs(path, id_type="auto"):
     return _group(users, items)
 
 
-def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="auto"):
-    """CSV / TSV / RecBole .inter with a header naming user, item and optional timestamp columns."""
+def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="auto", action_col=None,
+                   action_threshold=None):
+    """CSV / TSV / RecBole .inter with a header naming user, item and optional timestamp columns; `action_col`
+    (never detected): action types 0..127, or numbers split at `action_threshold` into 1 (>=) and 0."""
     with open(path, encoding="utf-8") as f:
         header = f.readline()
     sep = "\t" if "\t" in header else ("," if "," in header else (";" if ";" in header else r"\s+"))
@@ -133,16 +136,50 @@ def read_delimited(path, user_col=None, item_col=None, time_col=None, id_type="a
     user = _pick_column(names, user_col, USER_COLUMNS, "user", path)
     item = _pick_column(names, item_col, ITEM_COLUMNS, "item", path)
     time = _pick_column(names, time_col, TIME_COLUMNS, "timestamp", path, required=False)
-    columns = [c for c in (user, item, time) if c is not None]
+    action = _pick_column(names, action_col, (), "action", path, required=False)
+    columns = list(dict.fromkeys(c for c in (user, item, time, action) if c is not None))  # a column read once
     users, items = _IdColumn(path, "user", id_type), _IdColumn(path, "item", id_type)
     times = _TimeColumn(path, time) if time is not None else None
+    actions = _ActionColumn(path, action, action_threshold) if action is not None else None
     for frame, lines in _read_chunks(path, "as many fields as the header", 2, sep=sep, header=0, keep=columns,
                                      described=f"values in columns {columns}"):
         users.add(frame[user].to_numpy(), lines)
         items.add(frame[item].to_numpy(), lines)
         if times:
             times.add(frame[time], lines)
-    return _group(users, items, times.keys() if times else None, times.seconds() if times else None)
+        if actions:
+            actions.add(frame[action], lines)
+    return _group(users, items, times.keys() if times else None, times.seconds() if times else None,
+                  actions.values() if actions else None)
+
+
+class _ActionColumn:
+    """An action column as int8 action types: integers 0..127 as they are, or, with a threshold, any finite
+    number as 1 (>= threshold) or 0; a cell that does not fit is an error naming its line."""
+
+    def __init__(self, path, column, threshold=None):
+        self.path, self.column, self.threshold, self.parts = path, column, threshold, []
+
+    def add(self, values, lines):
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)  # 'nan' / 'x' -> NaN: an error below
+        finite = np.isfinite(numbers)
+        if self.threshold is None:
+            bad = ~(finite & (numbers == np.round(numbers)) & (numbers >= 0) & (numbers <= 127))
+            expected = "an integer action type in 0..127 (or give --action_threshold to split a numeric column)"
+        else:
+            bad, expected = ~finite, f"a finite number (split at --action_threshold {self.threshold:g})"
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{self.path}:{lines[i]}: column '{self.column}' expected {expected}, "
+                            f"got {values.iloc[i]!r}")
+        if self.threshold is None:
+            self.parts.append(numbers.astype(np.int8))
+        else:
+            self.parts.append((numbers >= self.threshold).astype(np.int8))
+
+    def values(self) -> np.ndarray:
+        """(rows,) int8 action types in file order."""
+        return np.concatenate(self.parts)
 
 
 class _TimeColumn:
@@ -269,9 +306,13 @@ def first_non_utf8(path):
 
 def load_interactions(path: str, data_format: str | None = None, cache_dir: str | None = None,
                       user_col: str | None = None, item_col: str | None = None, time_col: str | None = None,
-                      id_type="auto", synthetic_seed=0, verify_cache=False):
+                      id_type="auto", synthetic_seed=0, verify_cache=False, action_col: str | None = None,
+                      action_threshold: float | None = None):
     """Read a log (or make the synthetic one), using a cache keyed by the file's content hash
-    (verify_cache: check every cached array's SHA-256, not only sizes and shapes)."""
+    (verify_cache: check every cached array's SHA-256, not only sizes and shapes; action_col, action_threshold:
+    a delimited log's action types, see read_delimited)."""
+    if path == "synthetic" and action_col is not None:
+        raise DataError(f"--action_col {action_col}: the synthetic log has no columns (it is for delimited logs)")
     if path == "synthetic":
         data = make_synthetic(seed=synthetic_seed)
         data.fingerprint = f"synthetic:seed={synthetic_seed}"
@@ -284,7 +325,13 @@ def load_interactions(path: str, data_format: str | None = None, cache_dir: str 
         raise DataError(f"--id_type must be one of {ID_TYPES}, got {id_type!r}")
     try:
         data_format = data_format or detect_format(path)
-        settings = json.dumps([file_digest(path), data_format, user_col, item_col, time_col, id_type])
+        if action_col is not None and data_format != "delimited":
+            raise DataError(f"{path}: --action_col {action_col} is for delimited logs (a header naming columns); "
+                            f"this file is read as {data_format}")
+        threshold = None if action_threshold is None else float(action_threshold)  # 4 and 4.0: one cache
+        # appended only when set, so logs read without actions keep their fingerprints (and checkpoints)
+        settings = json.dumps([file_digest(path), data_format, user_col, item_col, time_col, id_type]
+                              + ([action_col, threshold] if action_col is not None else []))
         fingerprint = "sha256:" + hashlib.sha256(settings.encode()).hexdigest()
         cache_file = None
         if cache_dir:
@@ -302,13 +349,14 @@ def load_interactions(path: str, data_format: str | None = None, cache_dir: str 
         elif data_format == "pairs":
             data = read_pairs(path, id_type)
         else:
-            data = read_delimited(path, user_col, item_col, time_col, id_type)
+            data = read_delimited(path, user_col, item_col, time_col, id_type, action_col, threshold)
     except UnicodeDecodeError as e:  # e.start counts from the reader's decode chunk: find the byte in the file
         offset, line, reason = first_non_utf8(path) or (e.start, None, e.reason)
         where = f"{path}:{line}" if line else path
         raise DataError(f"{where}: not a UTF-8 text file (byte {offset}: {reason})") from None
     if cache_file:
-        write_cache(cache_file, {**cache_arrays(data), **({"times": data.times} if data.times is not None else {})})
+        write_cache(cache_file, {**cache_arrays(data), **{name: getattr(data, name) for name in ("times", "actions")
+                                                          if getattr(data, name) is not None}})
     data.fingerprint = fingerprint
     return data
 

@@ -11,7 +11,15 @@ from cli import exits
 from config import LOSSES, build_config
 from dataset import Batch
 from objectives import losses
-from objectives.losses import bce_loss, build_loss, gbce_beta, popularity, scaled_unit_rows, softmax_loss
+from objectives.losses import (
+    bce_loss,
+    build_loss,
+    gbce_beta,
+    hard_negatives_at,
+    popularity,
+    scaled_unit_rows,
+    softmax_loss,
+)
 from objectives.samplers import NegativeSampler
 from training.loop import TrainStep
 
@@ -218,11 +226,45 @@ def test_sampled_softmax_in_batch_positives_join_the_pool():
     assert abs(loss.item() - (row1 + row2) / 2) < 1e-6
 
 
+def test_a_mixed_pool_is_corrected_by_each_items_expected_count_from_both_sources():
+    """In-batch positives (drawn by the log: their share at alpha 1) plus N negatives drawn by (count + 1) ^ 0.5:
+    every logit, the positive's included, minus log(N q_sampler + R q_log); accidental hits masked."""
+    counts = (0, 3, 1, 0, 0)
+    flags = ("--loss", "sampled_softmax", "--num_negatives", "1", "--neg_sampler", "popularity",
+             "--popularity_alpha", "0.5", "--in_batch_negatives")
+    q_sampler = torch.tensor([2.0, 2 ** 0.5, 1.0, 1.0]) / (4 + 2 ** 0.5)
+    q_log = torch.tensor([.5, .25, .125, .125])
+    sampler = NegativeSampler(4, popularity(counts, 0.5))
+    torch.testing.assert_close(sampler.q[1:], q_sampler)
+    obj = objective(*flags, counts=counts)
+    expected = 1 * q_sampler + 2 * q_log  # one draw, two in-batch rows
+    torch.testing.assert_close(obj.log_expected_count(sampler, 2)[1:], torch.log(expected))
+    log_e = {item: math.log(expected[item - 1].item()) for item in (1, 2, 4)}
+    states, pos = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[1, 2]])
+    loss = call(obj, states, pos, draws=torch.tensor([4]), sampler=sampler)
+    # pool [4, 1, 2]; row 1 (+x, positive 1): item 4 scores 0, item 2 scores 0, item 1 is its own (masked)
+    p1, negs1 = 1 - log_e[1], [0 - log_e[4], 0 - log_e[2]]
+    # row 2 (+y, positive 2, logit 2): item 4 scores -1, item 1 scores 0, item 2 masked
+    p2, negs2 = 2 - log_e[2], [-1 - log_e[4], 0 - log_e[1]]
+    rows = [-p + math.log(E ** p + sum(E ** n for n in negs)) for p, negs in ((p1, negs1), (p2, negs2))]
+    assert abs(loss.item() - sum(rows) / 2) < 1e-5
+
+
 def test_hard_negatives_keep_the_highest_scoring():
     # CE logits for positive item 1: negatives [0, -3, 0]; K=1 keeps one 0
     states, pos = one_row(1)
     loss = call(objective("--loss", "ce", "--hard_negatives", "1"), states, pos)
     assert abs(loss.item() - (-1 + math.log(E + 1))) < 1e-6
+
+
+def test_the_hard_negative_curriculum_moves_k_linearly_then_holds_it():
+    curriculum = build_config(["--loss", "sampled_softmax", "--hard_negatives", "512", "--hard_negatives_to", "64",
+                               "--hard_negatives_steps", "1000"]).loss
+    assert [hard_negatives_at(curriculum, s) for s in (0, 250, 500, 999, 1000, 5000)] == [512, 400, 288, 64, 64, 64]
+    rising = build_config(["--loss", "ce", "--hard_negatives", "1", "--hard_negatives_to", "4",
+                           "--hard_negatives_steps", "3"]).loss
+    assert [hard_negatives_at(rising, s) for s in range(5)] == [1, 2, 3, 4, 4]
+    assert hard_negatives_at(build_config(["--hard_negatives", "7"]).loss, 10 ** 6) == 7  # no curriculum: constant
 
 
 def test_gbce_beta_and_t0_equals_bce():

@@ -135,6 +135,22 @@ def test_loss_schedule_switches_at_its_epoch_and_resumes_exactly_with_its_queue(
         torch.testing.assert_close({**a["model"], **a["loss"]}[k], {**b["model"], **b["loss"]}[k], rtol=0, atol=0)
 
 
+def test_a_hard_negative_curriculum_resumes_exactly(tmp_path):
+    """K is a function of the step (256 -> 8 over 16 steps, 8 steps an epoch): a run stopped after epoch 1 and
+    resumed ends bit-identical to the straight one."""
+    flags = TINY + ["--loss", "sampled_softmax", "--num_negatives", "300", "--in_batch_negatives", "--neg_sampler",
+                    "popularity", "--popularity_alpha", "0.75", "--hard_negatives", "256", "--hard_negatives_to", "8",
+                    "--hard_negatives_steps", "16", "--eval_every", "2"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    main(flags + ["--num_epochs", "2", "--run_dir", straight])
+    main(flags + ["--num_epochs", "1", "--run_dir", split])
+    main(["--num_epochs", "2", "--state_dict_path", os.path.join(split, "ckpt")])
+    a, b = (torch.load(os.path.join(run, "ckpt", "last.pt"), weights_only=True) for run in (straight, split))
+    assert a["step"] == b["step"] >= 16
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("loss_flags", [[], ["--use_infonce", "--infonce_temperature", "0.1"], ["--loss", "ce"],
                                         ["--loss", "sampled_softmax", "--in_batch_negatives", "--neg_sampler",
                                          "popularity", "--similarity", "cosine", "--learn_temperature"]])

@@ -32,7 +32,7 @@ from dataset import TrainBatches
 from eval.metrics import encode_floats, evaluate, model_scorer
 from files import remove_stale_temp_files
 from objectives import auxiliary
-from objectives.losses import ScheduledLoss
+from objectives.losses import ScheduledLoss, SoftmaxLoss, hard_negatives_at
 from objectives.samplers import BatchNegatives
 from training import checkpoint
 
@@ -262,6 +262,8 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop, a
     for i, batch in enumerate(bar, start=state.batch + 1):
         batch = batch.to(device)
         log_now = (state.step + 1) % SYNC_EVERY == 0
+        if config.loss.hard_negatives_to is not None:  # a function of the step: a resumed run repeats it
+            set_hard_negatives(loss_module, hard_negatives_at(config.loss, state.step))
         out = step(batch, with_logits=log_now)
         rows = len(batch.rows)
         loss = out.loss
@@ -295,6 +297,13 @@ def train_epoch(step, optimizer, batches, config, device, state, writer, stop, a
     return meter.mean(), seen / seconds, seconds
 
 
+def set_hard_negatives(loss_module, k):
+    """--hard_negatives_to's curriculum: every softmax loss in `loss_module` (each stage of a schedule) keeps K."""
+    for module in loss_module.modules():
+        if isinstance(module, SoftmaxLoss):
+            module.hard_negatives = k
+
+
 def log_logits(writer, step, loss, out, loss_module, hist_every):
     writer.add_scalar("train/loss", loss, step)
     for name in ("augment_loss", "align_loss"):
@@ -313,7 +322,7 @@ def log_logits(writer, step, loss, out, loss_module, hist_every):
 def run_evaluation(model, split, config, device, which, sharded=False):
     """Metrics of `model` on `which`; `sharded`: split over the torchrun ranks, rank 0 gets them (others None)."""
     model.eval()
-    score = model_scorer(model, split.data, device, cosine=config.cosine)
+    score = model_scorer(model, split.data, device, cosine=config.cosine, predict_action=config.eval.predict_action)
     e = config.eval
     return evaluate(score, split, which, exclude_history=not e.keep_history, sampled=e.sampled_metrics,
                     seed=config.train.seed, rare_below=e.rare_below, sharded=sharded,

@@ -32,6 +32,7 @@ from readers.logs import load_interactions
 from readers.taac import load_taac
 from training import checkpoint
 from training.loop import LoopState, check_trainable, fit, run_evaluation
+from training.optim import MuonAdamW, build_optimizer, check_same_optimizer, set_weight_decay
 from training.weight_average import WeightAverage
 
 
@@ -76,10 +77,14 @@ def read_data(d: DataConfig) -> Interactions:
     """The log or competition folder of --data, through the parse cache; a data error is one UsageError."""
     try:
         if d.data_format == "taac" or os.path.isdir(d.data):
+            if d.action_col:  # a folder's events carry their own action_type
+                raise DataError(f"--action_col is for delimited logs: the competition folder {d.data} has its "
+                                f"own action types")
             return load_taac(d.data, d.cache_dir or None, d.mm_emb_id, d.item_feature_ids, d.user_feature_ids,
                              verify_cache=d.verify_cache, non_finite=d.non_finite)
         return load_interactions(d.data, d.data_format, d.cache_dir or None, d.user_col, d.item_col, d.time_col,
-                                 d.id_type, verify_cache=d.verify_cache)
+                                 d.id_type, verify_cache=d.verify_cache, action_col=d.action_col,
+                                 action_threshold=d.action_threshold)
     except DataError as e:
         raise UsageError(str(e)) from None
 
@@ -106,6 +111,11 @@ def complete_config(config: Config, data: Interactions) -> tuple[Config, SideInf
         raise UsageError(f"--attn_bias time: {d.data} has no timestamps (a time column, or a competition folder); "
                          f"use --attn_bias position")
     num_actions = int(data.actions.max()) + 1 if data.actions is not None else 0
+    if config.model.next_action and not num_actions:
+        raise UsageError(f"--next_action: {d.data} has no action types (a competition folder, or --action_col)")
+    if config.model.next_action and not 0 <= config.eval.predict_action < num_actions:
+        raise UsageError(f"--predict_action {config.eval.predict_action}: {d.data} has action types "
+                         f"0..{num_actions - 1}")
     model_config = dataclasses.replace(config.model, num_items=data.num_items, item_side=side.spec(),
                                        user_side=data.user_side.spec() if data.user_side is not None else None,
                                        num_actions=num_actions)
@@ -113,17 +123,17 @@ def complete_config(config: Config, data: Interactions) -> tuple[Config, SideInf
 
 
 def build(config: Config, side: SideInfo, split: LeaveOneOut, device: torch.device
-          ) -> tuple[SASRec, torch.nn.Module, NegativeSampler, torch.optim.Optimizer]:
-    """Model, loss, negative sampler and optimizer for a completed config."""
+          ) -> tuple[SASRec, torch.nn.Module, NegativeSampler, torch.optim.Optimizer | MuonAdamW]:
+    """Model, loss, negative sampler and optimizer (training/optim.py, --optimizer) for a completed config."""
     model = SASRec(config.model)
     model.item_tower.load_arrays(side)
     model = model.to(device)
     counts = split.item_counts("valid")
     loss = build_loss(config.loss, counts, config.model.hidden_units, amp_dtype(device, config.train.amp)).to(device)
     popular = config.loss.loss == "sampled_softmax" and config.loss.neg_sampler == "popularity"
-    sampler = NegativeSampler(config.model.num_items, popularity(counts).to(device) if popular else None, split)
-    optimizer = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=config.train.lr, betas=(0.9, 0.98),
-                                 fused=device.type in ("cpu", "cuda"))
+    probs = popularity(counts, config.loss.popularity_alpha).to(device) if popular else None
+    sampler = NegativeSampler(config.model.num_items, probs, split)
+    optimizer = build_optimizer(model, loss, config.train, device)
     return model, loss, sampler, optimizer
 
 
@@ -134,11 +144,11 @@ def prepare(config: Config, device: torch.device) -> tuple:
     return (config, data, split, *build(config, side, split, device))
 
 
-def restore(path: str, model: SASRec, loss: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config,
-            trained_on: dict, average: WeightAverage | None = None) -> LoopState:
+def restore(path: str, model: SASRec, loss: torch.nn.Module, optimizer: torch.optim.Optimizer | MuonAdamW,
+            config: Config, trained_on: dict, average: WeightAverage | None = None) -> LoopState:
     """Load a checkpoint's weights (and loss, optimizer, weight average + loop state when resuming); returns
     the loop state. A resumed run trains on the optimizer's weights, not the averaged ones. Data other than
-    the checkpoint's is refused before anything is loaded."""
+    the checkpoint's, or another --optimizer, is refused before anything is loaded."""
     t = config.train
     ckpt = checkpoint.load(path)
     saved, current = ckpt.get("data"), trained_on
@@ -146,6 +156,8 @@ def restore(path: str, model: SASRec, loss: torch.nn.Module, optimizer: torch.op
         saved = {**saved, "fingerprint": current["fingerprint"]}
     checkpoint.check_same_data(saved, current, config.data.data, path, other_data_hints(t))
     checkpoint.check_model_config(ckpt, model.config, path)
+    if not t.inference_only and "optimizer" in ckpt:
+        check_same_optimizer(ckpt["optimizer"], t, path)
     online = not t.inference_only and "online_model" in ckpt
     checkpoint.restore_weights(model, ckpt, path, key="online_model" if online else "model")
     if average is not None:  # a checkpoint without an average (EMA switched on at resume) starts it there
@@ -154,6 +166,7 @@ def restore(path: str, model: SASRec, loss: torch.nn.Module, optimizer: torch.op
         try:
             loss.load_state_dict(ckpt.get("loss", {}))
             optimizer.load_state_dict(ckpt["optimizer"])
+            set_weight_decay(optimizer, t.weight_decay)  # the saved groups' value would beat --weight_decay
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise UsageError(f"--state_dict_path {path}: does not fit this model ({type(e).__name__}: {e})") from None
     state = LoopState.from_checkpoint(ckpt)
