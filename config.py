@@ -27,7 +27,7 @@ BIAS_KINDS = ("position", "time")  # --attn_bias: relative attention biases (enc
 KEY_ALIASES = {"infonce_temperature": "temperature"}  # old config keys still accepted
 # Fields that fix the network's shape: a checkpoint loads only into a model built with the same values.
 STRUCTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm_first", "emb_scale", "output_emb",
-                  "user_features", "action_emb", "time_features")
+                  "user_features", "action_emb", "time_features", "encoder", "attn_bias", "next_action")
 
 
 def flag(default, help, **argparse_options):
@@ -65,6 +65,10 @@ class DataConfig:
     # Competition folders (--data DIR, readers/taac.py):
     mm_emb_id: tuple = flag((), "competition folders: multimodal feature ids to load, e.g. 81 82 (as the "
                             "basemodel's flag)", nargs="+", metavar="ID")
+    semantic_ids: tuple = flag((), "L K: semantic ids of the items, L levels of K residual k-means centroids "
+                               "(RQ-KMeans) over their vectors (--mm_emb_id, --item_emb), as L more item features "
+                               "(items without a vector: none); computed once, cached", nargs=2, type=int,
+                               metavar=("L", "K"))
     item_feature_ids: Optional[tuple] = flag(None, "competition folders: item feature ids to use (default: all "
                                              "in the data; the flag alone: none)", nargs="*", metavar="ID")
     user_feature_ids: Optional[tuple] = flag(None, "competition folders: user feature ids to use (default: all "
@@ -450,7 +454,7 @@ def build_config(argv=None):
         values[key] = tuple(os.path.abspath(resolve_data_path(p)) for p in ([paths] if isinstance(paths, str)
                                                                               else paths))
     for key in ("mm_emb_id", "item_feature_ids", "user_feature_ids", "positive_actions", "eval_actions",
-                "action_weights", "score_weights"):  # lists from flags, a config file or config.json
+                "action_weights", "score_weights", "semantic_ids"):  # lists from flags, a config file or config.json
         if values[key] is not None:
             values[key] = tuple(values[key]) if isinstance(values[key], (list, tuple)) else (values[key],)
     if values["data"] != "synthetic":
@@ -497,8 +501,15 @@ def validate(c):
     if lo.num_negatives < 1 or lo.hard_negatives < 0:
         raise UsageError(f"--num_negatives must be >= 1 and --hard_negatives >= 0, got {lo.num_negatives} and "
                          f"{lo.hard_negatives}")
-    if lo.popularity_alpha < 0:
-        raise UsageError(f"--popularity_alpha must be >= 0, got {lo.popularity_alpha}")
+    if not 0 <= lo.popularity_alpha <= 10:  # NaN fails too; (count + 1) ^ alpha stays finite in float64
+        raise UsageError(f"--popularity_alpha must be in [0, 10], got {lo.popularity_alpha}")
+    if lo.popularity_alpha != 1 and (lo.loss != "sampled_softmax" or lo.neg_sampler != "popularity"):
+        raise UsageError("--popularity_alpha shapes --neg_sampler popularity's draws (--loss sampled_softmax)")
+    if lo.hard_negatives_steps and lo.hard_negatives_to is None:
+        raise UsageError("--hard_negatives_steps is the length of a --hard_negatives_to curriculum: give both")
+    if lo.hard_negatives_to is not None and c.train.compile:
+        raise UsageError("--hard_negatives_to changes K every step, and a compiled step recompiles for each K: "
+                         "not with --compile")
     if lo.hard_negatives_to is not None and (lo.hard_negatives < 1 or lo.hard_negatives_to < 1
                                               or lo.hard_negatives_steps < 1):
         raise UsageError(f"--hard_negatives_to {lo.hard_negatives_to}: a curriculum from --hard_negatives K >= 1 to "
@@ -522,8 +533,9 @@ def validate(c):
         raise UsageError(f"--min_delta and --min_steps must be >= 0, got {t.min_delta} and {t.min_steps}")
     if not 0 <= t.ema_decay < 1:
         raise UsageError(f"--ema_decay must be in [0, 1), got {t.ema_decay}")
-    if t.weight_decay < 0 or (t.weight_decay and t.optimizer == "adam"):
-        raise UsageError(f"--weight_decay must be >= 0 and is for --optimizer adamw / muon, got {t.weight_decay} "
+    if not 0 <= t.weight_decay < float("inf") or (t.weight_decay and t.optimizer == "adam"):
+        raise UsageError(f"--weight_decay must be finite and >= 0, and is for --optimizer adamw / muon; got "
+                         f"{t.weight_decay} "
                          f"with --optimizer {t.optimizer}")
     if not t.decay_fraction > 0:
         raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
@@ -536,6 +548,10 @@ def validate(c):
         raise UsageError("--item_emb_dropout drops the table that inputs and targets share: it needs --output_emb tied")
     if m.item_emb_dropout and m.no_item_id:
         raise UsageError("--item_emb_dropout drops the item id table: --no_item_id has none")
+    sid = c.data.semantic_ids
+    if sid and (len(sid) != 2 or sid[0] < 1 or sid[1] < 2):
+        raise UsageError(f"--semantic_ids expects L K: L >= 1 levels of K >= 2 centroids, got "
+                         f"{' '.join(map(str, sid))}")
     has_side = bool(c.data.item_features or c.data.item_emb)
     if m.no_item_id and not has_side:
         raise UsageError("--no_item_id needs --item_features or --item_emb (items would have no representation)")

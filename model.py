@@ -32,7 +32,8 @@ class ItemTower(nn.Module):
     items: [id embedding, one pooled embedding per attribute feature, each pretrained vector projected to
     hidden_units] concatenated, then a dense layer. Multi-valued features are averaged over their values
     (padding slots masked); items without a pretrained vector get a learned default. The per-item codes
-    and vectors are buffers, so a checkpoint carries them and inference reads no feature file.
+    and vectors are buffers, so a checkpoint carries them and inference reads no feature file; so are the
+    --semantic_ids codebooks (`semantic_codebooks`, (L, K, d); the codes themselves are features).
     `side_spec` is features.SideInfo.spec(); `use_id=False` gives a pure-content tower."""
     TABLE_CHUNK = 65536  # items per block of a whole table built without grad (forward())
 
@@ -53,6 +54,9 @@ class ItemTower(nn.Module):
         for j, v in enumerate(vectors):  # float16: a 500k x 1024 table is 1 GB, not 2
             self.register_buffer(f"vectors{j}", torch.zeros(num_items + 1, v["dim"], dtype=torch.float16))
             self.register_buffer(f"has_vector{j}", torch.zeros(num_items + 1, dtype=torch.bool))
+        semantic = (side_spec or {}).get("semantic_ids")
+        if semantic:  # --semantic_ids: the quantiser travels with the weights, so inference can code cold items
+            self.register_buffer("semantic_codebooks", torch.zeros(semantic["levels"], semantic["k"], semantic["dim"]))
         parts = int(use_id) + len(features) + len(vectors)
         self.fuse = nn.Linear(parts * hidden_units, hidden_units) if features or vectors else None
         self.id_dropout = Dropout(id_dropout)
@@ -85,6 +89,8 @@ class ItemTower(nn.Module):
             for j, v in enumerate(info.vectors):
                 copy_rows(getattr(self, f"vectors{j}"), v.vectors)
                 copy_rows(getattr(self, f"has_vector{j}"), v.present)
+            if getattr(info, "semantic", None) is not None:
+                copy_rows(self.semantic_codebooks, info.semantic.codebooks)
 
     def forward(self, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Item vectors, the one way to get them: (...) item ids -> (..., D), id 0 (padding) giving zeros; no ids:

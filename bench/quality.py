@@ -62,6 +62,17 @@ VARIANTS = {
     "hstu": ["--encoder", "hstu"],
     "hstu_position": ["--encoder", "hstu", "--attn_bias", "position"],
     "hstu_time": ["--encoder", "hstu", "--attn_bias", "position,time"],
+    "time_features": ["--time_features"],  # gaps embedded into the tokens (logs with timestamps)
+    "time_features_time": ["--time_features", "--attn_bias", "position,time"],  # both ways of seeing time
+    # ml-100k's ratings as actions: 4-5 a click (the targets, and the users evaluated), 1-3 an exposure
+    "actions": ["--action_col", "rating", "--action_threshold", "4", "--positive_actions", "1", "--eval_actions", "1"],
+    "next_action": ["--action_col", "rating", "--action_threshold", "4", "--positive_actions", "1", "--eval_actions",
+                    "1", "--next_action"],
+    "muon": ["--optimizer", "muon"],
+    # in-batch positives + 2048 negatives drawn by count^0.75, logQ-corrected for both sources
+    "mixed": ["--loss", "sampled_softmax", "--similarity", "cosine", "--in_batch_negatives", "--num_negatives", "2048",
+              "--neg_sampler", "popularity", "--popularity_alpha", "0.75"],
+    "hard_curriculum": ["--hard_negatives", "2048", "--hard_negatives_to", "256", "--hard_negatives_steps", "3000"],
 }
 
 

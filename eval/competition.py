@@ -1,6 +1,6 @@
 """Competition inference: a checkpoint + the competition's evaluation folder -> top-10 creatives per user.
 
-    python eval/competition.py --ckpt runs/<name>/ckpt --eval_data DIR/eval [--hnsw] [--out DIR]
+    python eval/competition.py --ckpt runs/<name>/ckpt --eval_data DIR/eval [--hnsw] [--[no-]keep_history] [--out DIR]
 
 The evaluation folder is either layout: predict_seq.jsonl + predict_set.jsonl (+ indexer.pkl,
 item_feat_dict.json, creative_emb/), or the 2026 release's seq/, user_feat/, item_feat/, mm_emb/,
@@ -11,6 +11,8 @@ The folder is read as training reads (readers/taac.py: a user on several lines i
 per user; non-finite values follow the checkpoint's --non_finite unless given); its indexer.pkl must map
 feature values to the codes training used; feature values the checkpoint never saw are 'unknown', action
 types it never saw are clicks. A non-finite user or candidate vector stops the run before any file is written.
+Unless history is kept (the checkpoint's keep_history, or --keep_history / --no-keep_history), the creatives of a
+user's own sequence are removed from their top-k, which is still k long where enough candidates remain.
 
 Writes result.json ({"time", "top10s": [[creative id x 10] per user], "user": [user ids]}, the baseline
 eval's shape) and, for users of the baseline's ANN binary, embedding.fbin / id.u64bin (candidates and their
@@ -32,11 +34,21 @@ sys.path.insert(0, ROOT)
 
 from cli import ArgumentParser, UsageError, exits, make_writable_folder, resolve_device  # noqa: E402
 from dataset import DataError, history_batch  # noqa: E402
-from eval.infer import PREDICT_ACTION_HELP, asked_action, build_index, check_finite, choose_blas_kernel, load_run  # noqa: E402
+from eval.infer import (  # noqa: E402
+    PREDICT_ACTION_HELP,
+    asked_action,
+    build_index,
+    check_finite,
+    choose_blas_kernel,
+    history_positions,
+    load_run,
+    search,
+)
 from eval.metrics import SCORE_HR, SCORE_NDCG, embed_users, metrics_at_k  # noqa: E402
 from files import atomic_write, write_json  # noqa: E402
 from readers import taac  # noqa: E402
 from readers.features import UNKNOWN, Feature, SideInfo, Vectors  # noqa: E402
+from readers.semantic_ids import cold_codes, feature_names  # noqa: E402
 
 HNSW = dict(hnsw_m=64, ef_construction=1280, ef_search=640)  # the baseline's faiss_demo parameters
 
@@ -56,6 +68,9 @@ def build_parser():
     p.add_argument("--predict_action", type=int, help=PREDICT_ACTION_HELP)
     p.add_argument("--non_finite", choices=("error", "zero"), help="a NaN / infinite vector or value in the "
                    "evaluation folder: an error, or zero (absent) (default: as the checkpoint was trained)")
+    p.add_argument("--keep_history", action=argparse.BooleanOptionalAction, help="let the creatives of a user's "
+                   "own sequence compete in the ranking; --no-keep_history removes them from the top-k (default: as "
+                   "the checkpoint was trained, its config.json's keep_history)")
     return p
 
 
@@ -64,7 +79,9 @@ def build_parser():
 def read_users(folder: str, config: dict, non_finite: Optional[str] = None):
     """The users to predict, as Interactions of the evaluation folder (feature ids as in training; non_finite:
     taac.read_taac's policy, by default the one the checkpoint was trained with)."""
-    item_ids = [f["name"] for f in (config.get("item_side") or {}).get("features", [])]
+    item_side = config.get("item_side") or {}
+    derived = set(feature_names(item_side["semantic_ids"]["levels"])) if item_side.get("semantic_ids") else set()
+    item_ids = [f["name"] for f in item_side.get("features", []) if f["name"] not in derived]  # sid*: from vectors
     user_ids = [f["name"] for f in (config.get("user_side") or {}).get("features", [])]
     seq_file = "predict_seq.jsonl" if os.path.isfile(os.path.join(folder, "predict_seq.jsonl")) else "seq.jsonl"
     return taac.read_taac(folder, config.get("mm_emb_id") or (), item_ids or None, user_ids or None, seq_file,
@@ -173,7 +190,8 @@ def item_rows(model, id_map: dict, data, creatives: np.ndarray, candidate_featur
 
 def new_item_side(model, data, new, eval_creatives, creatives, candidate_features):
     """SideInfo of the new rows, in the tower's feature / vector order: values from the evaluation folder's
-    item features, else from the candidate records; multimodal vectors from the evaluation folder."""
+    item features, else from the candidate records; multimodal vectors from the evaluation folder; semantic-id
+    codes (--semantic_ids) assigned from those vectors (none for a creative without one)."""
     spec = model.config.item_side
     eval_pos = {c: i + 1 for i, c in enumerate(eval_creatives)}
     cand_pos = {str(c): i for i, c in enumerate(creatives)}
@@ -200,6 +218,9 @@ def new_item_side(model, data, new, eval_creatives, creatives, candidate_feature
             if given is not None and c in eval_pos:
                 rows[r], present[r] = given.vectors[eval_pos[c]], given.present[eval_pos[c]]
         vectors.append(Vectors(v["name"], rows, present))
+    if spec.get("semantic_ids"):  # codes from their vectors by the checkpoint's codebooks, as training's were
+        coded = {f.name: f for f in cold_codes(spec, model.item_tower.semantic_codebooks.cpu().numpy(), vectors)}
+        features = [coded.get(f.name, f) for f in features]
     return SideInfo(features, vectors)
 
 
@@ -212,6 +233,14 @@ def whole_histories(data, predict_action=1):
     ends = data.offsets[1:]
     return lambda rows, lengths, width: history_batch(data, rows, ends[rows], lengths, width, known_end=ends[rows],
                                                       predict_action=predict_action)
+
+
+def seen_candidates(data, cand_rows: np.ndarray) -> list:
+    """Per user, the candidate positions (index rows) of the creatives in their evaluation-folder sequence, for
+    eval.infer.search's `exclude`: data.items and cand_rows are tower rows (item_rows maps both by creative id);
+    sequence creatives that are not candidates are left out."""
+    num_rows = int(max(cand_rows.max(initial=0), data.items.max(initial=0)))
+    return history_positions(data.items, data.offsets[1:], data.lengths, cand_rows, num_rows)
 
 
 def write_bin(path: str, array: np.ndarray) -> None:
@@ -246,6 +275,7 @@ def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     config, id_map, model, trained_on = load_run(args)
+    ask = asked_action(config, args)
     device = resolve_device(args.device)
     normalize = config.get("similarity") == "cosine"
     try:
@@ -260,14 +290,16 @@ def main(argv: Optional[list] = None) -> None:
     eval_rows, cand_rows = item_rows(model, id_map, data, creatives, candidate_features)
     data.items = eval_rows[data.items]  # evaluation re-ids -> tower rows
     model.to(device)
-    ask = asked_action(config, args)
     user_vecs = embed_users(model, whole_histories(data, ask), data.lengths, device, normalize, args.batch_size)
     with torch.no_grad():
         item_vecs = model.item_embeddings(torch.from_numpy(cand_rows).to(device), normalize).float().cpu().numpy()
     check_finite(user_vecs, data.user_ids, "user")
     check_finite(item_vecs, creatives, "creative")
     index = build_index(item_vecs, "hnsw" if args.hnsw else "flat", "auto", **(HNSW if args.hnsw else {}))
-    _, top = index.search(user_vecs, min(args.k, len(creatives)))
+    # as trained unless given; a config.json without the key was trained with EvalConfig's default (filter)
+    keep_history = config.get("keep_history", False) if args.keep_history is None else args.keep_history
+    exclude = None if keep_history else seen_candidates(data, cand_rows)
+    top, _ = search(index, user_vecs, min(args.k, len(creatives)), exclude)
     top10s = [[int(creatives[i]) for i in row if i >= 0] for row in top]
     users = [str(u) for u in data.user_ids]
     write_bin(os.path.join(out, "embedding.fbin"), item_vecs.astype(np.float32))
@@ -275,7 +307,8 @@ def main(argv: Optional[list] = None) -> None:
     write_bin(os.path.join(out, "query.fbin"), user_vecs.astype(np.float32))
     result = {"time": time.perf_counter() - start, "top10s": top10s, "user": users}
     write_json(os.path.join(out, "result.json"), result)
-    print(f"top-{args.k} for {len(users)} users over {len(creatives)} candidates written to {out}/result.json "
+    print(f"top-{args.k} for {len(users)} users over {len(creatives)} candidates "
+          f"({'history kept' if keep_history else 'history filtered'}) written to {out}/result.json "
           f"({result['time']:.1f} s)")
     truth_path = os.path.join(args.eval_data, "truth.json")
     if os.path.isfile(truth_path):

@@ -118,6 +118,7 @@ def load_run(args: argparse.Namespace) -> tuple:
         given = vars(args).get(flag)  # eval/competition.py has no such flags
         if given is not None and given != config[flag]:
             raise UsageError(f"--{flag} {given} contradicts the checkpoint's saved config ({flag} = {config[flag]})")
+    asked_action(config, args)  # a bad --predict_action is refused before anything is read or written
     ckpt = checkpoint.load(paths[args.weights], "--ckpt")
     checkpoint.check_model_config(ckpt, model_config_from_dict(config), paths[args.weights], "--ckpt")
     checkpoint.check_id_map(ckpt.get("data"), id_map.get("items", []), paths["id_map.json"], paths[args.weights])

@@ -90,7 +90,8 @@ def apply_view(batch, index):
         picked = t.gather(1, source.view(*source.shape, *([1] * (t.dim() - 2))).expand_as(t))
         return picked * shown.view(*shown.shape, *([1] * (t.dim() - 2))).to(t.dtype)
     return dataclasses.replace(batch, inputs=gather(batch.inputs), actions=gather(batch.actions),
-                               times=gather(batch.times))
+                               next_actions=gather(batch.next_actions), times=gather(batch.times),
+                               event_times=gather(batch.event_times), next_times=gather(batch.next_times))
 
 
 def paired_infonce(a, b):

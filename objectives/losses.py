@@ -562,6 +562,7 @@ def hard_negatives_at(config, step: int) -> int:
 def popularity(item_counts, alpha=1.0):
     """(N + 1,) add-one smoothed share of the positives per item (padding 0): every log-probability finite;
     with `alpha`, proportional to (count + 1) ^ alpha (--popularity_alpha: the negative sampler's)."""
-    counts = (torch.as_tensor(item_counts, dtype=torch.float64) + 1) ** alpha
+    log_counts = alpha * torch.log(torch.as_tensor(item_counts, dtype=torch.float64) + 1)
+    counts = torch.exp(log_counts - log_counts[1:].max())  # scaled by the largest: finite for any alpha
     counts[0] = 0
     return (counts / counts.sum()).float()

@@ -11,10 +11,11 @@ import numpy as np
 from dataset import SPLITS, Interactions, LeaveOneOut
 from files import remove_stale_temp_files
 
-CACHE_VERSION = 7  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
+CACHE_VERSION = 6  # 2: canonical-integer ids ('007' stays a string); 3: a folder of .npy, memory-mapped; 4: manifest
 # 5: the manifest records each array's dtype, shape, size and SHA-256, and its own checksum
 # 6: delimited logs keep their time column (int64 seconds) as `times`
-# 7: delimited logs keep an --action_col as `actions` (int8), keyed on --action_col / --action_threshold
+# (an --action_col's `actions`, int8, need no new version: its settings are in the key, and logs without it
+# cache what they did)
 CACHE_ARRAYS = ("offsets", "items", "user_ids", "item_ids", "history", "split_counts")
 
 

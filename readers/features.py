@@ -56,12 +56,16 @@ class Vectors:
 class SideInfo:
     features: list = field(default_factory=list)
     vectors: list = field(default_factory=list)
+    semantic: object = None  # readers.semantic_ids.SemanticIds with --semantic_ids (its code features are above)
 
     def spec(self):
         """Shapes that rebuild the model (saved in config.json; the arrays themselves live in the checkpoint)."""
-        return {"features": [{"name": f.name, "vocab_size": f.vocab_size, "width": f.values.shape[1]}
+        spec = {"features": [{"name": f.name, "vocab_size": f.vocab_size, "width": f.values.shape[1]}
                              for f in self.features],
                 "vectors": [{"name": v.name, "dim": v.vectors.shape[1]} for v in self.vectors]}
+        if self.semantic is not None:  # only then: the specs (and checkpoints) of runs without it are unchanged
+            spec["semantic_ids"] = self.semantic.spec()
+        return spec
 
 
 def load_side_info(item_ids, feature_files=(), vector_files=(), sep="|", non_finite="error"):

@@ -91,7 +91,17 @@ def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):
                                             (["--use_infonce", "--loss", "ce"], "--use_infonce contradicts --loss ce"),
                                             (["--loss", "ce", "--learn_temperature"], "needs cosine logits"),
                                             (["--loss", "gbce", "--gbce_t", "2"], "--gbce_t must be in [0, 1]"),
-                                            (["--ema_decay", "1"], "--ema_decay must be in [0, 1)")])
+                                            (["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
+                                            (["--loss", "sampled_softmax", "--neg_sampler", "popularity",
+                                              "--popularity_alpha", "nan"], "--popularity_alpha must be in [0, 10]"),
+                                            (["--loss", "sampled_softmax", "--popularity_alpha", "0.75"],
+                                             "--popularity_alpha shapes --neg_sampler popularity"),
+                                            (["--hard_negatives", "8", "--hard_negatives_steps", "10"],
+                                             "--hard_negatives_steps is the length of a --hard_negatives_to"),
+                                            (["--loss", "ce", "--hard_negatives", "8", "--hard_negatives_to", "2",
+                                              "--hard_negatives_steps", "10", "--compile"], "not with --compile"),
+                                            (["--optimizer", "adamw", "--weight_decay", "nan"],
+                                             "--weight_decay must be finite and >= 0")])
 def test_bad_flags_exit_2(capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)

@@ -109,6 +109,11 @@ def test_next_action_resumes_exactly_and_inference_asks_for_the_chosen_action(fo
     np.testing.assert_array_equal(read_bin(os.path.join(default_out, "query.fbin"), np.float32), queries[1])
     model = SASRec.from_checkpoint(checkpoint.load(os.path.join(straight, "ckpt", "best.pt")))
     assert model.context.next_action_emb.num_embeddings == 4  # actions 0, 1, 2 and padding
+    refused = str(tmp_path / "refused")
+    with pytest.raises(SystemExit) as exit_:  # refused before any output folder exists
+        competition_main(["--ckpt", os.path.join(straight, "ckpt"), "--eval_data", str(folders / "eval"), "--out",
+                          refused, "--predict_action", "3"])
+    assert exit_.value.code == 2 and not os.path.exists(refused)
 
 
 def test_next_action_is_refused_without_action_types_and_an_unknown_asked_action(folders, tmp_path, capsys):

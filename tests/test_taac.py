@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import taac_synthetic
-from dataset import DataError, LeaveOneOut, TrainBatches
+from dataset import DataError, Interactions, LeaveOneOut, TrainBatches
 from eval.competition import main as competition_main
-from eval.competition import read_bin, write_bin
+from eval.competition import read_bin, seen_candidates, write_bin
+from eval.infer import build_index, search
 from eval.metrics import metrics_from_ranks, weighted_score
 from main import main as train_main
 from model import SASRec
@@ -180,7 +181,8 @@ def test_competition_inference_writes_the_baseline_outputs(folders, tmp_path):
     with open(eval_dir / "predict_set.jsonl", "a") as f:  # a creative training never saw
         f.write(json.dumps({"creative_id": 999999999, "retrieval_id": 200, "features": {"100": 3}}) + "\n")
     out = str(tmp_path / "out")
-    run_quiet(competition_main, ["--ckpt", os.path.join(run_dir, "ckpt"), "--eval_data", str(eval_dir), "--out", out])
+    run_quiet(competition_main, ["--ckpt", os.path.join(run_dir, "ckpt"), "--eval_data", str(eval_dir), "--out", out,
+                                 "--keep_history"])  # the files' own ranking: no creative of the user's filtered
     with open(os.path.join(out, "result.json")) as f:
         result = json.load(f)
     assert len(result["user"]) == len(result["top10s"]) == 30
@@ -216,6 +218,84 @@ def test_competition_inference_rebuilds_an_hstu_model_with_a_time_bias(folders, 
         result = json.load(f)
     assert len(result["top10s"]) == 30 and all(len(set(row)) == 10 for row in result["top10s"])
     assert np.isfinite(read_bin(os.path.join(out, "query.fbin"), np.float32)).all()
+
+
+@pytest.fixture(scope="module")
+def history_ckpts(folders, tmp_path_factory):
+    """One tiny checkpoint trained without --keep_history, and a copy whose config.json says keep_history = true
+    (an evaluation setting: no checkpoint check covers it)."""
+    base = tmp_path_factory.mktemp("history")
+    run_quiet(train_main, ["--data", str(folders / "jsonl"), "--mm_emb_id", "81", "--device", "cpu", "--maxlen", "20",
+                           "--hidden_units", "16", "--num_blocks", "1", "--num_epochs", "1", "--cache_dir", "",
+                           "--run_dir", str(base / "run")])
+    filtered, kept = base / "run" / "ckpt", base / "kept"
+    shutil.copytree(filtered, kept)
+    config = json.loads((kept / "config.json").read_text())
+    assert config["keep_history"] is False
+    (kept / "config.json").write_text(json.dumps({**config, "keep_history": True}))
+    return {"filtered": str(filtered), "kept": str(kept)}
+
+
+def competition_run(ckpt, out, eval_dir, *flags):
+    """(result.json, what eval/competition.py printed) of one run."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        competition_main(["--ckpt", ckpt, "--eval_data", str(eval_dir), "--out", str(out), "--device", "cpu", *flags])
+    with open(os.path.join(out, "result.json")) as f:
+        return json.load(f), printed.getvalue()
+
+
+def test_competition_filters_each_users_own_creatives_unless_history_is_kept(folders, history_ckpts, tmp_path):
+    """Filtered: no creative of the user's evaluation-folder sequence, still 10 distinct, the exact ranking with
+    those removed; kept: today's unfiltered search over the written files, exactly. The default is the
+    checkpoint's keep_history; --keep_history / --no-keep_history override it both ways."""
+    import faiss
+    eval_dir = folders / "jsonl_eval"
+    runs = {name: competition_run(history_ckpts[ckpt], tmp_path / name, eval_dir, *flags) for name, ckpt, flags in (
+        ("filtered", "filtered", ()), ("kept", "kept", ()),
+        ("forced_kept", "filtered", ("--keep_history",)), ("forced_filtered", "kept", ("--no-keep_history",)))}
+    assert "(history filtered)" in runs["filtered"][1] and "(history kept)" in runs["kept"][1]
+    assert runs["forced_kept"][0]["top10s"] == runs["kept"][0]["top10s"]
+    assert runs["forced_filtered"][0]["top10s"] == runs["filtered"][0]["top10s"]
+    filtered, kept = runs["filtered"][0], runs["kept"][0]
+    assert filtered["user"] == kept["user"]
+    for name in ("embedding.fbin", "id.u64bin", "query.fbin"):  # only the ranking changes
+        assert (tmp_path / "filtered" / name).read_bytes() == (tmp_path / "kept" / name).read_bytes()
+
+    data = taac.read_taac(str(eval_dir), seq_file="predict_seq.jsonl")
+    seen = {u: {int(c) for c in data.item_ids[data.items[s:e] - 1]}
+            for u, s, e in zip(data.user_ids, data.offsets[:-1], data.offsets[1:], strict=True)}
+    items = read_bin(str(tmp_path / "kept" / "embedding.fbin"), np.float32)
+    queries = read_bin(str(tmp_path / "kept" / "query.fbin"), np.float32)
+    with open(eval_dir / "predict_set.jsonl") as f:
+        creatives = [json.loads(line)["creative_id"] for line in f]
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    _, top = index.search(queries, 10)  # what eval/competition.py searched before it filtered
+    assert [[creatives[i] for i in row] for row in top] == kept["top10s"]
+    assert sum(len(seen[u] & set(row)) for u, row in zip(kept["user"], kept["top10s"], strict=True)) > 0
+    _, ranking = index.search(queries, len(items))  # the whole ranking, to remove the seen creatives from by hand
+    for u, row, ranked in zip(filtered["user"], filtered["top10s"], ranking, strict=True):
+        assert len(row) == len(set(row)) == 10 and not seen[u] & set(row)
+        assert row == [c for c in (creatives[i] for i in ranked) if c not in seen[u]][:10]
+
+
+def test_a_seen_top_creative_is_replaced_by_the_eleventh():
+    """By hand: candidate j scores 12 - j for the one query; a seen candidate leaves the list and the next
+    unseen one moves up; sequence creatives that are no candidate change nothing; fewer than k left: -1."""
+    vectors = np.arange(12, 0, -1, dtype=np.float32)[:, None]
+    cand_rows = np.array([7, 3, 12, 5, 1, 9, 2, 11, 4, 6, 8, 10])  # candidate j's tower row
+    index = build_index(vectors, "flat", "cpu", verbose=False)
+    histories = [[7, 50], [50, 51], [5, 7, 5], [7, 3, 12, 5, 1]]  # tower rows; 50, 51: no candidate
+    lengths = np.array([len(h) for h in histories])
+    data = Interactions(np.concatenate([[0], np.cumsum(lengths)]), np.concatenate(histories), np.array(list("abcd")),
+                        np.array([]))
+    exclude = seen_candidates(data, cand_rows)
+    assert [sorted(e.tolist()) for e in exclude] == [[0], [], [0, 3, 3], [0, 1, 2, 3, 4]]
+    ids, _ = search(index, np.ones((4, 1), np.float32), 10, exclude)
+    assert ids.tolist() == [list(range(1, 11)), list(range(10)), [1, 2, 4, 5, 6, 7, 8, 9, 10, 11],
+                            [5, 6, 7, 8, 9, 10, 11, -1, -1, -1]]
+    assert search(index, np.ones((4, 1), np.float32), 10)[0].tolist() == [list(range(10))] * 4
 
 
 def cli(*args):

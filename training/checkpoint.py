@@ -18,8 +18,9 @@ import torch
 
 import distributed
 from cli import RunError, UsageError, first_line
-from config import STRUCTURE_KEYS
+from config import STRUCTURE_KEYS, ModelConfig
 from files import atomic_write
+from readers.semantic_ids import feature_names
 
 FORMAT = 2  # 1 (no 'format' key): before the typed-config redesign; state-dict names changed with it
 
@@ -101,7 +102,7 @@ def check_id_map(saved: dict | None, items: list, id_map_path: str, path: str) -
 # Tensors indexed by item (row i = item i): carried over row by row, matched by raw id.
 ITEM_ROWS = re.compile(r"(item|output)_tower\.id_emb\.weight")
 # The item tower's side-information buffers come from the new data, never from the checkpoint.
-SIDE_BUFFERS = re.compile(r"item_tower\.(feature_values|vectors|has_vector)\d+")
+SIDE_BUFFERS = re.compile(r"item_tower\.((feature_values|vectors|has_vector)\d+|semantic_codebooks)")
 
 
 # Embeddings of feature codes: they mean the same values only under the same indexer feature-value map.
@@ -119,11 +120,12 @@ def transfer_weights(model: torch.nn.Module, checkpoint: dict, old_items, new_it
     rows = torch.tensor([old_row.get(str(raw), 0) for raw in new_items], dtype=torch.long)
     matched = rows > 0
     state, saved, fresh = model.state_dict(), checkpoint["model"], []
+    other_centroids = semantic_tables(model, saved)
     for name, tensor in state.items():
         old = saved.get(name)
         if SIDE_BUFFERS.fullmatch(name):
             continue
-        if not same_feature_codes and FEATURE_TABLES.fullmatch(name):
+        if (not same_feature_codes and FEATURE_TABLES.fullmatch(name)) or name in other_centroids:
             fresh.append(name)
         elif old is not None and ITEM_ROWS.fullmatch(name) and old.shape[1:] == tensor.shape[1:]:
             tensor[1:][matched] = old[rows[matched]].to(tensor.dtype)
@@ -133,6 +135,19 @@ def transfer_weights(model: torch.nn.Module, checkpoint: dict, old_items, new_it
             fresh.append(name)
     model.load_state_dict(state)
     return int(matched.sum()), fresh
+
+
+def semantic_tables(model: torch.nn.Module, saved: dict) -> set:
+    """Names of the model's --semantic_ids code embeddings when the checkpoint's codebooks differ from the
+    model's (k-means of other data: a code names another centroid); empty otherwise."""
+    spec = getattr(getattr(model, "config", None), "item_side", None) or {}
+    if "semantic_ids" not in spec:
+        return set()
+    old, new = saved.get("item_tower.semantic_codebooks"), model.item_tower.semantic_codebooks
+    if old is not None and old.shape == new.shape and torch.equal(old, new):
+        return set()
+    names = set(feature_names(spec["semantic_ids"]["levels"]))
+    return {f"item_tower.feature_emb.{i}.weight" for i, f in enumerate(spec["features"]) if f["name"] in names}
 
 
 def load(path: str, flag: str = "--state_dict_path") -> dict:
@@ -158,9 +173,11 @@ def check_model_config(checkpoint, model_config, path, flag="--state_dict_path",
     catalogue and item tower (`same_data=False`, --finetune: its shape alone)."""
     saved = checkpoint["model_config"]
     data_keys = ("num_items", "item_side", "user_side", "num_actions") if same_data else ()
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for key in (*STRUCTURE_KEYS, "no_item_id", *data_keys):
-        if saved.get(key) != getattr(model_config, key):
-            raise UsageError(f"{flag} {path}: does not fit this model (the checkpoint's {key} = {saved.get(key)}, "
+        was = saved.get(key, defaults[key])  # a key older checkpoints lack: they were built with its default
+        if was != getattr(model_config, key):
+            raise UsageError(f"{flag} {path}: does not fit this model (the checkpoint's {key} = {was}, "
                              f"the config's {getattr(model_config, key)})")
 
 

@@ -93,15 +93,24 @@ def build_optimizer(model: nn.Module, loss: nn.Module, train_config: TrainConfig
     if t.optimizer == "adam":  # as before --optimizer existed: runs and checkpoints stay bit-identical
         return torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=t.lr, betas=BETAS, fused=fused)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=t.lr, betas=BETAS,
-                                 weight_decay=t.weight_decay, fused=fused)
+        named = [*model.named_parameters(), *(("loss." + n, p) for n, p in loss.named_parameters())]
+        return torch.optim.AdamW(decay_groups(named, t.weight_decay), lr=t.lr, betas=BETAS, fused=fused)
     if t.optimizer != "muon":
         raise ValueError(f"unknown optimizer {t.optimizer!r}")
     matrices, rest = split_parameters(model, loss)
     muon = torch.optim.Muon([p for _, p in matrices], lr=t.lr, weight_decay=t.weight_decay, momentum=0.95,
                             nesterov=True, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW([p for _, p in rest], lr=t.lr, betas=BETAS, weight_decay=t.weight_decay, fused=fused)
+    adamw = torch.optim.AdamW(decay_groups(rest, t.weight_decay), lr=t.lr, betas=BETAS, fused=fused)
     return MuonAdamW(muon, adamw)
+
+
+def decay_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW's two groups: matrices and embedding tables decay; vectors (LayerNorm gains, biases, relative
+    bias tables) and the loss's parameters (a learnt temperature would drift to 1) keep weight decay 0."""
+    decays = [p for n, p in named if p.ndim >= 2 and not n.startswith("loss.")]
+    kept = [p for n, p in named if not (p.ndim >= 2 and not n.startswith("loss."))]
+    return [{"params": decays, "weight_decay": weight_decay},
+            {"params": kept, "weight_decay": 0.0, "no_decay": True}]
 
 
 def saved_kind(state_dict: dict | None) -> str:
@@ -127,5 +136,5 @@ def set_weight_decay(optimizer: torch.optim.Optimizer | MuonAdamW, weight_decay:
     """--weight_decay into every group after a checkpoint's state was loaded (loading restores the saved
     groups' value, which would override a --weight_decay given at resume)."""
     for group in optimizer.param_groups:
-        if group["weight_decay"] != weight_decay:
+        if not group.get("no_decay") and group["weight_decay"] != weight_decay:
             group["weight_decay"] = weight_decay

@@ -27,6 +27,7 @@ from files import FolderBusy, lock_folder, write_json
 from model import SASRec
 from objectives.losses import build_loss, popularity
 from objectives.samplers import NegativeSampler
+from readers import semantic_ids
 from readers.features import SideInfo, load_side_info
 from readers.logs import load_interactions
 from readers.taac import load_taac
@@ -104,6 +105,8 @@ def complete_config(config: Config, data: Interactions) -> tuple[Config, SideInf
                                                 d.non_finite)
     except DataError as e:
         raise UsageError(str(e)) from None
+    if d.semantic_ids:
+        side = semantic_side(config, data, side)
     if config.loss.align_side_info and not (side.features or side.vectors):
         raise UsageError(f"--align_side_info: {d.data} gives the items no side information (add --item_features, "
                          f"--item_emb or --mm_emb_id)")
@@ -120,6 +123,30 @@ def complete_config(config: Config, data: Interactions) -> tuple[Config, SideInf
                                        user_side=data.user_side.spec() if data.user_side is not None else None,
                                        num_actions=num_actions)
     return dataclasses.replace(config, model=model_config), side
+
+
+def semantic_side(config: Config, data: Interactions, side: SideInfo) -> SideInfo:
+    """--semantic_ids L K: `side` with the items' semantic-id features and quantiser (readers/semantic_ids.py),
+    from the vectors of --mm_emb_id (competition folders) or --item_emb (logs); cached under --cache_dir."""
+    d = config.data
+    levels, k = d.semantic_ids
+    mm_names = {f"mm_{m}" for m in d.mm_emb_id}  # a folder's other vectors are continual features, not embeddings
+    families = [v for v in side.vectors if data.item_side is None or v.name in mm_names]
+    if not families:
+        raise UsageError(f"--semantic_ids: {d.data} gives the items no vectors (--mm_emb_id for competition "
+                         f"folders, --item_emb for logs)")
+    key = semantic_ids.cache_key(data.fingerprint, families, levels, k, config.train.seed,
+                                 [] if data.item_side is not None else list(d.item_emb))
+
+    def quantised():
+        try:
+            return semantic_ids.with_semantic_ids(side, families, levels, k, config.train.seed, d.cache_dir or None,
+                                                  key)
+        except ValueError as e:
+            raise UsageError(f"--semantic_ids {levels} {k}: {e}") from None
+    # under torchrun rank 0 runs k-means and caches it; the others then read the cache (as load_data's parse)
+    first = on_rank0(quantised) if d.cache_dir and distributed.world_size() > 1 else None
+    return first if first is not None else quantised()
 
 
 def build(config: Config, side: SideInfo, split: LeaveOneOut, device: torch.device
