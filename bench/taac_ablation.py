@@ -6,9 +6,10 @@ Writes one synthetic folder per seed (taac_synthetic.py), trains the full model 
 family (user features, item features, multimodal vectors, action types, time features) plus the user
 features added to the states instead of a token, and prints the mean validation and test competition
 score per variant beside the full model's. `--variants` also takes the encoder variants (ENCODERS: HSTU and
-`--attn_bias position,time` on the full model, and the biases without `--time_features`). --jobs N runs N
-trainings at a time, each with one thread (OMP_NUM_THREADS=1): two default-threaded runs on 2 cores slow each
-other by up to 30x.
+`--attn_bias position,time` on the full model, and the biases without `--time_features`) and the competition
+techniques (TECHNIQUES: next action, mixed negatives, semantic ids, Muon, a hard-negative curriculum,
+together). --jobs N runs N trainings at a time, each with one thread (OMP_NUM_THREADS=1): two default-threaded
+runs on 2 cores slow each other by up to 30x.
 """
 import argparse
 import itertools
@@ -42,6 +43,18 @@ ENCODERS = {  # the encoder issue's grid on the full model (SASRec), and the bia
     "HSTU + biases": FULL + ["--encoder", "hstu"] + BIASES,
     "SASRec + biases, without time features": VARIANTS["without time features"] + BIASES,
 }
+MIXED = ["--loss", "sampled_softmax", "--similarity", "cosine", "--in_batch_negatives", "--num_negatives", "4096",
+         "--neg_sampler", "popularity", "--popularity_alpha", "0.75"]
+TECHNIQUES = {  # the competition techniques, each alone on the full model, then together
+    "next action": FULL + ["--next_action"],
+    "mixed negatives": FULL + MIXED,
+    "semantic ids": FULL + ["--semantic_ids", "2", "64"],
+    "Muon": FULL + ["--optimizer", "muon"],
+    "hard-negative curriculum": FULL + ["--hard_negatives", "1024", "--hard_negatives_to", "128",
+                                        "--hard_negatives_steps", "2000"],
+    "together": FULL + ["--next_action", "--semantic_ids", "2", "64", "--optimizer", "muon"] + MIXED,
+}
+ALL = {**VARIANTS, **ENCODERS, **TECHNIQUES}
 
 
 def train(args, seed, name, flags):
@@ -51,7 +64,8 @@ def train(args, seed, name, flags):
         shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier run: start it again
         cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--data", os.path.join(args.out, f"seed{seed}", "train"),
                "--seed", str(seed), "--run_dir", run_dir, "--cache_dir", os.path.join(args.out, "cache"),
-               "--use_infonce", "--keep_history", "--eval_actions", "1", "2", "--device", "cpu", *args.flags, *flags]
+               *([] if "--loss" in flags else ["--use_infonce"]), "--keep_history", "--eval_actions", "1", "2",
+               "--device", "cpu", *args.flags, *flags]
         env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode:
@@ -68,7 +82,7 @@ def main(argv=None):
     p.add_argument("--items", type=int, default=10000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--variants", nargs="+", choices=sorted({**VARIANTS, **ENCODERS}), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=sorted(ALL), default=list(VARIANTS))
     p.add_argument("flags", nargs="*", default=["--maxlen", "50", "--hidden_units", "48", "--num_blocks", "2",
                                                 "--batch_size", "128", "--num_epochs", "40", "--eval_every", "2",
                                                 "--patience", "6"],
@@ -81,7 +95,7 @@ def main(argv=None):
                                  predict_users=10)
     jobs = list(itertools.product(args.seeds, args.variants))
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda job: train(args, job[0], job[1], {**VARIANTS, **ENCODERS}[job[1]]), jobs))
+        rows = list(pool.map(lambda job: train(args, job[0], job[1], ALL[job[1]]), jobs))
     by_name = {name: [r for r in rows if r[0] == name] for name in args.variants}
     full_test = statistics.mean(r[3] for r in by_name.get("full", rows))
     print(f"\n{args.users} users, {args.items} items, seeds {args.seeds}; flags {' '.join(args.flags)}\n")
