@@ -68,6 +68,10 @@ VARIANTS = {
     "actions": ["--action_col", "rating", "--action_threshold", "4", "--positive_actions", "1", "--eval_actions", "1"],
     "next_action": ["--action_col", "rating", "--action_threshold", "4", "--positive_actions", "1", "--eval_actions",
                     "1", "--next_action"],
+    # every rating a target (exposures too), evaluated on clicks; with --next_action each position is told
+    # whether its target is a click, and validation / test ask for one
+    "all_targets": ["--action_col", "rating", "--action_threshold", "4", "--eval_actions", "1"],
+    "next_action_all": ["--action_col", "rating", "--action_threshold", "4", "--eval_actions", "1", "--next_action"],
     "muon": ["--optimizer", "muon"],
     # in-batch positives + 2048 negatives drawn by count^0.75, logQ-corrected for both sources
     "mixed": ["--loss", "sampled_softmax", "--similarity", "cosine", "--in_batch_negatives", "--num_negatives", "2048",

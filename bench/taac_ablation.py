@@ -46,7 +46,9 @@ ENCODERS = {  # the encoder issue's grid on the full model (SASRec), and the bia
 MIXED = ["--loss", "sampled_softmax", "--similarity", "cosine", "--in_batch_negatives", "--num_negatives", "4096",
          "--neg_sampler", "popularity", "--popularity_alpha", "0.75"]
 TECHNIQUES = {  # the competition techniques, each alone on the full model, then together
-    "next action": FULL + ["--next_action"],
+    "next action": FULL + ["--next_action"],  # clicks and conversions are the targets: told which one
+    "next action, every event a target": [f for f in FULL if f not in ("--positive_actions", "1", "2")]
+    + ["--next_action"],  # exposures are targets too, each position told its target's action; asked for a click
     "mixed negatives": FULL + MIXED,
     "semantic ids": FULL + ["--semantic_ids", "2", "64"],
     "Muon": FULL + ["--optimizer", "muon"],
