@@ -107,8 +107,9 @@ def build_optimizer(model: nn.Module, loss: nn.Module, train_config: TrainConfig
 def decay_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """AdamW's two groups: matrices and embedding tables decay; vectors (LayerNorm gains, biases, relative
     bias tables) and the loss's parameters (a learnt temperature would drift to 1) keep weight decay 0."""
-    decays = [p for n, p in named if p.ndim >= 2 and not n.startswith("loss.")]
-    kept = [p for n, p in named if not (p.ndim >= 2 and not n.startswith("loss."))]
+    decay = [p.ndim >= 2 and not n.startswith("loss.") for n, p in named]
+    decays = [p for (_, p), d in zip(named, decay, strict=True) if d]
+    kept = [p for (_, p), d in zip(named, decay, strict=True) if not d]
     return [{"params": decays, "weight_decay": weight_decay},
             {"params": kept, "weight_decay": 0.0, "no_decay": True}]
 
