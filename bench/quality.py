@@ -78,6 +78,7 @@ VARIANTS = {
               "--neg_sampler", "popularity", "--popularity_alpha", "0.75"],
     "hard_curriculum": ["--hard_negatives", "2048", "--hard_negatives_to", "256", "--hard_negatives_steps", "3000"],
 }
+VARIANTS["together"] = VARIANTS["muon"] + VARIANTS["mixed"] + VARIANTS["hard_curriculum"]  # the three at once
 
 
 def data_flags(dataset, data_dir=DATA):
