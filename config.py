@@ -459,6 +459,8 @@ def build_config(argv=None):
             values[key] = tuple(values[key]) if isinstance(values[key], (list, tuple)) else (values[key],)
     if values["data"] != "synthetic":
         values["data"] = os.path.abspath(values["data"])  # the saved config must work from any directory
+    if given(argv, "--predict_action") and not values["next_action"]:
+        raise UsageError("--predict_action is the action type a --next_action model is asked for: give --next_action")
     for key in STRUCTURE_KEYS:
         if key in saved and values[key] != saved[key]:
             raise UsageError(f"--{key} {values[key]} contradicts the checkpoint's saved config ({key} = {saved[key]})")
@@ -520,6 +522,9 @@ def validate(c):
         raise UsageError("--negatives_per_position is for --loss sampled_softmax with uniform negatives (not with "
                          "--neg_sampler popularity, --in_batch_negatives, --hard_negatives or --gather_negatives)")
     pool_losses = [name for name, _ in loss_stages(lo.loss_schedule)] if lo.loss_schedule else [lo.loss]
+    if lo.hard_negatives and not {"infonce", "sampled_softmax", "ce"} & set(pool_losses):
+        raise UsageError(f"--hard_negatives keeps the hardest negatives of a softmax loss (infonce, sampled_softmax, "
+                         f"ce): --loss {lo.loss_schedule or lo.loss} has none")
     if lo.negative_queue < 0 or (lo.negative_queue and not {"infonce", "sampled_softmax"} & set(pool_losses)) \
             or (lo.negative_queue and lo.negatives_per_position):
         raise UsageError(f"--negative_queue {lo.negative_queue}: a queue is for --loss infonce or sampled_softmax "

@@ -52,6 +52,9 @@ PREDICT_ACTION_HELP = "models trained with --next_action: the action type asked 
 def asked_action(config: dict, args: argparse.Namespace) -> int:
     """The action type the last position is asked for: --predict_action, else the saved config's; one line
     (UsageError) when the model was trained on no such action."""
+    if args.predict_action is not None and not config.get("next_action"):
+        raise UsageError(f"--predict_action {args.predict_action}: the model of {args.ckpt} was trained without "
+                         f"--next_action, so no action is asked of it")
     ask = config.get("predict_action", 1) if args.predict_action is None else args.predict_action
     if config.get("next_action") and not 0 <= ask < config["num_actions"]:
         raise UsageError(f"--predict_action {ask}: the model of {args.ckpt} knows action types "

@@ -85,6 +85,10 @@ def test_contradicting_flag_and_bad_checkpoint_dir(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         infer.main(["--ckpt", str(tmp_path)])
     assert e.value.code == 2 and "missing config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a model trained without --next_action is asked for no action
+        infer_main(run, tmp_path, "--predict_action", "2")
+    assert e.value.code == 2 and "trained without --next_action" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_faiss_device_falls_back_to_cpu_cleanly(run, tmp_path, capsys, monkeypatch):

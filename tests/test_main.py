@@ -100,6 +100,9 @@ def test_bad_config_names_file_and_key(tmp_path, capsys, text, message):
                                              "--hard_negatives_steps is the length of a --hard_negatives_to"),
                                             (["--loss", "ce", "--hard_negatives", "8", "--hard_negatives_to", "2",
                                               "--hard_negatives_steps", "10", "--compile"], "not with --compile"),
+                                            (["--loss", "bce", "--hard_negatives", "8"],
+                                             "--hard_negatives keeps the hardest negatives of a softmax loss"),
+                                            (["--predict_action", "2"], "give --next_action"),
                                             (["--optimizer", "adamw", "--weight_decay", "nan"],
                                              "--weight_decay must be finite and >= 0")])
 def test_bad_flags_exit_2(capsys, flags, message):
