@@ -14,7 +14,10 @@ The planted process (each family is needed to reach the best score):
   prediction time tells it), when they return to one of their home cells: category = user feature 103,
   topic = one of the values of user array feature 106;
 - after a click there may be an exposure (action 0) of a random item, which does not move the user
-  (action types tell noise from intent); 10% of clicks are conversions (action 2);
+  (action types tell noise from intent);
+- 10% of clicks are conversions (action 2), and a conversion is drawn from one of the user's home cells, never
+  from the browsing chain: the next action changes what is clicked (what --next_action can find), and the
+  user's features tell where a conversion lands;
 - the other competition feature ids carry random values, as uninformative columns do in real logs;
 - clicks inside a cell lean to its popular items and may repeat an item the user clicked before (about 6% of
   the predicted clicks are already in the user's sequence): filtering seen creatives loses those hits here.
@@ -33,6 +36,7 @@ USER_SPARSE = ("103", "104", "105", "109")
 USER_ARRAY = ("106", "107", "108", "110")
 MM_DIMS = {"81": 32, "82": 1024, "83": 3584, "84": 4096, "85": 3584, "86": 3584}
 EXPOSURE, CLICK, CONVERSION = 0, 1, 2
+CONVERSION_RATE = 0.1  # of clicks; each is drawn from a home cell
 NOISE_VOCAB = 20  # values of each uninformative feature
 ARRAY_WIDTH = 3   # values per user array feature
 LONG_GAP_S = (86_400, 5 * 86_400)  # a new session
@@ -103,6 +107,7 @@ def simulate_users(num_users, num_items, cells, topics, categories, mean_clicks,
     width = int(clicks.max())
     click_items = np.zeros((num_users, width), np.int64)
     long_gap = np.zeros((num_users, width), bool)
+    converted = np.zeros((num_users, width), bool)
     current = rng.integers(num_items, size=num_users)
     for k in range(width):
         active = np.flatnonzero(clicks > k)
@@ -113,9 +118,12 @@ def simulate_users(num_users, num_items, cells, topics, categories, mean_clicks,
         # home cells away, rarely at a session's start
         stray = rng.random(len(active)) < np.where(new_session, 0.1, drift)
         target = np.where(stray, rng.integers(topics * categories, size=len(active)), target)
+        conversion = rng.random(len(active)) < CONVERSION_RATE  # a purchase goes home, whatever the chain
+        target = np.where(conversion, home, target)
         current[active] = cells.draw(target, rng)
         click_items[active, k] = current[active]
         long_gap[active, k] = new_session
+        converted[active, k] = conversion
     # Exposures before clicks (never before the last two, the held-out targets), then timestamps.
     exposed = (rng.random((num_users, width)) < exposure_rate) & (np.arange(width) < (clicks - 2)[:, None])
     exposed[:, 0] = False
@@ -136,7 +144,7 @@ def simulate_users(num_users, num_items, cells, topics, categories, mean_clicks,
     u_idx, k_idx = np.nonzero(valid)
     pos = click_pos[u_idx, k_idx]
     items[pos] = click_items[u_idx, k_idx] + 1
-    actions[pos] = np.where(rng.random(len(pos)) < 0.1, CONVERSION, CLICK)
+    actions[pos] = np.where(converted[u_idx, k_idx], CONVERSION, CLICK)
     times[pos] = click_times[u_idx, k_idx]
     u_idx, k_idx = np.nonzero(exposed)
     pos = click_pos[u_idx, k_idx] - 1
