@@ -264,7 +264,8 @@ def test_the_hard_negative_curriculum_moves_k_linearly_then_holds_it():
     rising = build_config(["--loss", "ce", "--hard_negatives", "1", "--hard_negatives_to", "4",
                            "--hard_negatives_steps", "3"]).loss
     assert [hard_negatives_at(rising, s) for s in range(5)] == [1, 2, 3, 4, 4]
-    assert hard_negatives_at(build_config(["--loss", "ce", "--hard_negatives", "7"]).loss, 10 ** 6) == 7  # no curriculum: constant
+    constant = build_config(["--loss", "ce", "--hard_negatives", "7"]).loss
+    assert hard_negatives_at(constant, 10 ** 6) == 7  # no curriculum: constant
 
 
 def test_gbce_beta_and_t0_equals_bce():
