@@ -21,6 +21,14 @@ The planted process (each family is needed to reach the best score):
 - the other competition feature ids carry random values, as uninformative columns do in real logs;
 - clicks inside a cell lean to its popular items and may repeat an item the user clicked before (about 6% of
   the predicted clicks are already in the user's sequence): filtering seen creatives loses those hits here.
+
+--cold_items F withholds a random fraction F of the creatives from the training folder: their events are removed
+from the training users' sequences (a user left with fewer than 2 events is dropped), and they are absent from
+its indexer, item features and vectors. The evaluation folder keeps the whole catalogue (indexer, item features,
+vectors, candidates) and the predicted users' events on them, so a predicted click may land on a creative
+training never saw (eval/cold.json lists them): what a representation from features and vectors alone
+(--semantic_ids) is for.
+Nothing else changes: the same process picks the clicks, whether or not their creative is withheld.
 """
 import argparse
 import json
@@ -201,6 +209,26 @@ def split_predict(log, predict_users):
     return train, predict, truth
 
 
+def withhold_items(log, cold):
+    """The log without the (0-based) items `cold`: their events removed, users left with fewer than 2 dropped, the
+    other items renumbered 1..N' in their order (creative ids, features and vectors kept with them)."""
+    warm = np.setdiff1d(np.arange(len(log.creative_ids)), cold)
+    new_id = np.zeros(len(log.creative_ids) + 1, np.int64)
+    new_id[warm + 1] = np.arange(1, len(warm) + 1)
+    keep = new_id[log.items] > 0
+    owner = np.repeat(np.arange(len(log.user_raw)), np.diff(log.offsets))
+    per_user = np.bincount(owner[keep], minlength=len(log.user_raw))
+    users = per_user >= 2  # a sequence needs an input and a target
+    keep &= users[owner]
+    return SyntheticLog(log.user_raw[users], log.creative_ids[warm],
+                        np.concatenate([[0], np.cumsum(per_user[users])]).astype(np.int64),
+                        new_id[log.items[keep]], log.actions[keep], log.times[keep],
+                        {k: v[warm] for k, v in log.item_features.items()},
+                        {k: v[users] for k, v in log.user_sparse.items()},
+                        {k: v[users] for k, v in log.user_array.items()},
+                        {k: v[warm] for k, v in log.vectors.items()}, log.vocab)
+
+
 # ----------------------------------------------------------------------------- writers
 
 def indexer(log, users=None):
@@ -266,18 +294,19 @@ def write_jsonl_vectors(folder, log):
 
 def write_jsonl_predict(folder, train, predict):
     """predict_seq.jsonl (raw user ids, the most recent event included), predict_set.jsonl (candidates),
-    plus what inference needs from training: indexer.pkl, item_feat_dict.json, creative_emb/."""
+    plus what inference needs: indexer.pkl (training's users), item_feat_dict.json, creative_emb/. The items are
+    the predict log's whole catalogue (training's, plus any creative --cold_items withheld from training)."""
     os.makedirs(os.path.join(folder, "creative_emb"), exist_ok=True)
     write_seq_jsonl(os.path.join(folder, "predict_seq.jsonl"), predict, lambda u: str(predict.user_raw[u]))
     with open(os.path.join(folder, "predict_set.jsonl"), "w", encoding="utf-8") as f:
-        for i, c in enumerate(train.creative_ids):
-            f.write(json.dumps({"creative_id": int(c), "retrieval_id": i, "features": item_feature_dict(train, i)})
+        for i, c in enumerate(predict.creative_ids):
+            f.write(json.dumps({"creative_id": int(c), "retrieval_id": i, "features": item_feature_dict(predict, i)})
                     + "\n")
     with open(os.path.join(folder, "indexer.pkl"), "wb") as f:
-        pickle.dump(indexer(train), f)
+        pickle.dump(indexer(predict, train.user_raw), f)
     with open(os.path.join(folder, "item_feat_dict.json"), "w", encoding="utf-8") as f:
-        json.dump({str(i + 1): item_feature_dict(train, i) for i in range(len(train.creative_ids))}, f)
-    write_jsonl_vectors(os.path.join(folder, "creative_emb"), train)
+        json.dump({str(i + 1): item_feature_dict(predict, i) for i in range(len(predict.creative_ids))}, f)
+    write_jsonl_vectors(os.path.join(folder, "creative_emb"), predict)
 
 
 def write_parquet_layout(folder, log, user_offset=0, indexed_users=None):
@@ -314,7 +343,8 @@ def write_parquet_layout(folder, log, user_offset=0, indexed_users=None):
 
 
 def write_parquet_predict(folder, train, predict):
-    """The 2026 release's evaluation folder: the predicted users in the training layout, and candidate/."""
+    """The 2026 release's evaluation folder: the predicted users in the training layout, and candidate/ (the
+    predict log's whole catalogue, as in write_jsonl_predict)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     write_parquet_layout(folder, predict, user_offset=len(train.user_raw),
@@ -322,19 +352,23 @@ def write_parquet_predict(folder, train, predict):
     os.makedirs(os.path.join(folder, "candidate"), exist_ok=True)
     feats = {fid: pa.StructArray.from_arrays([pa.array(v.astype(np.int64)), pa.array(np.zeros(len(v), np.int64))],
                                              names=["feature_value", "is_str"])
-             for fid, v in train.item_features.items()}
-    n = len(train.creative_ids)
-    pq.write_table(pa.table({"creative_id": pa.array(train.creative_ids),
+             for fid, v in predict.item_features.items()}
+    n = len(predict.creative_ids)
+    pq.write_table(pa.table({"creative_id": pa.array(predict.creative_ids),
                              "reid_creative_id": pa.array(np.arange(1, n + 1)),
                              "retrieval_id": pa.array(np.arange(n)), **feats}),
                    os.path.join(folder, "candidate", "part-00000.parquet"))
 
 
-def write(out, layout, num_users, num_items, seed=0, mm_ids=("81",), predict_users=None, **process):
-    """DIR/train and DIR/eval in `layout` ('jsonl' or 'parquet'). Returns the truth dict."""
+def write(out, layout, num_users, num_items, seed=0, mm_ids=("81",), predict_users=None, cold_items=0.0, **process):
+    """DIR/train and DIR/eval in `layout` ('jsonl' or 'parquet'); cold_items: the fraction of creatives withheld
+    from training (listed in DIR/eval/cold.json). Returns the truth dict."""
     predict_users = max(1, num_users // 10) if predict_users is None else predict_users
     log = generate(num_users + predict_users, num_items, seed, mm_ids, **process)
     train, predict, truth = split_predict(log, predict_users)
+    cold = np.sort(np.random.default_rng([seed, 1]).choice(num_items, round(cold_items * num_items), replace=False))
+    if len(cold):
+        train = withhold_items(train, cold)
     train_dir, eval_dir = os.path.join(out, "train"), os.path.join(out, "eval")
     os.makedirs(train_dir, exist_ok=True)
     os.makedirs(eval_dir, exist_ok=True)
@@ -346,6 +380,9 @@ def write(out, layout, num_users, num_items, seed=0, mm_ids=("81",), predict_use
         write_parquet_predict(eval_dir, train, predict)
     with open(os.path.join(eval_dir, "truth.json"), "w", encoding="utf-8") as f:
         json.dump(truth, f)
+    if len(cold):
+        with open(os.path.join(eval_dir, "cold.json"), "w", encoding="utf-8") as f:
+            json.dump([int(c) for c in log.creative_ids[cold]], f)
     return truth
 
 
@@ -359,11 +396,15 @@ def main(argv=None):
     p.add_argument("--mean_clicks", type=int, default=10, help="mean clicks per user (exposures come on top)")
     p.add_argument("--mm_emb_id", nargs="+", default=["81"], choices=sorted(MM_DIMS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cold_items", type=float, default=0.0, help="fraction of creatives withheld from training "
+                   "(the evaluation folder has them; eval/cold.json lists them)")
     a = p.parse_args(argv)
     if a.users < 1 or a.items < 2:
         p.error("--users must be >= 1 and --items >= 2")
+    if not 0 <= a.cold_items < 1:
+        p.error(f"--cold_items must be in [0, 1), got {a.cold_items}")
     truth = write(a.out, a.layout, a.users, a.items, a.seed, tuple(a.mm_emb_id), a.predict_users,
-                  mean_clicks=a.mean_clicks)
+                  cold_items=a.cold_items, mean_clicks=a.mean_clicks)
     print(f"wrote {a.out}/train and {a.out}/eval ({a.layout}): {a.users} users, {a.items} items, "
           f"{len(truth)} users to predict", file=sys.stderr)
 

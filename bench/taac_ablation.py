@@ -10,6 +10,13 @@ score per variant beside the full model's. `--variants` also takes the encoder v
 techniques (TECHNIQUES: next action, mixed negatives, semantic ids, Muon, a hard-negative curriculum,
 together). --jobs N runs N trainings at a time, each with one thread (OMP_NUM_THREADS=1): two default-threaded
 runs on 2 cores slow each other by up to 30x.
+
+    python bench/taac_ablation.py --out DIR --cold_items 0.1 --variants full "semantic ids"
+
+--cold_items F writes folders whose training lacks a fraction F of the creatives (taac_synthetic.py
+--cold_items) and a tenth as many users to predict; every run then also goes through eval/competition.py on the
+evaluation folder, and the table adds its competition score on all predicted users, on those whose hidden click
+is a creative training never saw, and on the others.
 """
 import argparse
 import itertools
@@ -74,7 +81,31 @@ def train(args, seed, name, flags):
             raise SystemExit(f"{name} (seed {seed}) failed: {done.stderr.strip()[-500:]}")
     with open(results) as f:
         r = json.load(f)
-    return name, seed, r["valid"]["score"], r["test"]["score"], r["test"]["NDCG@10"]
+    row = [name, seed, r["valid"]["score"], r["test"]["score"], r["test"]["NDCG@10"]]
+    return row + (cold_scores(args, seed, run_dir) if args.cold_items else [])
+
+
+def cold_scores(args, seed, run_dir):
+    """eval/competition.py on the seed's evaluation folder; its competition score on all predicted users, on those
+    whose hidden click is a creative training never saw (eval/cold.json), and on the others."""
+    from eval.competition import competition_score
+    eval_dir, out = os.path.join(args.out, f"seed{seed}", "eval"), os.path.join(run_dir, "competition")
+    if not os.path.exists(os.path.join(out, "result.json")):
+        env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "eval", "competition.py"), "--ckpt",
+                               os.path.join(run_dir, "ckpt"), "--eval_data", eval_dir, "--out", out, "--device", "cpu"],
+                              capture_output=True, text=True, env=env, cwd=ROOT)
+        if done.returncode:
+            raise SystemExit(f"competition inference of {run_dir} failed: {done.stderr.strip()[-500:]}")
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(eval_dir, "truth.json")) as f:
+        truth = {str(u): int(c) for u, c in json.load(f).items()}
+    with open(os.path.join(eval_dir, "cold.json")) as f:
+        cold = set(json.load(f))
+    score = lambda keep: competition_score(result["top10s"], result["user"],  # noqa: E731
+                                           {u: c for u, c in truth.items() if keep(c)})["score"]
+    return [score(lambda c: True), score(lambda c: c in cold), score(lambda c: c not in cold)]
 
 
 def main(argv=None):
@@ -85,6 +116,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--variants", nargs="+", choices=sorted(ALL), default=list(VARIANTS))
+    p.add_argument("--cold_items", type=float, default=0.0, help="fraction of creatives withheld from training; "
+                   "adds the competition score on the evaluation folder, cold and warm targets apart")
     p.add_argument("flags", nargs="*", default=["--maxlen", "50", "--hidden_units", "48", "--num_blocks", "2",
                                                 "--batch_size", "128", "--num_epochs", "40", "--eval_every", "2",
                                                 "--patience", "6"],
@@ -92,20 +125,26 @@ def main(argv=None):
     args = p.parse_args(argv)
     import taac_synthetic
     for seed in args.seeds:
-        if not os.path.isdir(os.path.join(args.out, f"seed{seed}", "train")):
-            taac_synthetic.write(os.path.join(args.out, f"seed{seed}"), "parquet", args.users, args.items, seed=seed,
-                                 predict_users=10)
+        folder = os.path.join(args.out, f"seed{seed}")
+        if not os.path.isdir(os.path.join(folder, "train")):
+            taac_synthetic.write(folder, "parquet", args.users, args.items, seed=seed, cold_items=args.cold_items,
+                                 predict_users=None if args.cold_items else 10)
+        if bool(args.cold_items) != os.path.exists(os.path.join(folder, "eval", "cold.json")):
+            raise SystemExit(f"--out {args.out}: {folder} was written {'without' if args.cold_items else 'with'} "
+                             "--cold_items; give another --out")
     jobs = list(itertools.product(args.seeds, args.variants))
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: train(args, job[0], job[1], ALL[job[1]]), jobs))
     by_name = {name: [r for r in rows if r[0] == name] for name in args.variants}
     full_test = statistics.mean(r[3] for r in by_name.get("full", rows))
     print(f"\n{args.users} users, {args.items} items, seeds {args.seeds}; flags {' '.join(args.flags)}\n")
-    print("| variant | valid score | test score | test NDCG@10 | test score - full |")
-    print("|---|---|---|---|---|")
+    cold = " | competition score: all / cold / warm targets" if args.cold_items else ""
+    print(f"| variant | valid score | test score | test NDCG@10 | test score - full{cold} |")
+    print("|---|---|---|---|---|" + ("---|" if cold else ""))
     for name, rs in by_name.items():
-        valid, test, ndcg = (statistics.mean(r[i] for r in rs) for i in (2, 3, 4))
-        print(f"| {name} | {valid:.4f} | {test:.4f} | {ndcg:.4f} | {test - full_test:+.4f} |")
+        valid, test, ndcg, *scores = (statistics.mean(r[i] for r in rs) for i in range(2, len(rs[0])))
+        extra = f" {' / '.join(f'{x:.4f}' for x in scores)} |" if scores else ""
+        print(f"| {name} | {valid:.4f} | {test:.4f} | {ndcg:.4f} | {test - full_test:+.4f} |{extra}")
 
 
 if __name__ == "__main__":

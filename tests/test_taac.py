@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,30 @@ def test_conversions_land_in_a_home_cell_and_clicks_follow_the_chain():
     conversion, click = log.actions == taac_synthetic.CONVERSION, log.actions == taac_synthetic.CLICK
     assert 0.08 < conversion.sum() / (conversion.sum() + click.sum()) < 0.12
     assert home[conversion].all() and home[click].mean() < 0.5
+
+
+def test_cold_items_are_withheld_from_training_and_offered_at_evaluation(tmp_path):
+    """--cold_items: the withheld creatives' events leave the training sequences (the rest stay in order), and
+    they leave its indexer; the evaluation folder offers every creative, and some hidden clicks land on them."""
+    truth = taac_synthetic.write(str(tmp_path), "parquet", 300, 200, seed=3, predict_users=60, cold_items=0.2)
+    with open(tmp_path / "eval" / "cold.json") as f:
+        cold = set(json.load(f))
+    log = taac_synthetic.generate(360, 200, seed=3)
+    train, _, same_truth = taac_synthetic.split_predict(log, 60)
+    assert truth == same_truth and len(cold) == 40 and cold <= set(log.creative_ids.tolist())
+    expected = {}  # user -> creative ids of their training events, the cold ones removed
+    for u, raw in enumerate(train.user_raw):
+        seq = [int(train.creative_ids[i - 1]) for i in train.items[train.offsets[u]:train.offsets[u + 1]]]
+        if len([c for c in seq if c not in cold]) >= 2:
+            expected[str(raw)] = [c for c in seq if c not in cold]
+    data = taac.read_taac(str(tmp_path / "train"), ["81"])
+    got = {u: [int(data.item_ids[i - 1]) for i in data.items[data.offsets[k]:data.offsets[k + 1]]]
+           for k, u in enumerate(data.user_ids)}
+    assert got == expected and len(got) < len(train.user_raw)  # a few users had fewer than 2 events left
+    assert len(data.item_ids) == 160 and not cold & {int(c) for c in data.item_ids}
+    candidates = pd.read_parquet(tmp_path / "eval" / "candidate")
+    assert set(candidates["creative_id"].tolist()) == set(log.creative_ids.tolist())
+    assert 0 < sum(c in cold for c in truth.values()) < len(truth)
 
 
 def test_fbin_files_round_trip(tmp_path):
