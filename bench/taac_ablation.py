@@ -62,6 +62,9 @@ TECHNIQUES = {  # the competition techniques, each alone on the full model, then
     "hard-negative curriculum": FULL + ["--hard_negatives", "1024", "--hard_negatives_to", "128",
                                         "--hard_negatives_steps", "2000"],
     "together": FULL + ["--next_action", "--semantic_ids", "2", "64", "--optimizer", "muon"] + MIXED,
+    # items from their features and vectors alone: a creative training never saw is embedded as the others are
+    "without item ids": FULL + ["--no_item_id"],
+    "semantic ids, without item ids": FULL + ["--semantic_ids", "2", "64", "--no_item_id"],
 }
 ALL = {**VARIANTS, **ENCODERS, **TECHNIQUES}
 
