@@ -558,8 +558,10 @@ def validate(c):
         raise UsageError(f"--semantic_ids expects L K: L >= 1 levels of K >= 2 centroids, got "
                          f"{' '.join(map(str, sid))}")
     has_side = bool(c.data.item_features or c.data.item_emb)
-    if m.no_item_id and not has_side:
-        raise UsageError("--no_item_id needs --item_features or --item_emb (items would have no representation)")
+    folder = c.data.data_format == "taac" or os.path.isdir(c.data.data)  # its item features and vectors come along
+    if m.no_item_id and not (has_side or folder and (c.data.mm_emb_id or c.data.item_feature_ids != ())):
+        raise UsageError("--no_item_id needs --item_features or --item_emb (a competition folder: item features or "
+                         "--mm_emb_id); items would have no representation")
     if m.output_emb == "separate" and has_side:
         raise UsageError("--output_emb separate is for id embeddings only: with --item_features / --item_emb the "
                          "item tower scores the outputs")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import build_config
 from conftest import write
 from eval import infer
 from main import main
@@ -84,6 +85,16 @@ def test_no_item_id_needs_side_information(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data", "synthetic", "--no_item_id"])
     assert e.value.code == 2 and "--no_item_id needs --item_features or --item_emb" in capsys.readouterr().err
+
+
+def test_no_item_id_takes_a_competition_folders_own_features(tmp_path, capsys):
+    """A competition folder brings its item features (all by default) and --mm_emb_id vectors: --no_item_id is
+    refused there only when both are turned off."""
+    assert build_config(["--data", str(tmp_path), "--no_item_id"]).model.no_item_id
+    assert build_config(["--data", str(tmp_path), "--no_item_id", "--item_feature_ids", "--mm_emb_id", "81"])
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path), "--no_item_id", "--item_feature_ids"])
+    assert e.value.code == 2 and "--no_item_id needs" in capsys.readouterr().err
 
 
 def test_separate_output_table_refuses_side_information(tmp_path, capsys):
