@@ -86,6 +86,9 @@ class ModelConfig:
     dropout_rate: float = flag(0.2, "dropout on embeddings, block outputs and the feed-forward")
     item_emb_dropout: float = flag(0.0, "dropout on the item id table in training, one mask per step shared by "
                                    "inputs and targets (RecTools 0.13, eSASRec's SASRec+SS row)")
+    item_id_dropout: float = flag(0.0, "training: each step removes the whole id embedding of this fraction of "
+                                  "the items (one draw per step, unscaled), as a creative training never saw has "
+                                  "none at competition inference; needs item features or vectors")
     norm_first: bool = flag(True, "pre-norm blocks (--no-norm_first: post-norm)")
     emb_scale: bool = flag(True, "input item vectors x sqrt(hidden_units), as SASRec (--no-emb_scale: unscaled, as "
                            "RecTools)")
@@ -546,7 +549,7 @@ def validate(c):
         raise UsageError(f"--decay_fraction must be > 0, got {t.decay_fraction}")
     if not 0 <= lo.gbce_t <= 1:
         raise UsageError(f"--gbce_t must be in [0, 1], got {lo.gbce_t}")
-    for name in ("dropout_rate", "item_emb_dropout"):
+    for name in ("dropout_rate", "item_emb_dropout", "item_id_dropout"):
         if not 0 <= getattr(m, name) < 1:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(m, name)}")
     if m.item_emb_dropout and m.output_emb != "tied":
@@ -559,9 +562,12 @@ def validate(c):
                          f"{' '.join(map(str, sid))}")
     has_side = bool(c.data.item_features or c.data.item_emb)
     folder = c.data.data_format == "taac" or os.path.isdir(c.data.data)  # its item features and vectors come along
-    if m.no_item_id and not (has_side or folder and (c.data.mm_emb_id or c.data.item_feature_ids != ())):
-        raise UsageError("--no_item_id needs --item_features or --item_emb (a competition folder: item features or "
-                         "--mm_emb_id); items would have no representation")
+    for name in ("no_item_id", "item_id_dropout"):
+        if getattr(m, name) and not (has_side or folder and (c.data.mm_emb_id or c.data.item_feature_ids != ())):
+            raise UsageError(f"--{name} needs --item_features or --item_emb (a competition folder: item features or "
+                             "--mm_emb_id); items would have no representation without their ids")
+    if m.item_id_dropout and m.no_item_id:
+        raise UsageError("--item_id_dropout drops item ids: --no_item_id has none")
     if m.output_emb == "separate" and has_side:
         raise UsageError("--output_emb separate is for id embeddings only: with --item_features / --item_emb the "
                          "item tower scores the outputs")

@@ -37,7 +37,7 @@ class ItemTower(nn.Module):
     `side_spec` is features.SideInfo.spec(); `use_id=False` gives a pure-content tower."""
     TABLE_CHUNK = 65536  # items per block of a whole table built without grad (forward())
 
-    def __init__(self, num_items, hidden_units, side_spec=None, use_id=True, id_dropout=0.0):
+    def __init__(self, num_items, hidden_units, side_spec=None, use_id=True, id_dropout=0.0, id_row_dropout=0.0):
         super().__init__()
         features = (side_spec or {}).get("features", [])
         vectors = (side_spec or {}).get("vectors", [])
@@ -60,17 +60,24 @@ class ItemTower(nn.Module):
         parts = int(use_id) + len(features) + len(vectors)
         self.fuse = nn.Linear(parts * hidden_units, hidden_units) if features or vectors else None
         self.id_dropout = Dropout(id_dropout)
+        self.id_row_dropout = id_row_dropout
         self._step_ids = None  # the id table under this step's dropout mask (dropout_step)
 
     @contextlib.contextmanager
     def dropout_step(self):
         """One training step with one dropout mask over the whole id table, so an item has the same vector
         wherever the step uses it (input, target, negative), as RecTools 0.13 drops its catalogue's
-        embeddings (eSASRec's SASRec+SS row trained so). Costs an (N + 1) x D mask per step."""
-        if not (self.training and self.id_dropout.p and self.id_emb is not None):
+        embeddings (eSASRec's SASRec+SS row trained so). Costs an (N + 1) x D mask per step. --item_id_dropout:
+        the step's table also loses whole rows, unscaled, so those items look as a creative unknown to training
+        does at inference (extend(): no id embedding)."""
+        if not (self.training and (self.id_dropout.p or self.id_row_dropout) and self.id_emb is not None):
             yield
             return
-        self._step_ids = self.id_dropout(self.id_emb.weight)
+        table = self.id_dropout(self.id_emb.weight)
+        if self.id_row_dropout:
+            kept = torch.rand(len(table), device=table.device) >= self.id_row_dropout
+            table = table * kept.unsqueeze(1).to(table.dtype)
+        self._step_ids = table
         try:
             yield
         finally:
@@ -221,7 +228,8 @@ class SASRec(nn.Module):
         if c.output_emb == "separate" and has_side:
             raise ValueError("--output_emb separate is for id embeddings only: with --item_features / --item_emb "
                              "the item tower scores the outputs")
-        self.item_tower = ItemTower(c.num_items, c.hidden_units, c.item_side, not c.no_item_id, c.item_emb_dropout)
+        self.item_tower = ItemTower(c.num_items, c.hidden_units, c.item_side, not c.no_item_id, c.item_emb_dropout,
+                                    c.item_id_dropout)
         # Scoring table: the input tower itself (tied, SASRec's default), or an id table of its own.
         self.output_tower = ItemTower(c.num_items, c.hidden_units) if c.output_emb == "separate" else None
         self.pos_emb = nn.Embedding(c.maxlen, c.hidden_units)

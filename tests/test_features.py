@@ -102,3 +102,29 @@ def test_separate_output_table_refuses_side_information(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data", "synthetic", "--output_emb", "separate", "--item_features", attrs])
     assert e.value.code == 2 and "--output_emb separate is for id embeddings only" in capsys.readouterr().err
+
+
+def test_item_id_dropout_makes_a_dropped_item_what_an_unknown_creative_is():
+    """--item_id_dropout: inside a training step a dropped item's vector is exactly that of the same item with no
+    id embedding (as extend() embeds a creative training never saw), a kept item's is unchanged (no rescaling);
+    one draw per step; outside a step and in evaluation nothing is dropped."""
+    torch.manual_seed(0)
+    spec = {"features": [{"name": "f", "vocab_size": 9, "width": 1}], "vectors": []}
+    tower = ItemTower(400, 8, spec, id_row_dropout=0.25).train()
+    with torch.no_grad():
+        tower.feature_values0.copy_(torch.arange(401)[:, None] % 9)
+    ids = torch.arange(1, 401)
+    full = tower(ids)
+    with torch.no_grad():
+        without_ids = tower.fuse(torch.cat([torch.zeros(400, 8), *tower.side_parts(ids)], -1))
+    with tower.dropout_step():
+        stepped = tower(ids)
+        torch.testing.assert_close(tower(ids[:5]), stepped[:5])  # one draw for the whole step
+    dropped = (stepped - without_ids).abs().amax(1) < 1e-6
+    assert 0.15 < dropped.float().mean() < 0.35
+    torch.testing.assert_close(stepped[~dropped], full[~dropped])
+    with tower.dropout_step():
+        assert not torch.equal((tower(ids) - without_ids).abs().amax(1) < 1e-6, dropped)
+    tower.eval()
+    with tower.dropout_step():
+        torch.testing.assert_close(tower(ids), full)

@@ -80,7 +80,9 @@ def test_string_ids_and_ignored_single_item_users(tmp_path, capsys):
                                             (["--item_emb_dropout", "0.2", "--output_emb", "separate"],
                                              "--item_emb_dropout drops the table that inputs and targets share"),
                                             (["--item_emb_dropout", "0.2", "--no_item_id"],
-                                             "--item_emb_dropout drops the item id table")])
+                                             "--item_emb_dropout drops the item id table"),
+                                            (["--item_id_dropout", "1"], "--item_id_dropout must be in [0, 1)"),
+                                            (["--item_id_dropout", "0.2"], "--item_id_dropout needs --item_features")])
 def test_bad_shape_and_temperature_flags(capsys, flags, message):
     fails_with(capsys, main, TINY + flags, message)
 
