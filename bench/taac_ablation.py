@@ -65,6 +65,8 @@ TECHNIQUES = {  # the competition techniques, each alone on the full model, then
     # items from their features and vectors alone: a creative training never saw is embedded as the others are
     "without item ids": FULL + ["--no_item_id"],
     "semantic ids, without item ids": FULL + ["--semantic_ids", "2", "64", "--no_item_id"],
+    # ids kept, and a fifth of them removed each step: the tower learns what an item without one looks like
+    "item id dropout": FULL + ["--item_id_dropout", "0.2"],
 }
 ALL = {**VARIANTS, **ENCODERS, **TECHNIQUES}
 
