@@ -8,8 +8,9 @@ features added to the states instead of a token, and prints the mean validation 
 score per variant beside the full model's. `--variants` also takes the encoder variants (ENCODERS: HSTU and
 `--attn_bias position,time` on the full model, and the biases without `--time_features`) and the competition
 techniques (TECHNIQUES: next action, mixed negatives, semantic ids, Muon, a hard-negative curriculum,
-together; and, for creatives training never saw, towers without item ids or with item id dropout). --jobs N runs N trainings at a time, each with one thread (OMP_NUM_THREADS=1): two default-threaded
-runs on 2 cores slow each other by up to 30x.
+together; and, for creatives training never saw, towers without item ids or with item id dropout). --jobs N
+runs N trainings at a time, each with one thread (OMP_NUM_THREADS=1): two default-threaded runs on 2 cores slow
+each other by up to 30x.
 
     python bench/taac_ablation.py --out DIR --cold_items 0.1 --variants full "semantic ids"
 

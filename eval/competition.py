@@ -184,7 +184,10 @@ def item_rows(model, id_map: dict, data, creatives: np.ndarray, candidate_featur
     eval_rows, cand_rows = np.concatenate([[0], rows(eval_creatives)]), rows([str(c) for c in creatives])
     if new:
         model.item_tower.extend(new_item_side(model, data, new, eval_creatives, creatives, candidate_features))
-        print(f"{len(new)} creatives unknown to training: embedded from their features alone")
+        untrained = model.item_tower.id_emb is not None and not model.config.item_id_dropout
+        print(f"{len(new)} creatives unknown to training: embedded from their features alone"
+              + ("; a model trained with item ids and no --item_id_dropout ranks such creatives too high "
+                 "(docs/results.md)" if untrained else ""))
     return eval_rows, cand_rows
 
 
