@@ -186,7 +186,7 @@ def item_rows(model, id_map: dict, data, creatives: np.ndarray, candidate_featur
         model.item_tower.extend(new_item_side(model, data, new, eval_creatives, creatives, candidate_features))
         untrained = model.item_tower.id_emb is not None and not model.config.item_id_dropout
         print(f"{len(new)} creatives unknown to training: embedded from their features alone"
-              + ("; a model trained with item ids and no --item_id_dropout ranks such creatives too high "
+              + ("; a model trained long with item ids and no --item_id_dropout can rank them too high "
                  "(docs/results.md)" if untrained else ""))
     return eval_rows, cand_rows
 
