@@ -118,7 +118,7 @@ class TrainStep(nn.Module):
         self.compile_checked = False
 
     def eager(self, batch, with_logits=False):
-        with self.model.target_tower.dropout_step():  # --item_emb_dropout's mask (tied tables only)
+        with self.model.target_tower.dropout_step():  # --item_emb_dropout / --item_id_dropout masks (tied only)
             return self.step(batch, with_logits)
 
     def step(self, batch, with_logits):
