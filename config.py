@@ -76,6 +76,11 @@ class DataConfig:
     non_finite: str = flag("error", "competition folders: a NaN / infinite (in float16) vector or value is an error, "
                            "or zero: treated as absent (counted in a warning)", choices=("error", "zero"))
 
+    @property
+    def competition_folder(self) -> bool:
+        """--data is a competition folder (asked for, or a directory): read by readers/taac.py."""
+        return self.data_format == "taac" or os.path.isdir(self.data)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -561,9 +566,9 @@ def validate(c):
         raise UsageError(f"--semantic_ids expects L K: L >= 1 levels of K >= 2 centroids, got "
                          f"{' '.join(map(str, sid))}")
     has_side = bool(c.data.item_features or c.data.item_emb)
-    folder = c.data.data_format == "taac" or os.path.isdir(c.data.data)  # its item features and vectors come along
+    folder_side = c.data.competition_folder and (c.data.mm_emb_id or c.data.item_feature_ids != ())
     for name in ("no_item_id", "item_id_dropout"):
-        if getattr(m, name) and not (has_side or folder and (c.data.mm_emb_id or c.data.item_feature_ids != ())):
+        if getattr(m, name) and not (has_side or folder_side):
             raise UsageError(f"--{name} needs --item_features or --item_emb (a competition folder: item features or "
                              "--mm_emb_id); items would have no representation without their ids")
     if m.item_id_dropout and m.no_item_id:

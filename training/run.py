@@ -77,7 +77,7 @@ def load_data(config: Config) -> tuple[Interactions, LeaveOneOut]:
 def read_data(d: DataConfig) -> Interactions:
     """The log or competition folder of --data, through the parse cache; a data error is one UsageError."""
     try:
-        if d.data_format == "taac" or os.path.isdir(d.data):
+        if d.competition_folder:
             if d.action_col:  # a folder's events carry their own action_type
                 raise DataError(f"--action_col is for delimited logs: the competition folder {d.data} has its "
                                 f"own action types")
