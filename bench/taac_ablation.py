@@ -68,6 +68,7 @@ TECHNIQUES = {  # the competition techniques, each alone on the full model, then
     "semantic ids, without item ids": FULL + ["--semantic_ids", "2", "64", "--no_item_id"],
     # ids kept, and a fifth of them removed each step: the tower learns what an item without one looks like
     "item id dropout": FULL + ["--item_id_dropout", "0.2"],
+    "semantic ids, item id dropout": FULL + ["--semantic_ids", "2", "64", "--item_id_dropout", "0.2"],
 }
 ALL = {**VARIANTS, **ENCODERS, **TECHNIQUES}
 
