@@ -278,10 +278,11 @@ class SASRec(nn.Module):
     def id_tables(self):
         return self.item_tower.id_tables() + (self.output_tower.id_tables() if self.output_tower else [])
 
-    def encode(self, batch, item_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, batch, item_table: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """A dataset.Batch -> (B, W, D) states of its (B, W) inputs (with the user's and each event's context
         when the model has them and the batch carries them); padding positions are exactly zero.
-        item_table: item_table()'s, whose rows replace the item tower's pass (evaluation)."""
+        item_table: item_table()'s, whose rows replace the item tower's pass (evaluation); last_only: (B, 1, D),
+        the last position's state alone (the last layer computes no other)."""
         extra = self.context(batch) if self.context is not None else None
         user = None
         if self.user_tower is not None and batch.user_features is not None:
@@ -291,14 +292,15 @@ class SASRec(nn.Module):
             if batch.event_times is None:
                 raise ValueError("--attn_bias time needs event times, and this batch has none")
             times = (batch.next_times, batch.event_times)
-        return self.sequence_states(batch.inputs, extra, user, item_table, times)
+        return self.sequence_states(batch.inputs, extra, user, item_table, times, last_only)
 
-    def sequence_states(self, seqs, token_extra=None, user=None, item_table=None, times=None):
+    def sequence_states(self, seqs, token_extra=None, user=None, item_table=None, times=None, last_only=False):
         """(B, W) left-padded item ids -> (B, W, D) states; padding positions are exactly zero.
         token_extra (B, W, D): added to the item tokens; user (B, D): the user's vector, as a first token
         every real position attends to (user_features 'token') or added to every state ('add');
         item_table (N + 1, D): item_table()'s, read instead of the item tower; times: ((B, W) prediction time of
-        each position, (B, W) its event's time) in seconds, for the time attention bias."""
+        each position, (B, W) its event's time) in seconds, for the time attention bias; last_only: (B, 1, D), the
+        last position's state alone (its layers' other outputs are nothing it reads)."""
         B, W = seqs.shape
         maxlen, hidden = self.config.maxlen, self.config.hidden_units
         if W > maxlen:
@@ -321,9 +323,11 @@ class SASRec(nn.Module):
             times = tuple(F.pad(t, (1, 0)) for t in times)
         # padding never reaches a real position (the mask), so it is zeroed once, at the end, not in every block
         context = attention_context(real_keys, *(times or ()), with_offsets=self.position_bias)
-        for block in self.blocks:
-            x = block(x, context)
-        states = self.last_norm(x[:, 1:] if prefix else x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, last_only and i == len(self.blocks) - 1)
+        if last_only:
+            x, real = x[:, -1:], real[:, -1:]
+        states = self.last_norm(x[:, 1:] if prefix and not last_only else x)
         if user is not None and not prefix:
             states = states + user[:, None]
         return states * real.unsqueeze(-1).to(x.dtype)
@@ -335,10 +339,10 @@ class SASRec(nn.Module):
         """(B, D) the state at the last real position of each (left-padded) history: the user's query vector,
         unit-length with `normalize`. batch: a dataset.Batch, or (B, W) item ids alone; item_table: as encode's."""
         if hasattr(batch, "inputs"):
-            states = self.encode(batch, item_table)
+            states = self.encode(batch, item_table, last_only=True)
         else:
-            states = self.sequence_states(batch, item_table=item_table)
-        users = states[:, -1].clone()  # a view would keep the whole (B, W, D) alive: 13 GB over 1M users
+            states = self.sequence_states(batch, item_table=item_table, last_only=True)
+        users = states[:, -1]
         return F.normalize(users, dim=-1) if normalize else users
 
     def item_embeddings(self, item_ids: Optional[torch.Tensor] = None, normalize: bool = False,

@@ -38,14 +38,22 @@ class HSTULayer(nn.Module):
         nn.init.normal_(self.uvqk.weight, 0, 0.02)
         nn.init.xavier_uniform_(self.out.weight)
 
-    def forward(self, x, context: AttentionContext):
+    def forward(self, x, context: AttentionContext, last_only: bool = False):
+        """(B, L, D) -> (B, L, D); last_only: (B, 1, D), the last position alone (its U and Q; every V and K)."""
         B, L, D = x.shape
         heads = self.num_heads
-        u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=NORM_EPS))).chunk(4, dim=-1)
-        q, k, v = (t.reshape(B, L, heads, D // heads).transpose(1, 2) for t in (q, k, v))
-        logits = q @ k.transpose(-1, -2)  # (B, H, L, L)
+        normed = F.layer_norm(x, (D,), eps=NORM_EPS)
+        if last_only:  # W_uvqk's row blocks are U, V, Q, K: U and Q of the last position only
+            last, blocks = normed[:, -1:], self.uvqk.weight.split(D)
+            inputs = (last, normed, last, normed)
+            u, v, q, k = (F.silu(F.linear(rows, w)) for rows, w in zip(inputs, blocks, strict=True))
+        else:
+            u, v, q, k = F.silu(self.uvqk(normed)).chunk(4, dim=-1)
+        q, k, v = (t.reshape(B, -1, heads, D // heads).transpose(1, 2) for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2)  # (B, H, L, L); last_only: (B, H, 1, L)
         if self.rel_bias is not None:
-            logits = logits + self.rel_bias(context)
-        weights = F.silu(logits).masked_fill(~context.mask, 0) / self.positions
-        attended = (weights @ v).transpose(1, 2).reshape(B, L, D)
-        return x + self.out(self.dropout(F.layer_norm(attended, (D,), eps=NORM_EPS) * u))
+            logits = logits + self.rel_bias(context)[..., -q.shape[2]:, :]
+        weights = F.silu(logits).masked_fill(~context.mask[..., -q.shape[2]:, :], 0) / self.positions
+        attended = (weights @ v).transpose(1, 2).reshape(B, -1, D)
+        residual = x[:, -1:] if last_only else x
+        return residual + self.out(self.dropout(F.layer_norm(attended, (D,), eps=NORM_EPS) * u))

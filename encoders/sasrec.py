@@ -21,17 +21,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(hidden_units, hidden_units)
         self.rel_bias = bias
 
-    def forward(self, x, context: AttentionContext):
+    def forward(self, x, context: AttentionContext, last_only: bool = False):
+        """(B, W, D) -> (B, W, D), or with last_only (B, 1, D): the last position's output alone (its query
+        against every key; the keys and values still come from every position)."""
         B, W, D = x.shape
-        q, k, v = self.qkv(x).view(B, W, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        shape = (B, -1, self.num_heads, D // self.num_heads)
+        if last_only:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x[:, -1:], w[:D], b[:D]).view(shape).transpose(1, 2)
+            k, v = F.linear(x, w[D:], b[D:]).view(B, W, 2, *shape[2:]).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).view(B, W, 3, *shape[2:]).permute(2, 0, 3, 1, 4)
         if x.device.type == "cpu":  # under --amp bf16 too: CPU's bf16 attention backward took 6x fp32's
             q, k, v = q.float(), k.float(), v.float()
         mask = context.mask
         if self.rel_bias is not None:
             mask = self.rel_bias(context).masked_fill(~mask, float("-inf")).to(q.dtype)
         with torch.autocast(x.device.type, enabled=x.device.type != "cpu"):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, W, D))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., -q.shape[2]:, :])
+        return self.proj(y.transpose(1, 2).reshape(B, -1, D))
 
 
 class Block(nn.Module):
@@ -47,9 +55,11 @@ class Block(nn.Module):
                                  nn.Linear(hidden_units, hidden_units))
         self.dropout = Dropout(dropout_rate)
 
-    def forward(self, x, context: AttentionContext):
+    def forward(self, x, context: AttentionContext, last_only: bool = False):
+        """(B, W, D) -> (B, W, D); last_only: (B, 1, D), the last position alone (evaluation's user vectors)."""
+        residual = x[:, -1:] if last_only else x
         if self.norm_first:
-            x = x + self.dropout(self.attn(self.attn_norm(x), context))
+            x = residual + self.dropout(self.attn(self.attn_norm(x), context, last_only))
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, context)))
+        x = self.attn_norm(residual + self.dropout(self.attn(x, context, last_only)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))

@@ -206,3 +206,25 @@ def test_a_time_bias_needs_timestamps_and_an_unknown_bias_is_refused(tmp_path, c
         train(["--data", "synthetic", "--attn_bias", "position,distance", "--run_dir", str(tmp_path / "r")])
     assert exit_.value.code == 2
     assert "--attn_bias 'position,distance': unknown kind 'distance'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--encoder", "sasrec", "--attn_bias", "position,time"],
+                                   ["--encoder", "sasrec", "--no-norm_first", "--num_heads", "1"],
+                                   ["--encoder", "hstu", "--attn_bias", "position,time"],
+                                   ["--encoder", "hstu", "--user_features", "token"],
+                                   ["--encoder", "sasrec", "--user_features", "add"]])
+def test_user_vectors_from_the_last_position_alone_match_the_full_encoding(flags):
+    """user_embeddings computes only the last position in the last layer: the same vectors as every position's."""
+    config = build_config([*flags, "--hidden_units", "8", "--num_heads", "2", "--maxlen", "6", "--dropout_rate", "0",
+                           "--num_blocks", "2"]).model
+    users = {"features": [{"vocab_size": 5, "width": 2}]}
+    torch.manual_seed(0)
+    model = SASRec(dataclasses.replace(config, num_items=20, user_side=users)).eval()
+    batch = timed_batch([0, 0, 3, 4, 5, 6], [0, 0, 100, 200, 300, 400])
+    batch = dataclasses.replace(batch, inputs=torch.tensor([[0, 0, 3, 4, 5, 6], [0, 0, 0, 0, 0, 9]]),
+                                event_times=batch.event_times.repeat(2, 1), next_times=batch.next_times.repeat(2, 1),
+                                user_features=torch.tensor([[1, 2], [3, 0]]))
+    full = model.encode(batch)[:, -1]
+    assert model.encode(batch, last_only=True).shape == (2, 1, 8)
+    torch.testing.assert_close(model.user_embeddings(batch), full, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(full[0], full[1])
