@@ -5,8 +5,9 @@ itself and earlier real positions.
     hstu.HSTULayer   pointwise SiLU attention gated by U, no feed-forward (Zhai et al., ICML 2024)
     bias.RelativeBias  the relative position / time bias either can add to its attention logits
 
-Every layer is called as layer(x, context) with context a bias.AttentionContext (the mask, and what the
-relative bias reads). A new encoder is a module here with that call and one line in `build_layers`.
+Every layer is called as layer(x, context, last_only) with context a bias.AttentionContext (the mask, and what
+the relative bias reads); last_only (evaluation's user vectors): return the last position's output alone, (B, 1, D).
+A new encoder is a module here with that call and one line in `build_layers`.
 """
 import torch.nn as nn
 
